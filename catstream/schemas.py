@@ -1,0 +1,175 @@
+"""Messages that cross stage boundaries: offers in, predictions and dead letters out.
+
+``parse_offer`` is total: any bytes give either an :class:`Offer` or a :class:`Rejection` with a
+readable reason, never an exception, so a bad message can always be dead-lettered.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "UNCERTAIN",
+    "MAX_OFFER_ID_CHARS",
+    "MAX_TITLE_CHARS",
+    "Offer",
+    "Rejection",
+    "Prediction",
+    "parse_offer",
+    "dead_letter_headers",
+]
+
+SCHEMA_VERSION = 1
+UNCERTAIN = "uncertain"
+MAX_OFFER_ID_CHARS = 200
+MAX_TITLE_CHARS = 2000
+_MAX_FIELD_CHARS = 5000
+
+_STRING_FIELDS = ("mall_id", "mall_category", "image_url", "image_b64", "listed_at")
+
+
+@dataclass(frozen=True, slots=True)
+class Offer:
+    """One marketplace offer as published to the ``offers`` topic."""
+
+    offer_id: str
+    title: str
+    mall_id: str | None = None
+    mall_category: str | None = None
+    image_url: str | None = None
+    image_b64: str | None = None
+    listed_at: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_message(self) -> dict[str, Any]:
+        """The JSON object published for this offer (``None`` fields left out)."""
+        message: dict[str, Any] = {"schema_version": SCHEMA_VERSION, **self.extra}
+        message["offer_id"] = self.offer_id
+        message["title"] = self.title
+        for name in _STRING_FIELDS:
+            value = getattr(self, name)
+            if value is not None:
+                message[name] = value
+        return message
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(self.to_message(), ensure_ascii=False, separators=(",", ":")).encode()
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """Why a message could not become an offer."""
+
+    reason: str
+    error_type: str
+
+
+def parse_offer(raw: bytes | None, *, max_bytes: int) -> Offer | Rejection:
+    """Parse one offer message; never raises.
+
+    Accepts UTF-8 JSON objects with a non-empty string ``title`` and an ``offer_id`` (string or
+    integer). Optional fields must be strings when present; ``image_url`` or ``image_b64`` may
+    carry the image. Unknown fields are kept in ``extra``.
+    """
+    if raw is None:
+        return Rejection("empty message (no value)", "EmptyMessage")
+    if len(raw) > max_bytes:
+        return Rejection(f"message of {len(raw)} bytes exceeds the limit of {max_bytes}", "OversizedMessage")
+    try:
+        document = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+    except UnicodeDecodeError as error:
+        return Rejection(f"not UTF-8: {error}", "UnicodeDecodeError")
+    except (ValueError, RecursionError) as error:
+        return Rejection(f"malformed JSON: {error}", type(error).__name__)
+    if not isinstance(document, dict):
+        return Rejection(f"expected a JSON object, got {type(document).__name__}", "SchemaError")
+
+    version = document.get("schema_version", SCHEMA_VERSION)
+    if version != SCHEMA_VERSION:
+        return Rejection(f"unsupported schema_version {version!r} (this worker reads {SCHEMA_VERSION})", "SchemaError")
+
+    offer_id = document.get("offer_id")
+    if isinstance(offer_id, bool) or not isinstance(offer_id, (str, int)):
+        return Rejection("offer_id is missing or not a string/integer", "SchemaError")
+    offer_id = str(offer_id).strip()
+    if not offer_id or len(offer_id) > MAX_OFFER_ID_CHARS:
+        return Rejection(f"offer_id must have 1 to {MAX_OFFER_ID_CHARS} characters", "SchemaError")
+
+    title = document.get("title")
+    if not isinstance(title, str):
+        return Rejection("title is missing or not a string", "SchemaError")
+    title = title.strip()
+    if not title:
+        return Rejection("title is empty", "SchemaError")
+    if len(title) > MAX_TITLE_CHARS:
+        return Rejection(f"title longer than {MAX_TITLE_CHARS} characters", "SchemaError")
+
+    optional: dict[str, str | None] = {}
+    for name in _STRING_FIELDS:
+        value = document.get(name)
+        if value is not None and not isinstance(value, str):
+            return Rejection(f"{name} must be a string, got {type(value).__name__}", "SchemaError")
+        if value is not None and name != "image_b64" and len(value) > _MAX_FIELD_CHARS:
+            return Rejection(f"{name} longer than {_MAX_FIELD_CHARS} characters", "SchemaError")
+        optional[name] = value or None
+
+    known = {"schema_version", "offer_id", "title", *_STRING_FIELDS}
+    extra = {key: value for key, value in document.items() if key not in known}
+    return Offer(offer_id=offer_id, title=title, extra=extra, **optional)
+
+
+def _reject_constant(name: str) -> float:
+    # NaN/Infinity are not JSON; accepting them would make outputs non-JSON too.
+    raise ValueError(f"non-JSON constant {name}")
+
+
+@dataclass(frozen=True, slots=True)
+class Prediction:
+    """What the stream says about one offer (topic ``offers.categorized``, key ``offer_id``)."""
+
+    offer_id: str
+    category: str
+    confidence: float
+    top3: list[tuple[str, float]]
+    model_version: str
+    image_used: bool
+    image_status: str
+    timings_ms: dict[str, float]
+    excluded_categories: int = 0
+
+    def to_bytes(self) -> bytes:
+        document = {
+            "schema_version": SCHEMA_VERSION,
+            "offer_id": self.offer_id,
+            "category": self.category,
+            "confidence": _finite(self.confidence),
+            "top3": [{"category": name, "probability": _finite(p)} for name, p in self.top3],
+            "model_version": self.model_version,
+            "image_used": self.image_used,
+            "image_status": self.image_status,
+            "excluded_categories": self.excluded_categories,
+            "timings_ms": {stage: round(ms, 3) for stage, ms in self.timings_ms.items()},
+        }
+        return json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def _finite(value: float) -> float:
+    return round(float(value), 6) if math.isfinite(value) else 0.0
+
+
+def dead_letter_headers(
+    original: list[tuple[str, bytes]] | None, *, stage: str, rejection: Rejection, source: str
+) -> list[tuple[str, bytes]]:
+    """Headers of a dead letter: the original ones plus where, why and what failed."""
+    headers = list(original or [])
+    headers += [
+        ("catstream.stage", stage.encode()),
+        ("catstream.reason", rejection.reason.encode("utf-8", "replace")[:4000]),
+        ("catstream.error_type", rejection.error_type.encode()),
+        ("catstream.source", source.encode()),
+    ]
+    return headers

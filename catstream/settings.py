@@ -1,0 +1,80 @@
+"""One frozen settings object for every stage, read from ``CATSTREAM_*`` environment variables.
+
+The CLI reads it once at the entry point, applies flag overrides, and passes it down; library
+code never reads the environment itself.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["ENV_PREFIX", "Settings"]
+
+ENV_PREFIX = "CATSTREAM_"
+
+
+class Settings(BaseSettings):
+    """Runtime settings of the stream (Kafka, queue, batching, limits)."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="ignore")
+
+    # --- Kafka connection -------------------------------------------------------------------
+    bootstrap_servers: str | None = Field(
+        None, description="Kafka bootstrap servers; unset means start the embedded broker."
+    )
+    security_protocol: str | None = Field(
+        None, description="librdkafka security.protocol (PLAINTEXT, SSL, SASL_PLAINTEXT, SASL_SSL)."
+    )
+    sasl_mechanism: str | None = Field(None, description="librdkafka sasl.mechanism (PLAIN, SCRAM-SHA-512, ...).")
+    sasl_username: str | None = Field(None, description="SASL user name.")
+    sasl_password: SecretStr | None = Field(None, description="SASL password (never logged).")
+    ssl_ca_location: str | None = Field(None, description="CA certificate file for TLS.")
+    ssl_certificate_location: str | None = Field(None, description="Client certificate file for mutual TLS.")
+    ssl_key_location: str | None = Field(None, description="Client private key file for mutual TLS.")
+    kafka_config: dict[str, str] = Field(
+        default_factory=dict,
+        description="Extra librdkafka properties as a JSON object, passed through to every client.",
+    )
+
+    # --- Topics and group -------------------------------------------------------------------
+    offers_topic: str = Field("offers", description="Input topic of offer messages.")
+    categorized_topic: str = Field("offers.categorized", description="Output topic of predictions.")
+    dead_letter_topic: str = Field("offers.dlq", description="Topic for rejected messages.")
+    consumer_group: str = Field("catstream-preprocess", description="Consumer group of preprocess workers.")
+    topic_partitions: int = Field(4, ge=1, description="Partitions used when this node creates a topic.")
+
+    # --- Node layout and queue ----------------------------------------------------------------
+    preprocess_workers: int = Field(2, ge=1, description="Preprocess processes on this node.")
+    slots_per_worker: int = Field(
+        64, ge=1, description="Shared-memory queue slots owned by each preprocess worker (queue depth)."
+    )
+    queue_dir: str = Field("/dev/shm", description="Directory of the shared-memory queue file.")
+
+    # --- Batching and inference ---------------------------------------------------------------
+    max_batch_size: int = Field(32, ge=1, description="Flush a batch when it holds this many offers.")
+    max_wait_ms: float = Field(
+        10.0, ge=0, description="Flush a batch this long after its first offer arrived, even if not full."
+    )
+    intra_op_threads: int = Field(1, ge=1, description="ONNX Runtime intra-op threads of the inference process.")
+    threshold: float | None = Field(
+        None, ge=0, le=1, description="Confidence below which the answer is 'uncertain'; unset uses the bundle's."
+    )
+    providers: list[str] | None = Field(
+        None, description="ONNX Runtime providers in order; unset picks CUDA when available, then CPU."
+    )
+
+    # --- Limits ---------------------------------------------------------------------------------
+    max_message_bytes: int = Field(
+        2_000_000, ge=1024, description="Offer messages larger than this are dead-lettered."
+    )
+    max_image_bytes: int = Field(10_000_000, ge=1024, description="Images larger than this are not used.")
+    max_image_pixels: int = Field(40_000_000, ge=1024, description="Images with more pixels are not used.")
+    image_timeout_s: float = Field(3.0, gt=0, description="Time limit to fetch one image over HTTP(S).")
+    max_poll_interval_ms: int = Field(
+        300_000, ge=10_000, description="librdkafka max.poll.interval.ms of preprocess consumers."
+    )
+    commit_interval_s: float = Field(1.0, gt=0, description="How often completed offsets are committed.")
+    drain_timeout_s: float = Field(
+        8.0, gt=0, description="On SIGTERM, how long in-flight offers may take to finish before exit."
+    )

@@ -1,0 +1,86 @@
+"""Model execution and the decision rule (softmax, exclusion mask, threshold)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import onnxruntime as ort
+
+from catstream.bundle import ModelBundle
+from catstream.schemas import UNCERTAIN
+
+__all__ = ["Decision", "OnnxClassifier", "choose_providers", "decide", "softmax"]
+
+log = logging.getLogger(__name__)
+
+
+def choose_providers(requested: list[str] | None = None) -> list[str]:
+    """``requested`` if given (each must be available), else CUDA when present, CPU last."""
+    available = ort.get_available_providers()
+    if requested:
+        missing = [name for name in requested if name not in available]
+        if missing:
+            raise ValueError(f"ONNX Runtime providers {missing} are not available here (have {available})")
+        return list(requested)
+    preferred = [name for name in ("CUDAExecutionProvider",) if name in available]
+    return preferred + ["CPUExecutionProvider"]
+
+
+class OnnxClassifier:
+    """An ONNX Runtime session over the bundle's model; returns logits ``(N, K)``."""
+
+    def __init__(self, bundle: ModelBundle, *, providers: list[str] | None = None, intra_op_threads: int = 1):
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = intra_op_threads
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.providers = choose_providers(providers)
+        self.session = ort.InferenceSession(str(bundle.onnx_path), sess_options=options, providers=self.providers)
+        self.input_names = [item.name for item in self.session.get_inputs()]
+        log.info("ONNX Runtime session on %s", self.session.get_providers())
+
+    def logits(self, image: np.ndarray, has_image: np.ndarray, title_ids: np.ndarray, mall_ids: np.ndarray) -> np.ndarray:
+        feeds = dict(zip(self.input_names, (image, has_image.astype(np.float32), title_ids, mall_ids)))
+        (logits,) = self.session.run(None, feeds)
+        return logits
+
+
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """Row-wise softmax of ``(N, K)`` logits divided by ``temperature``."""
+    scaled = logits.astype(np.float64) / temperature
+    scaled -= scaled.max(axis=1, keepdims=True)
+    exp = np.exp(scaled)
+    return exp / exp.sum(axis=1, keepdims=True)
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    category: str
+    confidence: float
+    top3: list[tuple[str, float]]
+    excluded: int
+
+
+def decide(
+    probabilities: np.ndarray, exclusion: np.ndarray, *, labels: tuple[str, ...], threshold: float
+) -> list[Decision]:
+    """Mask excluded categories, renormalise, and answer ``UNCERTAIN`` below ``threshold``.
+
+    ``probabilities`` and ``exclusion`` are ``(N, K)``. If a mask would rule out every category
+    it is ignored for that row (the dictionary cannot leave an offer with no answer).
+    """
+    masked = np.where(exclusion, 0.0, probabilities)
+    totals = masked.sum(axis=1, keepdims=True)
+    usable = totals[:, 0] > 0
+    masked = np.where(usable[:, None], masked / np.where(totals > 0, totals, 1.0), probabilities)
+    top = np.argsort(-masked, axis=1)[:, :3]
+    decisions = []
+    for row, order in enumerate(top):
+        confidence = float(masked[row, order[0]])
+        top3 = [(labels[k], float(masked[row, k])) for k in order]
+        category = labels[order[0]] if confidence >= threshold else UNCERTAIN
+        excluded = int(exclusion[row].sum()) if usable[row] else 0
+        decisions.append(Decision(category, confidence, top3, excluded))
+    return decisions

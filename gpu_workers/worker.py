@@ -1,0 +1,160 @@
+"""Inference worker: drain the node's queue in dynamic batches, predict, produce, acknowledge.
+
+A slot becomes DONE only in the producer's delivery callback, i.e. once the broker holds the
+prediction; the owning preprocess worker then lets its partition's offset move past it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+
+import numpy as np
+from confluent_kafka import Producer
+
+from catstream.bundle import ModelBundle
+from catstream.feature_queue import FeatureQueue
+from catstream.kafka import producer_config
+from catstream.schemas import Prediction
+from catstream.settings import Settings
+from gpu_workers.batcher import DynamicBatcher
+from gpu_workers.inference import OnnxClassifier, decide, softmax
+
+__all__ = ["InferenceWorker", "run_inference_worker"]
+
+log = logging.getLogger(__name__)
+
+_DELIVERY_RETRIES = 3
+_MAX_CONSECUTIVE_BATCH_FAILURES = 5
+_IDLE_SLEEP_S = 0.0005
+
+
+class InferenceWorker:
+    """Batches READY slots, runs the model, produces predictions."""
+
+    def __init__(self, settings: Settings, bundle: ModelBundle, queue: FeatureQueue):
+        self.settings = settings
+        self.bundle = bundle
+        self.queue = queue
+        self.threshold = settings.threshold if settings.threshold is not None else bundle.threshold
+        self.classifier = OnnxClassifier(
+            bundle, providers=settings.providers, intra_op_threads=settings.intra_op_threads
+        )
+        self.batcher: DynamicBatcher[int] = DynamicBatcher(
+            max_batch_size=settings.max_batch_size, max_wait_s=settings.max_wait_ms / 1000.0
+        )
+        self.producer = Producer(producer_config(settings, **{"client.id": "inference"}))
+        self.stopping = False
+        self.pending_deliveries = 0
+        self.consecutive_failures = 0
+        self.counts = {"predicted": 0, "batches": 0, "uncertain": 0, "failed": 0}
+
+    def run(self) -> int:
+        """Serve until asked to stop and the queue is empty; returns the exit code."""
+        parent = os.getppid()
+        while True:
+            now = time.monotonic()
+            if self.batcher.room:
+                for slot in self.queue.ready_slots(self.batcher.room):
+                    self.queue.take(int(slot))
+                    self.batcher.add(int(slot), now)
+            batch = self.batcher.pop_ready(now, force=self.stopping)
+            if batch:
+                self._run_batch(np.asarray(batch))
+                if self.consecutive_failures >= _MAX_CONSECUTIVE_BATCH_FAILURES:
+                    log.critical("%d batches failed in a row; exiting so the node restarts", self.consecutive_failures)
+                    self.producer.flush(5)
+                    return 3
+            self.producer.poll(0)
+            if self.stopping and not len(self.batcher) and not self.queue.depth():
+                break
+            if os.getppid() != parent:
+                log.warning("supervisor gone; finishing the queue and stopping")
+                self.stopping = True
+            if not batch:
+                deadline = self.batcher.deadline()
+                wait = _IDLE_SLEEP_S if deadline is None else min(_IDLE_SLEEP_S, max(0.0, deadline - now))
+                time.sleep(wait)
+        remaining = self.producer.flush(self.settings.drain_timeout_s)
+        log.info("inference stopped: %s, %d deliveries unconfirmed", self.counts, remaining)
+        return 0
+
+    def _run_batch(self, slots: np.ndarray) -> None:
+        batch = self.queue.claim(slots)
+        started = time.perf_counter()
+        try:
+            logits = self.classifier.logits(batch.image, batch.has_image, batch.title_ids, batch.mall_ids)
+            if logits.shape[0] != len(slots):
+                raise RuntimeError(f"model returned {logits.shape[0]} rows for {len(slots)} inputs")
+            probabilities = softmax(logits, self.bundle.temperature)
+            decisions = decide(probabilities, batch.exclusion, labels=self.bundle.labels, threshold=self.threshold)
+        except Exception as error:  # a failed batch fails every item in it; workers dead-letter them
+            self.consecutive_failures += 1
+            self.counts["failed"] += len(slots)
+            log.exception("batch of %d failed", len(slots))
+            for slot in slots:
+                self.queue.fail(int(slot), f"inference failed: {type(error).__name__}: {error}")
+            return
+        self.consecutive_failures = 0
+        inference_ms = (time.perf_counter() - started) * 1000.0
+        flushed_ns = time.time_ns()
+        self.counts["batches"] += 1
+        for slot, meta, decision, enqueued_ns in zip(slots, batch.metas, decisions, batch.enqueued_ns):
+            timings = {
+                "preprocess": meta["preprocess_ms"],
+                "queue_wait": (flushed_ns - int(enqueued_ns)) / 1e6,
+                "inference": inference_ms,
+                "batch_size": float(len(slots)),
+            }
+            if meta.get("produced_ms"):
+                timings["end_to_end"] = time.time() * 1000.0 - meta["produced_ms"]
+            prediction = Prediction(
+                offer_id=meta["offer_id"],
+                category=decision.category,
+                confidence=decision.confidence,
+                top3=decision.top3,
+                model_version=self.bundle.version,
+                image_used=meta["image_status"] == "used",
+                image_status=meta["image_status"],
+                timings_ms=timings,
+                excluded_categories=decision.excluded,
+            )
+            self.counts["predicted"] += 1
+            self.counts["uncertain"] += decision.category == "uncertain"
+            self._produce(int(slot), meta["offer_id"], prediction.to_bytes())
+
+    def _produce(self, slot: int, key: str, value: bytes) -> None:
+        def delivered(error, _message):
+            self.pending_deliveries -= 1
+            if error is None:
+                self.queue.complete(slot)
+            elif self.queue.retries[slot] < _DELIVERY_RETRIES:
+                log.warning("prediction for slot %d not delivered (%s); retrying", slot, error)
+                self.queue.retry(slot)
+            else:
+                self.queue.fail(slot, f"prediction not delivered: {error}")
+
+        while True:
+            try:
+                self.producer.produce(self.settings.categorized_topic, key=key.encode(), value=value, on_delivery=delivered)
+                self.pending_deliveries += 1
+                return
+            except BufferError:
+                self.producer.poll(0.05)
+
+
+def run_inference_worker(settings: Settings, bundle_path: str, queue_path: str, log_level: str, ready) -> None:
+    """Process entry point (spawned by the node supervisor); sets ``ready`` once serving."""
+    logging.basicConfig(level=log_level, format="%(asctime)s inference %(levelname)s %(message)s")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    queue = FeatureQueue.attach(queue_path)
+    worker = InferenceWorker(settings, ModelBundle.load(bundle_path), queue)
+
+    def stop(*_):
+        worker.stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    ready.set()
+    raise SystemExit(worker.run())

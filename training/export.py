@@ -1,0 +1,75 @@
+"""ONNX export of the fusion model, gated by a parity check against PyTorch."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from catstream.model import FusionModel
+
+__all__ = ["INPUT_NAMES", "ExportParityError", "export_onnx", "check_parity", "example_inputs"]
+
+log = logging.getLogger(__name__)
+
+INPUT_NAMES = ("image", "has_image", "title_ids", "mall_ids")
+
+
+class ExportParityError(RuntimeError):
+    """ONNX Runtime and PyTorch disagree on the exported model."""
+
+
+def example_inputs(model: FusionModel, batch: int, *, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    config = model.config
+    generator = torch.Generator().manual_seed(seed)
+    image = torch.randint(0, 256, (batch, 3, config.image_size, config.image_size), dtype=torch.uint8, generator=generator)
+    has_image = torch.ones(batch, dtype=torch.float32)
+    has_image[0] = 0.0
+    title = torch.randint(0, config.vocab_size, (batch, config.max_title_tokens), generator=generator)
+    title[:, config.max_title_tokens // 2 :] = 0
+    mall = torch.randint(0, config.vocab_size, (batch, config.max_mall_tokens), generator=generator)
+    mall[0] = 0  # an offer without mall category
+    return image, has_image, title, mall
+
+
+def export_onnx(model: FusionModel, path: Path, *, export_batch: int = 2) -> None:
+    """Export with the dynamo exporter and a dynamic batch dimension."""
+    model.eval()
+    for noisy in ("onnx_ir", "onnxscript", "torch.onnx", "torch.export"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    dynamic = {name: {0: batch} for name in INPUT_NAMES}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            model,
+            example_inputs(model, export_batch),
+            dynamo=True,
+            input_names=list(INPUT_NAMES),
+            output_names=["logits"],
+            dynamic_shapes=dynamic,
+            verbose=False,
+        )
+    program.save(str(path))
+
+
+def check_parity(model: FusionModel, path: Path, *, batch: int = 5, rtol: float = 1e-3, atol: float = 1e-4) -> float:
+    """Compare ONNX Runtime with PyTorch on a batch size other than the export's; returns max |diff|."""
+    import onnxruntime as ort
+
+    inputs = example_inputs(model, batch, seed=1)
+    model.eval()
+    with torch.no_grad():
+        expected = model(*inputs).numpy()
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    feeds = {name: tensor.numpy() for name, tensor in zip(INPUT_NAMES, inputs)}
+    (actual,) = session.run(None, feeds)
+    difference = float(np.max(np.abs(actual - expected)))
+    try:
+        np.testing.assert_allclose(actual, expected, rtol=rtol, atol=atol)
+    except AssertionError as error:
+        raise ExportParityError(f"ONNX output differs from PyTorch (max |diff| {difference:.2e})") from error
+    return difference
