@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
+from collections.abc import Callable
 
-from confluent_kafka import KafkaException
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Message, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from catstream.settings import Settings
 
-__all__ = ["client_config", "consumer_config", "producer_config", "ensure_topics", "wait_for_broker"]
+__all__ = ["client_config", "consumer_config", "producer_config", "ensure_topics", "wait_for_broker", "read_topic"]
 
 log = logging.getLogger(__name__)
 
@@ -95,3 +97,41 @@ def wait_for_broker(settings: Settings, *, timeout_s: float = 30.0) -> None:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"Kafka at {settings.bootstrap_servers} did not answer: {error}") from error
             time.sleep(0.2)
+
+
+def read_topic(
+    settings: Settings,
+    topic: str,
+    *,
+    until: Callable[[list[Message]], bool] | None = None,
+    timeout_s: float = 60.0,
+    idle_s: float | None = None,
+) -> list[Message]:
+    """Read ``topic`` from the beginning of every partition, without a consumer group.
+
+    Stops when ``until(messages)`` is true, after ``idle_s`` without new messages, or at
+    ``timeout_s``. For tools and tests that inspect outputs; the workers use groups.
+    """
+    consumer = Consumer(client_config(settings) | {
+        "group.id": f"catstream-reader-{uuid.uuid4().hex[:8]}",
+        "enable.auto.commit": False,
+    })
+    try:
+        metadata = consumer.list_topics(topic, timeout=10)
+        partitions = metadata.topics[topic].partitions
+        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
+        messages: list[Message] = []
+        deadline = time.monotonic() + timeout_s
+        last_new = time.monotonic()
+        while time.monotonic() < deadline:
+            batch = [m for m in consumer.consume(500, timeout=0.2) if m.error() is None]
+            if batch:
+                messages.extend(batch)
+                last_new = time.monotonic()
+            if until is not None and until(messages):
+                break
+            if idle_s is not None and time.monotonic() - last_new > idle_s:
+                break
+        return messages
+    finally:
+        consumer.close()

@@ -239,7 +239,7 @@ def _fit(model, pooled, inputs, targets, train_index, val_index, options: TrainO
             loss.backward()
             optimizer.step()
             scheduler.step()
-            total_loss += float(loss) * len(idx)
+            total_loss += loss.item() * len(idx)
             bar.update()
         model.eval()
         with torch.no_grad():

@@ -1,0 +1,121 @@
+"""Shared fixtures: a synthetic marketplace, a small trained bundle, the embedded broker, nodes."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from catstream.broker import EmbeddedBroker
+from catstream.kafka import ensure_topics, read_topic, wait_for_broker
+from catstream.settings import Settings
+
+TEST_IMAGE_SIZE = 64
+
+
+@pytest.fixture(scope="session")
+def marketplace(tmp_path_factory) -> Path:
+    from producers.synthetic import write_marketplace
+
+    return write_marketplace(tmp_path_factory.mktemp("marketplace"), offers=1500, seed=7, progress=False)
+
+
+@pytest.fixture(scope="session")
+def bundle(marketplace, tmp_path_factory) -> Path:
+    from training.train import TrainOptions, train_bundle
+
+    out = tmp_path_factory.mktemp("bundle")
+    train_bundle(marketplace, out, TrainOptions(label_columns=["category"], image_size=TEST_IMAGE_SIZE, epochs=5,
+                                                vocab_size=4000, threads=2), progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def broker(tmp_path_factory):
+    with EmbeddedBroker(log_path=tmp_path_factory.mktemp("broker") / "broker.log") as running:
+        wait_for_broker(Settings(bootstrap_servers=running.bootstrap_servers))
+        yield running
+
+
+@pytest.fixture()
+def stream_settings(broker) -> Settings:
+    """Fresh topics and consumer group per test, so tests never see each other's messages."""
+    run = uuid.uuid4().hex[:8]
+    settings = Settings(
+        bootstrap_servers=broker.bootstrap_servers,
+        offers_topic=f"offers-{run}",
+        categorized_topic=f"offers.categorized-{run}",
+        dead_letter_topic=f"offers.dlq-{run}",
+        consumer_group=f"catstream-test-{run}",
+        topic_partitions=4,
+    )
+    ensure_topics(settings)
+    return settings
+
+
+class NodeProcess:
+    """``catstream run`` in a subprocess, as a user starts it."""
+
+    def __init__(self, bundle: Path, settings: Settings, log_path: Path, workers: int, env: dict[str, str]):
+        self.log_path = log_path
+        environment = {
+            **os.environ,
+            "CATSTREAM_BOOTSTRAP_SERVERS": settings.bootstrap_servers,
+            "CATSTREAM_OFFERS_TOPIC": settings.offers_topic,
+            "CATSTREAM_CATEGORIZED_TOPIC": settings.categorized_topic,
+            "CATSTREAM_DEAD_LETTER_TOPIC": settings.dead_letter_topic,
+            "CATSTREAM_CONSUMER_GROUP": settings.consumer_group,
+            **env,
+        }
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "catstream.cli", "run", "--model", str(bundle), "--preprocess-workers", str(workers)],
+            env=environment, stdout=log_path.open("ab"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        )
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def worker_pids(self, timeout_s: float = 60.0) -> dict[int, int]:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            pids = {int(i): int(pid) for i, pid in re.findall(r"preprocess-(\d+) pid=(\d+) started", self.log())}
+            if pids:
+                return pids
+            time.sleep(0.2)
+        raise TimeoutError(f"no worker started; log:\n{self.log()}")
+
+    def stop(self, timeout_s: float = 30.0) -> int:
+        if self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=timeout_s)
+        return self.process.returncode
+
+
+@pytest.fixture()
+def start_node(bundle, stream_settings, tmp_path):
+    nodes: list[NodeProcess] = []
+
+    def start(*, workers: int = 1, env: dict[str, str] | None = None) -> NodeProcess:
+        node = NodeProcess(bundle, stream_settings, tmp_path / f"node-{len(nodes)}.log", workers, env or {})
+        nodes.append(node)
+        return node
+
+    yield start
+    for node in nodes:
+        if node.process.poll() is None:
+            node.process.kill()
+            node.process.wait()
+
+
+def read_predictions(settings: Settings, expected_ids: set[str], *, timeout_s: float = 120.0) -> list[dict]:
+    """Every prediction message until each expected offer_id has one (or the timeout)."""
+    messages = read_topic(settings, settings.categorized_topic, timeout_s=timeout_s,
+                          until=lambda ms: expected_ids <= {m.key().decode() for m in ms})
+    return [json.loads(m.value()) for m in messages]
