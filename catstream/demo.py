@@ -39,7 +39,8 @@ def start_node(model: Path, settings: Settings, *, log_path: Path, workers: int,
     """Start ``catstream run`` as a subprocess writing its log to ``log_path``."""
     import os
 
-    env = {**os.environ, "CATSTREAM_BOOTSTRAP_SERVERS": settings.bootstrap_servers, **(extra_env or {})}
+    env = {**os.environ, "CATSTREAM_BOOTSTRAP_SERVERS": settings.bootstrap_servers,
+           "CATSTREAM_HEALTH_PORT": "0", **(extra_env or {})}
     command = [sys.executable, "-m", "catstream.cli", "run", "--model", str(model),
                "--preprocess-workers", str(workers), *extra_args]
     return subprocess.Popen(command, env=env, stdout=log_path.open("ab"), stderr=subprocess.STDOUT,

@@ -26,9 +26,19 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["FREE", "READY", "CLAIMED", "DONE", "FAILED", "QueueLayout", "FeatureQueue", "SlotBatch"]
+__all__ = [
+    "FREE", "READY", "CLAIMED", "DONE", "FAILED",
+    "WORKER_COUNTERS", "INFERENCE_COUNTERS", "LATENCY_BUCKETS_MS",
+    "QueueLayout", "FeatureQueue", "SlotBatch",
+]
 
 FREE, READY, CLAIMED, DONE, FAILED = 0, 1, 2, 3, 4
+
+# Counters live in the same file, one writer per cell, so the supervisor can serve metrics
+# without asking the workers anything.
+WORKER_COUNTERS = ("consumed", "enqueued", "dead_lettered", "image_unused", "pauses", "lag", "heartbeat_ns")
+INFERENCE_COUNTERS = ("predicted", "uncertain", "batches", "failed", "inference_ns", "ready", "heartbeat_ns")
+LATENCY_BUCKETS_MS = (5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000)
 
 _HEADER_BYTES = 4096
 _ALIGN = 64
@@ -69,6 +79,11 @@ class QueueLayout:
             ("exclusion", np.dtype(np.bool_), (n, self.num_classes)),
             ("meta", np.dtype(np.uint8), (n, self.meta_bytes)),
             ("error", np.dtype(np.uint8), (n, self.error_bytes)),
+            ("worker_stats", np.dtype(np.int64), (self.workers, len(WORKER_COUNTERS))),
+            ("inference_stats", np.dtype(np.int64), (len(INFERENCE_COUNTERS),)),
+            # in-node latency histogram: counts per bucket (+Inf last), and the sum in microseconds
+            ("latency_buckets", np.dtype(np.int64), (len(LATENCY_BUCKETS_MS) + 1,)),
+            ("latency_sum_us", np.dtype(np.int64), (1,)),
             ("image", np.dtype(np.uint8), (n, 3, s, s)),
         ]
 
@@ -209,6 +224,28 @@ class FeatureQueue:
         self.error[slot, : len(encoded)] = np.frombuffer(encoded, dtype=np.uint8)
         self.error_len[slot] = len(encoded)
         self.state[slot] = FAILED
+
+    def count(self, worker: int, name: str, amount: int = 1) -> None:
+        """Add to a worker's counter (only that worker writes its row)."""
+        self.worker_stats[worker, WORKER_COUNTERS.index(name)] += amount
+
+    def set_worker_stat(self, worker: int, name: str, value: int) -> None:
+        self.worker_stats[worker, WORKER_COUNTERS.index(name)] = value
+
+    def worker_counts(self, worker: int) -> dict[str, int]:
+        return {name: int(v) for name, v in zip(WORKER_COUNTERS, self.worker_stats[worker]) if name != "heartbeat_ns"}
+
+    def count_inference(self, name: str, amount: int = 1) -> None:
+        self.inference_stats[INFERENCE_COUNTERS.index(name)] += amount
+
+    def set_inference_stat(self, name: str, value: int) -> None:
+        self.inference_stats[INFERENCE_COUNTERS.index(name)] = value
+
+    def observe_latency(self, milliseconds: np.ndarray) -> None:
+        """Record in-node latencies of a batch (inference process only)."""
+        index = np.searchsorted(np.asarray(LATENCY_BUCKETS_MS, dtype=np.float64), milliseconds, side="left")
+        np.add.at(self.latency_buckets, index, 1)
+        self.latency_sum_us[0] += int(np.sum(milliseconds) * 1000.0)
 
     def depth(self) -> int:
         """Slots waiting for inference (READY)."""

@@ -10,7 +10,6 @@ Output: logits (N, K).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -126,11 +125,3 @@ def find_pretrained_weights(explicit: str | Path | None = None) -> Path | None:
     except ImportError:
         pass
     return next((path for path in candidates if path.is_file()), None)
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from catstream.bundle import ModelBundle
 from catstream.feature_queue import FeatureQueue, QueueLayout
+from catstream.health import HealthServer, NodeStatus
 from catstream.settings import Settings
 from gpu_workers.worker import run_inference_worker
 from preprocess_workers.worker import run_preprocess_worker
@@ -39,6 +40,7 @@ class Node:
         self._context = mp.get_context("spawn")  # librdkafka and ORT threads do not survive fork
         self._stop = threading.Event()
         self.restarts = 0
+        self.health_port: int | None = None
 
     def stop(self) -> None:
         self._stop.set()
@@ -62,6 +64,23 @@ class Node:
         workers: list[mp.Process | None] = [None] * layout.workers
         inference = None
         exit_code = 0
+
+        def status() -> NodeStatus:
+            return NodeStatus(
+                inference_alive=inference is not None and inference.is_alive(),
+                workers_alive=tuple(p is not None and p.is_alive() for p in workers),
+                restarts=self.restarts,
+                model_version=self.bundle.version,
+            )
+
+        try:
+            health = HealthServer(self.settings.health_host, self.settings.health_port, queue, status)
+        except OSError as error:
+            queue.close()
+            log.error("cannot serve health/metrics on port %d: %s", self.settings.health_port, error)
+            return 1
+        health.start()
+        self.health_port = health.port
         try:
             ready = self._context.Event()
             inference = self._context.Process(
@@ -78,6 +97,7 @@ class Node:
             exit_code = self._supervise(workers, inference, queue)
         finally:
             self._shutdown(workers, inference)
+            health.stop()
             queue.close()
         if inference is not None and inference.exitcode not in (0, None) and exit_code == 0:
             exit_code = inference.exitcode

@@ -51,6 +51,11 @@ class Settings(BaseSettings):
     )
     queue_dir: str = Field("/dev/shm", description="Directory of the shared-memory queue file.")
 
+    health_host: str = Field("0.0.0.0", description="Address of the health and metrics HTTP server.")
+    health_port: int = Field(
+        8080, ge=0, le=65535, description="Port of /healthz, /readyz and /metrics (0 = any free port, logged)."
+    )
+
     # --- Batching and inference ---------------------------------------------------------------
     max_batch_size: int = Field(32, ge=1, description="Flush a batch when it holds this many offers.")
     max_wait_ms: float = Field(

@@ -15,9 +15,9 @@ import numpy as np
 from confluent_kafka import Producer
 
 from catstream.bundle import ModelBundle
-from catstream.feature_queue import FeatureQueue
+from catstream.feature_queue import INFERENCE_COUNTERS, FeatureQueue
 from catstream.kafka import producer_config
-from catstream.schemas import Prediction
+from catstream.schemas import UNCERTAIN, Prediction
 from catstream.settings import Settings
 from gpu_workers.batcher import DynamicBatcher
 from gpu_workers.inference import OnnxClassifier, decide, softmax
@@ -49,12 +49,13 @@ class InferenceWorker:
         self.stopping = False
         self.pending_deliveries = 0
         self.consecutive_failures = 0
-        self.counts = {"predicted": 0, "batches": 0, "uncertain": 0, "failed": 0}
 
     def run(self) -> int:
         """Serve until asked to stop and the queue is empty; returns the exit code."""
         parent = os.getppid()
+        self.queue.set_inference_stat("ready", 1)
         while True:
+            self.queue.set_inference_stat("heartbeat_ns", time.time_ns())
             now = time.monotonic()
             if self.batcher.room:
                 for slot in self.queue.ready_slots(self.batcher.room):
@@ -78,7 +79,8 @@ class InferenceWorker:
                 wait = _IDLE_SLEEP_S if deadline is None else min(_IDLE_SLEEP_S, max(0.0, deadline - now))
                 time.sleep(wait)
         remaining = self.producer.flush(self.settings.drain_timeout_s)
-        log.info("inference stopped: %s, %d deliveries unconfirmed", self.counts, remaining)
+        counts = {name: int(v) for name, v in zip(INFERENCE_COUNTERS, self.queue.inference_stats)}
+        log.info("inference stopped: %s, %d deliveries unconfirmed", counts, remaining)
         return 0
 
     def _run_batch(self, slots: np.ndarray) -> None:
@@ -92,7 +94,7 @@ class InferenceWorker:
             decisions = decide(probabilities, batch.exclusion, labels=self.bundle.labels, threshold=self.threshold)
         except Exception as error:  # a failed batch fails every item in it; workers dead-letter them
             self.consecutive_failures += 1
-            self.counts["failed"] += len(slots)
+            self.queue.count_inference("failed", len(slots))
             log.exception("batch of %d failed", len(slots))
             for slot in slots:
                 self.queue.fail(int(slot), f"inference failed: {type(error).__name__}: {error}")
@@ -100,7 +102,10 @@ class InferenceWorker:
         self.consecutive_failures = 0
         inference_ms = (time.perf_counter() - started) * 1000.0
         flushed_ns = time.time_ns()
-        self.counts["batches"] += 1
+        self.queue.count_inference("batches")
+        self.queue.count_inference("inference_ns", int(inference_ms * 1e6))
+        in_node_ms = np.array([m["preprocess_ms"] for m in batch.metas]) + (flushed_ns - batch.enqueued_ns) / 1e6 + inference_ms
+        self.queue.observe_latency(in_node_ms)
         for slot, meta, decision, enqueued_ns in zip(slots, batch.metas, decisions, batch.enqueued_ns):
             timings = {
                 "preprocess": meta["preprocess_ms"],
@@ -121,8 +126,8 @@ class InferenceWorker:
                 timings_ms=timings,
                 excluded_categories=decision.excluded,
             )
-            self.counts["predicted"] += 1
-            self.counts["uncertain"] += decision.category == "uncertain"
+            self.queue.count_inference("predicted")
+            self.queue.count_inference("uncertain", int(decision.category == UNCERTAIN))
             self._produce(int(slot), meta["offer_id"], prediction.to_bytes())
 
     def _produce(self, slot: int, key: str, value: bytes) -> None:

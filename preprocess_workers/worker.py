@@ -63,7 +63,6 @@ class PreprocessWorker:
         self.tracker = OffsetTracker()
         self.paused = False
         self.stopping = False
-        self.counts = {"enqueued": 0, "dead_lettered": 0, "image_unused": 0}
         self.consumer = Consumer(
             consumer_config(settings, group_id=settings.consumer_group, **{"client.id": self.name})
         )
@@ -106,6 +105,7 @@ class PreprocessWorker:
                 if os.getppid() != parent:  # the node supervisor died: finish up and leave
                     log.warning("%s: supervisor gone, stopping", self.name)
                     break
+                self.queue.set_worker_stat(self.index, "heartbeat_ns", time.time_ns())
                 self._reap()
                 self._place_backlog()
                 self._apply_backpressure()
@@ -116,10 +116,22 @@ class PreprocessWorker:
                 self.producer.poll(0)
                 if time.monotonic() - self._last_commit >= self.settings.commit_interval_s:
                     self._commit(None, asynchronous=True)
+                    self._update_lag()
             self._drain()
         finally:
             self.consumer.close()  # leaves the group now, so partitions move without waiting
-            log.info("%s stopped: %s", self.name, self.counts)
+            log.info("%s stopped: %s", self.name, self.queue.worker_counts(self.index))
+
+    def _update_lag(self) -> None:
+        """Offers waiting in Kafka for this worker's partitions (high watermark − position)."""
+        lag = 0
+        for tp in self.consumer.position(self.consumer.assignment()):
+            if tp.offset < 0:
+                continue  # nothing consumed yet on this partition
+            _, high = self.consumer.get_watermark_offsets(tp, cached=True)
+            if high >= 0:
+                lag += max(0, high - tp.offset)
+        self.queue.set_worker_stat(self.index, "lag", lag)
 
     def _accept(self, message: Message) -> None:
         if message.error() is not None:
@@ -127,6 +139,7 @@ class PreprocessWorker:
                 log.warning("%s consume error: %s", self.name, message.error())
             return
         self.tracker.started((message.topic(), message.partition()), message.offset())
+        self.queue.count(self.index, "consumed")
         if self.free_slots:
             self._process(message)
         else:
@@ -142,6 +155,7 @@ class PreprocessWorker:
         if self.backlog and not self.paused:
             self.consumer.pause(assignment)
             self.paused = True
+            self.queue.count(self.index, "pauses")
         elif not self.backlog and self.paused:
             self.consumer.resume(assignment)
             self.paused = False
@@ -175,8 +189,8 @@ class PreprocessWorker:
             self._dead_letter(message, Rejection(str(error), "OversizedMessage"), stage="preprocess")
             return
         self.in_flight[slot] = _InFlight((message.topic(), message.partition()), message.offset(), message)
-        self.counts["enqueued"] += 1
-        self.counts["image_unused"] += not features.has_image
+        self.queue.count(self.index, "enqueued")
+        self.queue.count(self.index, "image_unused", int(not features.has_image))
 
     def _meta(self, offer: Offer, message: Message, image_status: str, started: float) -> dict:
         timestamp_type, timestamp_ms = message.timestamp()
@@ -219,7 +233,7 @@ class PreprocessWorker:
                 return
             self.tracker.finished(key, offset)
 
-        self.counts["dead_lettered"] += 1
+        self.queue.count(self.index, "dead_lettered")
         log.info("%s dead-lettered %s@%d (%s): %s", self.name, key, offset, stage, rejection.reason[:200])
         self._send_dead_letter(message, rejection, stage, delivered)
 

@@ -72,6 +72,7 @@ class NodeProcess:
             "CATSTREAM_CATEGORIZED_TOPIC": settings.categorized_topic,
             "CATSTREAM_DEAD_LETTER_TOPIC": settings.dead_letter_topic,
             "CATSTREAM_CONSUMER_GROUP": settings.consumer_group,
+            "CATSTREAM_HEALTH_PORT": "0",
             **env,
         }
         self.process = subprocess.Popen(

@@ -6,6 +6,7 @@ import base64
 import io
 import json
 import os
+import re
 import signal
 import time
 
@@ -123,6 +124,8 @@ def test_sigkill_of_a_preprocess_worker_loses_no_offer(marketplace, stream_setti
     assert "died (exit -9); restarting" in node.log()
     assert node.stop() == 0
     assert sum(committed_offsets(stream_settings).values()) == len(offers)
+    # 16 slots per worker against a 1500-offer backlog: the workers must have paused, not blocked.
+    assert any(int(n) > 0 for n in re.findall(r"'pauses': (\d+)", node.log()))
     print(f"duplicates after SIGKILL: {len(predictions) - len(distinct)}")
 
 

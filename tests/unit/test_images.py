@@ -83,3 +83,24 @@ def test_any_bytes_decode_or_raise_image_unavailable(raw):
         assert decode_image(raw, 16, limits=LIMITS).shape == (3, 16, 16)
     except ImageUnavailable:
         pass
+
+
+def test_http_image_and_unreachable_url(tmp_path):
+    import functools
+    import http.server
+    import threading
+
+    (tmp_path / "x.png").write_bytes(encoded("PNG"))
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        pixels = load_image(image_url=f"{base}/x.png", image_b64=None, size=16, limits=LIMITS)
+        assert pixels.shape == (3, 16, 16)
+        with pytest.raises(ImageUnavailable) as info:
+            load_image(image_url=f"{base}/absent.png", image_b64=None, size=16, limits=LIMITS)
+        assert info.value.status == "unreachable"
+    finally:
+        server.shutdown()
