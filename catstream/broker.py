@@ -70,6 +70,10 @@ class EmbeddedBroker:
         log.info("embedded broker listening on %s", self.bootstrap_servers)
         return self
 
+    def wait(self) -> int | None:
+        """Block until the broker process exits; returns its exit code."""
+        return self._process.wait() if self._process is not None else None
+
     def stop(self) -> None:
         process, self._process = self._process, None
         if process is None or process.poll() is not None:

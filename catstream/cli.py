@@ -10,7 +10,6 @@ import argparse
 import logging
 import os
 import sys
-import time
 from pathlib import Path
 
 from confluent_kafka import KafkaException
@@ -143,8 +142,9 @@ def _cmd_broker(args) -> int:
     with EmbeddedBroker(args.port or None) as broker:
         print(f"embedded broker on {broker.bootstrap_servers} (Ctrl-C to stop)", flush=True)
         try:
-            while broker._process is not None and broker._process.poll() is None:
-                time.sleep(0.5)
+            code = broker.wait()
+            print(f"embedded broker exited with code {code}", file=sys.stderr)
+            return 1
         except KeyboardInterrupt:
             pass
     return 0

@@ -8,6 +8,7 @@ outputs → summary → SIGTERM the node → stop the broker.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -37,8 +38,6 @@ MALFORMED_EXAMPLES: tuple[bytes, ...] = (
 def start_node(model: Path, settings: Settings, *, log_path: Path, workers: int, extra_env: dict | None = None,
                extra_args: tuple[str, ...] = ()) -> subprocess.Popen:
     """Start ``catstream run`` as a subprocess writing its log to ``log_path``."""
-    import os
-
     env = {**os.environ, "CATSTREAM_BOOTSTRAP_SERVERS": settings.bootstrap_servers,
            "CATSTREAM_HEALTH_PORT": "0", **(extra_env or {})}
     command = [sys.executable, "-m", "catstream.cli", "run", "--model", str(model),

@@ -27,6 +27,9 @@ log = logging.getLogger(__name__)
 
 _INFERENCE_START_TIMEOUT_S = 120.0
 _RESTART_BACKOFF_S = 1.0
+# A worker that keeps dying (bad config, unreachable broker) is not restarted forever: the node
+# exits non-zero and the orchestrator's back-off takes over.
+_MAX_RESTARTS_PER_MINUTE = 5
 
 
 class Node:
@@ -126,6 +129,7 @@ class Node:
         return process
 
     def _supervise(self, workers: list, inference, queue: FeatureQueue) -> int:
+        recent_restarts: list[float] = []
         while not self._stop.wait(0.2):
             if not inference.is_alive():
                 log.error("inference process died (exit %s); stopping the node", inference.exitcode)
@@ -133,6 +137,11 @@ class Node:
             for index, process in enumerate(workers):
                 if process is not None and not process.is_alive():
                     log.warning("preprocess-%d pid=%d died (exit %s); restarting", index, process.pid, process.exitcode)
+                    now = time.monotonic()
+                    recent_restarts = [t for t in recent_restarts if now - t < 60.0] + [now]
+                    if len(recent_restarts) > _MAX_RESTARTS_PER_MINUTE:
+                        log.error("preprocess workers died %d times in a minute; stopping the node", len(recent_restarts))
+                        return 1
                     self.restarts += 1
                     time.sleep(_RESTART_BACKOFF_S)
                     workers[index] = self._start_worker(index, queue)
