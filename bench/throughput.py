@@ -108,6 +108,8 @@ def pipeline(bundle_path: Path, settings: Settings, expected: int, workers: int,
     return {"offers": len({p["offer_id"] for p in predictions}), "seconds": seconds,
             "offers_per_second": (len(stamps) - 1) / seconds if seconds else 0.0,
             "mean_batch_size": float(np.mean([p["timings_ms"]["batch_size"] for p in predictions])),
+            "mean_stage_ms": {stage: float(np.mean([p["timings_ms"][stage] for p in predictions]))
+                              for stage in ("preprocess", "queue_wait", "inference")},
             "preprocess_workers": workers, "intra_op_threads": threads}
 
 

@@ -49,6 +49,13 @@ class Settings(BaseSettings):
     slots_per_worker: int = Field(
         64, ge=1, description="Shared-memory queue slots owned by each preprocess worker (queue depth)."
     )
+    max_buffered_messages: int = Field(
+        512, ge=1, description="Consumed offers a worker may hold while its slots are full; then it pauses "
+        "its partitions, and resumes at half."
+    )
+    max_buffered_bytes: int = Field(
+        64_000_000, ge=1024, description="The same bound in bytes of message values."
+    )
     queue_dir: str = Field("/dev/shm", description="Directory of the shared-memory queue file.")
 
     health_host: str = Field("0.0.0.0", description="Address of the health and metrics HTTP server.")

@@ -22,6 +22,7 @@ from catstream.images import ImageLimits
 from catstream.kafka import consumer_config, producer_config
 from catstream.schemas import Offer, Rejection, dead_letter_headers, parse_offer
 from catstream.settings import Settings
+from preprocess_workers.backpressure import BufferGate
 from preprocess_workers.offsets import OffsetTracker
 
 __all__ = ["PreprocessWorker", "run_preprocess_worker"]
@@ -60,6 +61,8 @@ class PreprocessWorker:
         self.free_slots = deque(slot for slot in self.slots if queue.state[slot] == FREE)
         self.in_flight: dict[int, _InFlight] = {}
         self.backlog: deque[Message] = deque()
+        self.backlog_bytes = 0
+        self.gate = BufferGate(settings.max_buffered_messages, settings.max_buffered_bytes)
         self.tracker = OffsetTracker()
         self.paused = False
         self.stopping = False
@@ -84,13 +87,13 @@ class PreprocessWorker:
         self._commit(keys, asynchronous=False)
         for key in keys:
             self.tracker.revoke(key)
-        self.backlog = deque(m for m in self.backlog if (m.topic(), m.partition()) not in keys)
+        self._drop_backlog(keep=lambda m: (m.topic(), m.partition()) not in keys)
         log.info("%s revoked %s", self.name, [tp.partition for tp in partitions])
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         for tp in partitions:
             self.tracker.revoke((tp.topic, tp.partition))
-        self.backlog = deque(m for m in self.backlog if self.tracker.is_assigned((m.topic(), m.partition())))
+        self._drop_backlog(keep=lambda m: self.tracker.is_assigned((m.topic(), m.partition())))
         log.warning("%s lost %s", self.name, [tp.partition for tp in partitions])
 
     # --- main loop -------------------------------------------------------------------------------
@@ -109,9 +112,8 @@ class PreprocessWorker:
                 self._reap()
                 self._place_backlog()
                 self._apply_backpressure()
-                wanted = min(_CONSUME_BATCH, len(self.free_slots)) if not self.paused else 1
-                timeout = 0.02 if self.in_flight else 0.2
-                for message in self.consumer.consume(num_messages=max(1, wanted), timeout=timeout):
+                timeout = 0.02 if self.in_flight or self.backlog else 0.2
+                for message in self.consumer.consume(num_messages=_CONSUME_BATCH, timeout=timeout):
                     self._accept(message)
                 self.producer.poll(0)
                 if time.monotonic() - self._last_commit >= self.settings.commit_interval_s:
@@ -140,24 +142,31 @@ class PreprocessWorker:
             return
         self.tracker.started((message.topic(), message.partition()), message.offset())
         self.queue.count(self.index, "consumed")
-        if self.free_slots:
+        if self.free_slots and not self.backlog:
             self._process(message)
         else:
             self.backlog.append(message)
+            self.backlog_bytes += len(message.value() or b"")
 
     def _place_backlog(self) -> None:
         while self.backlog and self.free_slots:
-            self._process(self.backlog.popleft())
+            message = self.backlog.popleft()
+            self.backlog_bytes -= len(message.value() or b"")
+            self._process(message)
+
+    def _drop_backlog(self, keep=lambda message: False) -> None:
+        self.backlog = deque(m for m in self.backlog if keep(m))
+        self.backlog_bytes = sum(len(m.value() or b"") for m in self.backlog)
 
     def _apply_backpressure(self) -> None:
-        """Pause all partitions while offers wait for a slot; poll() keeps running meanwhile."""
-        assignment = self.consumer.assignment()
-        if self.backlog and not self.paused:
-            self.consumer.pause(assignment)
+        """Pause all partitions while the buffer is full; poll() keeps running meanwhile."""
+        pause = self.gate.paused(messages=len(self.backlog), nbytes=self.backlog_bytes, currently_paused=self.paused)
+        if pause and not self.paused:
+            self.consumer.pause(self.consumer.assignment())
             self.paused = True
             self.queue.count(self.index, "pauses")
-        elif not self.backlog and self.paused:
-            self.consumer.resume(assignment)
+        elif not pause and self.paused:
+            self.consumer.resume(self.consumer.assignment())
             self.paused = False
 
     def _process(self, message: Message) -> None:
@@ -267,7 +276,7 @@ class PreprocessWorker:
     def _drain(self) -> None:
         """Stop taking offers; wait for in-flight ones; flush dead letters; commit."""
         deadline = time.monotonic() + self.settings.drain_timeout_s
-        self.backlog.clear()  # consumed but never started: uncommitted, so redelivered later
+        self._drop_backlog()  # consumed but never started: uncommitted, so redelivered later
         while self.in_flight and time.monotonic() < deadline:
             self._reap()
             self.producer.poll(0.01)
