@@ -12,6 +12,7 @@ The format is documented in ``dictionaries/README.md``.
 from __future__ import annotations
 
 import csv
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,13 +92,18 @@ class Dictionaries:
     def exclusion_mask(self, title: str, labels: Sequence[str]) -> np.ndarray:
         """``(K,)`` bool: True where ``labels[k]`` is ruled out by a keyword of ``title``."""
         mask = np.zeros(len(labels), dtype=bool)
-        rules = self.matching_rules(title)
-        if not rules:
-            return mask
-        for k, label in enumerate(labels):
-            path = tuple(part.strip() for part in label.split(">"))
-            mask[k] = any(path[: len(rule.excluded)] == rule.excluded for rule in rules)
+        for rule in self.matching_rules(title):
+            mask |= _excluded_by(rule.excluded, tuple(labels))
         return mask
+
+
+@functools.lru_cache(maxsize=4096)
+def _excluded_by(prefix: tuple[str, ...], labels: tuple[str, ...]) -> np.ndarray:
+    """``(K,)`` bool: which labels lie under the path ``prefix`` (cached: labels never change)."""
+    paths = [tuple(part.strip() for part in label.split(">")) for label in labels]
+    mask = np.array([path[: len(prefix)] == prefix for path in paths], dtype=bool)
+    mask.flags.writeable = False
+    return mask
 
 
 def _phrase(cell: str, where: str) -> tuple[str, ...]:
