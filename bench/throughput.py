@@ -93,9 +93,8 @@ def naive_loop(bundle: ModelBundle, settings: Settings, expected: int, threads: 
 
 def pipeline(bundle_path: Path, settings: Settings, expected: int, workers: int, log_path: Path,
              batch: int, wait_ms: float, threads: int) -> dict:
-    env = {"CATSTREAM_INTRA_OP_THREADS": str(threads),"CATSTREAM_OFFERS_TOPIC": settings.offers_topic, "CATSTREAM_CATEGORIZED_TOPIC": settings.categorized_topic,
-           "CATSTREAM_DEAD_LETTER_TOPIC": settings.dead_letter_topic, "CATSTREAM_CONSUMER_GROUP": settings.consumer_group}
-    node = start_node(bundle_path, settings, log_path=log_path, workers=workers, extra_env=env,
+    node = start_node(bundle_path, settings, log_path=log_path, workers=workers,
+                      extra_env={"CATSTREAM_INTRA_OP_THREADS": str(threads)},
                       extra_args=("--max-batch-size", str(batch), "--max-wait-ms", str(wait_ms)))
     try:
         messages = read_topic(settings, settings.categorized_topic, timeout_s=1800,

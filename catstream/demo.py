@@ -37,9 +37,20 @@ MALFORMED_EXAMPLES: tuple[bytes, ...] = (
 
 def start_node(model: Path, settings: Settings, *, log_path: Path, workers: int, extra_env: dict | None = None,
                extra_args: tuple[str, ...] = ()) -> subprocess.Popen:
-    """Start ``catstream run`` as a subprocess writing its log to ``log_path``."""
-    env = {**os.environ, "CATSTREAM_BOOTSTRAP_SERVERS": settings.bootstrap_servers,
-           "CATSTREAM_HEALTH_PORT": "0", **(extra_env or {})}
+    """Start ``catstream run`` as a subprocess writing its log to ``log_path``.
+
+    The node gets the broker, topics and group of ``settings``, and a free health port.
+    """
+    env = {
+        **os.environ,
+        "CATSTREAM_BOOTSTRAP_SERVERS": settings.bootstrap_servers,
+        "CATSTREAM_OFFERS_TOPIC": settings.offers_topic,
+        "CATSTREAM_CATEGORIZED_TOPIC": settings.categorized_topic,
+        "CATSTREAM_DEAD_LETTER_TOPIC": settings.dead_letter_topic,
+        "CATSTREAM_CONSUMER_GROUP": settings.consumer_group,
+        "CATSTREAM_HEALTH_PORT": "0",
+        **(extra_env or {}),
+    }
     command = [sys.executable, "-m", "catstream.cli", "run", "--model", str(model),
                "--preprocess-workers", str(workers), *extra_args]
     return subprocess.Popen(command, env=env, stdout=log_path.open("ab"), stderr=subprocess.STDOUT,

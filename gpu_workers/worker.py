@@ -47,7 +47,6 @@ class InferenceWorker:
         )
         self.producer = Producer(producer_config(settings, **{"client.id": "inference"}))
         self.stopping = False
-        self.pending_deliveries = 0
         self.consecutive_failures = 0
 
     def run(self) -> int:
@@ -132,7 +131,6 @@ class InferenceWorker:
 
     def _produce(self, slot: int, key: str, value: bytes) -> None:
         def delivered(error, _message):
-            self.pending_deliveries -= 1
             if error is None:
                 self.queue.complete(slot)
             elif self.queue.retries[slot] < _DELIVERY_RETRIES:
@@ -144,7 +142,6 @@ class InferenceWorker:
         while True:
             try:
                 self.producer.produce(self.settings.categorized_topic, key=key.encode(), value=value, on_delivery=delivered)
-                self.pending_deliveries += 1
                 return
             except BufferError:
                 self.producer.poll(0.05)

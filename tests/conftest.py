@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -14,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from catstream.broker import EmbeddedBroker
+from catstream.demo import start_node as start_node_process
 from catstream.kafka import ensure_topics, read_topic, wait_for_broker
 from catstream.settings import Settings
 
@@ -65,20 +63,7 @@ class NodeProcess:
 
     def __init__(self, bundle: Path, settings: Settings, log_path: Path, workers: int, env: dict[str, str]):
         self.log_path = log_path
-        environment = {
-            **os.environ,
-            "CATSTREAM_BOOTSTRAP_SERVERS": settings.bootstrap_servers,
-            "CATSTREAM_OFFERS_TOPIC": settings.offers_topic,
-            "CATSTREAM_CATEGORIZED_TOPIC": settings.categorized_topic,
-            "CATSTREAM_DEAD_LETTER_TOPIC": settings.dead_letter_topic,
-            "CATSTREAM_CONSUMER_GROUP": settings.consumer_group,
-            "CATSTREAM_HEALTH_PORT": "0",
-            **env,
-        }
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "catstream.cli", "run", "--model", str(bundle), "--preprocess-workers", str(workers)],
-            env=environment, stdout=log_path.open("ab"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-        )
+        self.process = start_node_process(bundle, settings, log_path=log_path, workers=workers, extra_env=env)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
