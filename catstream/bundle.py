@@ -1,6 +1,7 @@
 """The model bundle: a directory with everything needed to serve (and rebuild) one model.
 
-    model.onnx         the fusion model (inputs: image uint8, has_image, title_ids, mall_ids)
+    model.onnx         the fusion model (inputs: image uint8, has_image, title_ids, mall_ids, mall_weight)
+    shops.json         per-shop trust in the shop's own category (mall_id → weight), optional
     model.pt           its PyTorch weights, for audits and the PyTorch baseline
     tokenizer.model    SentencePiece model
     labels.json        category paths, index = model output index
@@ -11,15 +12,16 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from catstream.dictionaries import Dictionaries
 
-__all__ = ["BUNDLE_FORMAT", "BundleError", "ModelBundle"]
+__all__ = ["BUNDLE_FORMAT", "SHOPS_FILE", "BundleError", "ModelBundle", "ShopWeights"]
 
 BUNDLE_FORMAT = 1
+SHOPS_FILE = "shops.json"
 _REQUIRED = ("config.json", "labels.json", "model.onnx", "tokenizer.model")
 
 
@@ -83,3 +85,22 @@ class ModelBundle:
     @property
     def tokenizer_path(self) -> Path:
         return self.path / "tokenizer.model"
+
+    def shop_weights(self) -> ShopWeights:
+        """Trust in each shop's own category (``shops.json``); every shop gets 1.0 without it."""
+        path = self.path / SHOPS_FILE
+        if not path.is_file():
+            return ShopWeights()
+        data = json.loads(path.read_text())
+        return ShopWeights(weights=data["weights"], default=float(data.get("default", 1.0)))
+
+
+@dataclass(frozen=True)
+class ShopWeights:
+    """``mall_id`` → weight in [0, 1] of the shop's own category; unknown shops get ``default``."""
+
+    weights: dict[str, float] = field(default_factory=dict)
+    default: float = 1.0
+
+    def __call__(self, mall_id: str | None) -> float:
+        return float(self.weights.get(mall_id or "", self.default))

@@ -74,6 +74,7 @@ class QueueLayout:
             ("meta_len", np.dtype(np.int32), (n,)),
             ("error_len", np.dtype(np.int32), (n,)),
             ("has_image", np.dtype(np.float32), (n,)),
+            ("mall_weight", np.dtype(np.float32), (n,)),
             ("title_ids", np.dtype(np.int64), (n, self.max_title_tokens)),
             ("mall_ids", np.dtype(np.int64), (n, self.max_mall_tokens)),
             ("exclusion", np.dtype(np.bool_), (n, self.num_classes)),
@@ -103,6 +104,7 @@ class SlotBatch:
     slots: np.ndarray
     image: np.ndarray
     has_image: np.ndarray
+    mall_weight: np.ndarray
     title_ids: np.ndarray
     mall_ids: np.ndarray
     exclusion: np.ndarray
@@ -154,7 +156,9 @@ class FeatureQueue:
 
     # --- worker side -----------------------------------------------------------------------------
 
-    def put(self, slot: int, *, image, has_image: bool, title_ids, mall_ids, exclusion, meta: dict) -> None:
+    def put(
+        self, slot: int, *, image, has_image: bool, title_ids, mall_ids, exclusion, meta: dict, mall_weight: float = 1.0
+    ) -> None:
         """Fill a FREE slot owned by the caller and publish it as READY.
 
         Raises ``ValueError`` (before touching the slot's state) when ``meta`` does not fit.
@@ -164,6 +168,7 @@ class FeatureQueue:
             raise ValueError(f"offer metadata of {len(encoded)} bytes exceeds the slot's {self.layout.meta_bytes}")
         self.image[slot] = image
         self.has_image[slot] = 1.0 if has_image else 0.0
+        self.mall_weight[slot] = mall_weight
         self.title_ids[slot] = title_ids
         self.mall_ids[slot] = mall_ids
         self.exclusion[slot] = exclusion
@@ -203,6 +208,7 @@ class FeatureQueue:
             slots=np.asarray(slots),
             image=self.image[slots],
             has_image=self.has_image[slots],
+            mall_weight=self.mall_weight[slots],
             title_ids=self.title_ids[slots],
             mall_ids=self.mall_ids[slots],
             exclusion=self.exclusion[slots],

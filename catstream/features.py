@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from catstream.bundle import ModelBundle
+from catstream.bundle import ModelBundle, ShopWeights
 from catstream.dictionaries import Dictionaries
 from catstream.images import ImageLimits, ImageUnavailable, load_image
 from catstream.schemas import Offer
@@ -24,6 +24,7 @@ class OfferFeatures:
 
     image: np.ndarray
     has_image: bool
+    mall_weight: float
     title_ids: np.ndarray
     mall_ids: np.ndarray
     exclusion_mask: np.ndarray
@@ -42,6 +43,7 @@ class Featurizer:
         image_size: int,
         max_title_tokens: int,
         max_mall_tokens: int,
+        shop_weights: ShopWeights = ShopWeights(),
         image_limits: ImageLimits = ImageLimits(),
     ):
         self.tokenizer = tokenizer
@@ -50,6 +52,7 @@ class Featurizer:
         self.image_size = image_size
         self.max_title_tokens = max_title_tokens
         self.max_mall_tokens = max_mall_tokens
+        self.shop_weights = shop_weights
         self.image_limits = image_limits
 
     @classmethod
@@ -61,6 +64,7 @@ class Featurizer:
             image_size=bundle.image_size,
             max_title_tokens=bundle.max_title_tokens,
             max_mall_tokens=bundle.max_mall_tokens,
+            shop_weights=bundle.shop_weights(),
             image_limits=image_limits,
         )
 
@@ -91,6 +95,7 @@ class Featurizer:
         return OfferFeatures(
             image=image,
             has_image=has_image,
+            mall_weight=self.shop_weights(offer.mall_id),
             title_ids=title_ids,
             mall_ids=mall_ids,
             exclusion_mask=self.dictionaries.exclusion_mask(offer.title, self.labels),

@@ -5,6 +5,7 @@ Inputs (all batch-first):
     has_image  (N,) float32 — 0 when the offer's image could not be used
     title_ids  (N, T) int64 — SentencePiece ids, 0 = padding
     mall_ids   (N, M) int64
+    mall_weight (N,) float32 — how far the shop's own category is trusted (1 = fully, 0 = ignored)
 Output: logits (N, K).
 """
 
@@ -92,16 +93,27 @@ class FusionModel(nn.Module):
         return self.backbone(x).mean(dim=(2, 3))
 
     def classify(
-        self, pooled: torch.Tensor, has_image: torch.Tensor, title_ids: torch.Tensor, mall_ids: torch.Tensor
+        self,
+        pooled: torch.Tensor,
+        has_image: torch.Tensor,
+        title_ids: torch.Tensor,
+        mall_ids: torch.Tensor,
+        mall_weight: torch.Tensor,
     ) -> torch.Tensor:
         """Logits from pooled image features; training calls this with cached backbone outputs."""
         image = self.image_proj(pooled) * has_image.unsqueeze(1)
-        return self.head(torch.cat([self.title(title_ids), self.mall(mall_ids), image], dim=1))
+        mall = self.mall(mall_ids) * mall_weight.unsqueeze(1)
+        return self.head(torch.cat([self.title(title_ids), mall, image], dim=1))
 
     def forward(
-        self, image: torch.Tensor, has_image: torch.Tensor, title_ids: torch.Tensor, mall_ids: torch.Tensor
+        self,
+        image: torch.Tensor,
+        has_image: torch.Tensor,
+        title_ids: torch.Tensor,
+        mall_ids: torch.Tensor,
+        mall_weight: torch.Tensor,
     ) -> torch.Tensor:
-        return self.classify(self.image_features(image), has_image, title_ids, mall_ids)
+        return self.classify(self.image_features(image), has_image, title_ids, mall_ids, mall_weight)
 
     def load_imagenet_backbone(self, weights_path: Path) -> None:
         """Load torchvision's ImageNet MobileNetV2 weights (the classifier is dropped)."""

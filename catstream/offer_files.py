@@ -1,8 +1,8 @@
 """Offer files (CSV, JSON Lines, Parquet) as users bring them, for producing and training.
 
-Required columns: ``offer_id``, ``title``. Optional: ``mall_id``, ``mall_category``, ``image``
-(a path relative to the file, a ``file://`` or ``http(s)://`` URL), ``listed_at`` (ISO date),
-and label columns. Several label columns join into one category path with " > ".
+Required columns: ``offer_id``, ``title``. Optional: ``mall_id``, ``mall_category``, ``brand``
+(used only by the TF-IDF baselines), ``image`` (a path relative to the file, a ``file://`` or
+``http(s)://`` URL), ``listed_at`` (ISO date), and label columns. Several label columns join into one category path with " > ".
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from catstream.schemas import Offer
 __all__ = ["LABEL", "OfferFileError", "read_offer_file", "offers_from_frame"]
 
 LABEL = "label"
-_OPTIONAL = ("mall_id", "mall_category", "image", "listed_at")
+_OPTIONAL = ("mall_id", "mall_category", "brand", "image", "listed_at")
 
 
 class OfferFileError(ValueError):
@@ -27,7 +27,7 @@ class OfferFileError(ValueError):
 
 def read_offer_file(path: str | Path, *, label_columns: Sequence[str] = ()) -> pd.DataFrame:
     """Load ``path`` into a frame with string columns ``offer_id, title, mall_id, mall_category,
-    image_url, listed_at`` (+ ``label`` when ``label_columns`` are given). Image paths become
+    brand, image_url, listed_at`` (+ ``label`` when ``label_columns`` are given). Image paths become
     absolute ``file://`` URLs; rows without a title are dropped.
     """
     path = Path(path)

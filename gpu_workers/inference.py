@@ -41,8 +41,19 @@ class OnnxClassifier:
         self.input_names = [item.name for item in self.session.get_inputs()]
         log.info("ONNX Runtime session on %s", self.session.get_providers())
 
-    def logits(self, image: np.ndarray, has_image: np.ndarray, title_ids: np.ndarray, mall_ids: np.ndarray) -> np.ndarray:
-        feeds = dict(zip(self.input_names, (image, has_image.astype(np.float32), title_ids, mall_ids)))
+    def logits(
+        self,
+        image: np.ndarray,
+        has_image: np.ndarray,
+        title_ids: np.ndarray,
+        mall_ids: np.ndarray,
+        mall_weight: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """``(N, K)`` logits; ``mall_weight`` ``(N,)`` defaults to full trust in the shop's category."""
+        if mall_weight is None:
+            mall_weight = np.ones(len(image), dtype=np.float32)
+        inputs = (image, has_image.astype(np.float32), title_ids, mall_ids, mall_weight.astype(np.float32))
+        feeds = dict(zip(self.input_names, inputs))
         (logits,) = self.session.run(None, feeds)
         return logits
 

@@ -86,7 +86,9 @@ class InferenceWorker:
         batch = self.queue.claim(slots)
         started = time.perf_counter()
         try:
-            logits = self.classifier.logits(batch.image, batch.has_image, batch.title_ids, batch.mall_ids)
+            logits = self.classifier.logits(
+                batch.image, batch.has_image, batch.title_ids, batch.mall_ids, batch.mall_weight
+            )
             if logits.shape[0] != len(slots):
                 raise RuntimeError(f"model returned {logits.shape[0]} rows for {len(slots)} inputs")
             probabilities = softmax(logits, self.bundle.temperature)

@@ -192,6 +192,7 @@ class PreprocessWorker:
                 mall_ids=features.mall_ids,
                 exclusion=features.exclusion_mask,
                 meta=meta,
+                mall_weight=features.mall_weight,
             )
         except ValueError as error:
             self.free_slots.appendleft(slot)

@@ -15,7 +15,7 @@ __all__ = ["INPUT_NAMES", "ExportParityError", "export_onnx", "check_parity", "e
 
 log = logging.getLogger(__name__)
 
-INPUT_NAMES = ("image", "has_image", "title_ids", "mall_ids")
+INPUT_NAMES = ("image", "has_image", "title_ids", "mall_ids", "mall_weight")
 
 
 class ExportParityError(RuntimeError):
@@ -32,7 +32,9 @@ def example_inputs(model: FusionModel, batch: int, *, seed: int = 0) -> tuple[to
     title[:, config.max_title_tokens // 2 :] = 0
     mall = torch.randint(0, config.vocab_size, (batch, config.max_mall_tokens), generator=generator)
     mall[0] = 0  # an offer without mall category
-    return image, has_image, title, mall
+    mall_weight = torch.ones(batch, dtype=torch.float32)
+    mall_weight[-1] = 0.25  # a shop whose categories are only partly trusted
+    return image, has_image, title, mall, mall_weight
 
 
 def export_onnx(model: FusionModel, path: Path, *, export_batch: int = 2) -> None:
