@@ -49,24 +49,75 @@ def _build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--offers", type=int, default=5000, help="number of offers (default 5000)")
     synth.add_argument("--seed", type=int, default=0, help="random seed; same seed, same files (default 0)")
 
-    train = commands.add_parser("train", help="train the fusion model and write a model bundle")
-    train.add_argument("--data", required=True, type=Path, help="offer file: .csv, .jsonl or .parquet")
+    train = commands.add_parser("train", help="train the fusion model and write a model bundle (tracked in MLflow)")
+    train.add_argument("--data", required=True, type=Path, help="offer file (.csv, .jsonl, .parquet) or history store")
     train.add_argument("--out", required=True, type=Path, help="model bundle directory to write")
     _add_labels(train)
-    train.add_argument("--image-size", type=int, default=224, help="model image input size in pixels (default 224)")
-    train.add_argument("--vocab-size", type=int, default=20_000, help="SentencePiece pieces (default 20000)")
-    train.add_argument("--epochs", type=int, default=12, help="training epochs (default 12)")
-    train.add_argument("--batch-size", type=int, default=64, help="training batch size (default 64)")
-    train.add_argument("--learning-rate", type=float, default=3e-3, help="peak learning rate (default 3e-3)")
-    train.add_argument("--min-label-count", type=int, default=5,
-                       help="categories with fewer offers are excluded from the label set (default 5)")
-    train.add_argument("--target-precision", type=float, default=0.98,
-                       help="precision the 'uncertain' threshold must reach on validation data (default 0.98)")
-    train.add_argument("--dictionaries", type=Path, help="dictionary directory (default: the repo's dictionaries/)")
-    train.add_argument("--pretrained", type=Path, help="ImageNet MobileNetV2 weights file (default: torch hub cache)")
-    train.add_argument("--no-pretrained", action="store_true", help="random image-branch initialisation")
-    train.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="PyTorch threads (default: all cores)")
-    train.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    _add_training_options(train)
+    _add_tracking(train)
+    train.add_argument("--register", action="store_true",
+                       help="register the bundle in the MLflow model registry and promote it to 'champion' "
+                       "if it beats the current champion on the same held-out data")
+    train.add_argument("--no-evaluate", action="store_true", help="skip the held-out evaluation after training")
+
+    evaluate = commands.add_parser("evaluate", help="score a model on held-out offers next to the TF-IDF baselines "
+                                   "(JSON + Markdown)")
+    evaluate.add_argument("--model", required=True, help="bundle directory or models:/NAME@ALIAS")
+    evaluate.add_argument("--data", required=True, type=Path, help="labeled offer file or history store")
+    evaluate.add_argument("--split", choices=("auto", "random", "time", "all"), default="auto",
+                          help="auto: the model's own held-out split when DATA is its training data, else every "
+                          "offer (default auto)")
+    evaluate.add_argument("--out", type=Path, help="report directory (default: <model>/evaluation)")
+    evaluate.add_argument("--no-baselines", action="store_true", help="skip the TF-IDF + LinearSVC baselines")
+    evaluate.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="ONNX Runtime threads")
+    _add_tracking(evaluate)
+
+    ablation = commands.add_parser("ablation", help="measure each ingredient: title → + mall → + image → + season "
+                                   "balance → + cleaning → + dictionary")
+    ablation.add_argument("--data", required=True, type=Path, help="labeled offer file or history store")
+    ablation.add_argument("--out", required=True, type=Path, help="report directory")
+    _add_labels(ablation)
+    _add_training_options(ablation)
+    ablation.add_argument("--image-sizes", default="",
+                          help="also train the full model at these sizes, e.g. 64,128 (comma-separated)")
+    ablation.add_argument("--without-pretrained", action="store_true",
+                          help="also train the full model without ImageNet weights")
+
+    tune = commands.add_parser("tune", help="random search over learning rate, fusion width and dropout (MLflow)")
+    tune.add_argument("--data", required=True, type=Path, help="labeled offer file or history store")
+    tune.add_argument("--out", required=True, type=Path, help="work directory (tune.json)")
+    tune.add_argument("--trials", type=int, default=10, help="number of trials; the first is the defaults (default 10)")
+    _add_labels(tune)
+    _add_training_options(tune)
+    _add_tracking(tune)
+
+    history = commands.add_parser("history", help="the labeled-offer history store (Parquet, one partition per month)")
+    history_commands = history.add_subparsers(dest="history_command", required=True, metavar="ACTION")
+    add = history_commands.add_parser("add", help="append labeled offers from a file")
+    add.add_argument("--store", required=True, type=Path, help="history store directory")
+    add.add_argument("--data", required=True, type=Path, help="labeled offer file")
+    _add_labels(add)
+    show = history_commands.add_parser("show", help="offers per listing month")
+    show.add_argument("--store", required=True, type=Path, help="history store directory")
+
+    mine = commands.add_parser("mine-exclusions", help="write candidate (keyword → excluded category) rules with "
+                               "evidence, for review")
+    mine.add_argument("--data", required=True, type=Path, help="labeled offer file or history store")
+    mine.add_argument("--out", required=True, type=Path, help="TSV to write (category_exclusions.tsv format)")
+    _add_labels(mine)
+    mine.add_argument("--max-depth", type=int, default=1, help="deepest category level a rule may exclude (default 1)")
+    mine.add_argument("--min-support", type=int, default=30, help="titles a keyword must occur in (default 30)")
+    mine.add_argument("--min-expected", type=float, default=10.0,
+                      help="violations expected by chance for a rule to be worth proposing (default 10)")
+    mine.add_argument("--max-violation-rate", type=float, default=0.005,
+                      help="largest share of the keyword's offers under the excluded branch (default 0.005)")
+    mine.add_argument("--dictionaries", type=Path, help="skip rules already here (default: the repo's dictionaries/)")
+
+    promote = commands.add_parser("promote", help="compare a registered version with the champion on its held-out "
+                                  "offers and move 'champion' if it is better")
+    promote.add_argument("--version", required=True, help="registered model version")
+    promote.add_argument("--data", required=True, type=Path, help="the data that version was trained on")
+    _add_tracking(promote)
 
     produce = commands.add_parser("produce", help="publish offers from a file to the offers topic")
     produce.add_argument("--data", required=True, type=Path, help="offer file: .csv, .jsonl or .parquet")
@@ -75,11 +126,14 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_kafka(produce)
 
     run = commands.add_parser("run", help="run preprocess workers and inference on this node until interrupted")
-    run.add_argument("--model", required=True, type=Path, help="model bundle directory")
+    run.add_argument("--model", required=True,
+                     help="model bundle directory, or models:/catstream@champion from the MLflow registry")
     run.add_argument("--preprocess-workers", type=int, help=f"preprocess processes {_env('preprocess_workers')}")
     run.add_argument("--max-batch-size", type=int, help=f"inference batch size {_env('max_batch_size')}")
     run.add_argument("--max-wait-ms", type=float, help=f"batch wait after its first offer {_env('max_wait_ms')}")
     run.add_argument("--threshold", type=float, help=f"'uncertain' below this confidence {_env('threshold')}")
+    run.add_argument("--tracking-uri", help="MLflow registry for models:/ URIs (env MLFLOW_TRACKING_URI; "
+                     "default sqlite:///mlflow.db)")
     _add_kafka(run)
 
     demo = commands.add_parser("demo", help="synth → train → embedded broker → pipeline → summary")
@@ -98,6 +152,82 @@ def _add_labels(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--label-column", help="the column holding the category (default: category)")
     group.add_argument("--label-columns", help="columns joined with ' > ' into a category path, e.g. "
                        "gender,master_category,sub_category,article_type")
+
+
+def _add_training_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("training")
+    group.add_argument("--split", choices=("random", "time"), default="random",
+                       help="held-out protocol: random rows, or the newest rows by listed_at (default random)")
+    group.add_argument("--test-share", type=float, default=0.2, help="share of offers held out for testing (default 0.2)")
+    group.add_argument("--image-size", type=int, default=96, help="model image input size in pixels (default 96)")
+    group.add_argument("--vocab-size", type=int, default=20_000, help="SentencePiece pieces (default 20000)")
+    group.add_argument("--epochs", type=int, default=12, help="training epochs (default 12)")
+    group.add_argument("--batch-size", type=int, default=64, help="training batch size (default 64)")
+    group.add_argument("--learning-rate", type=float, default=3e-3, help="peak learning rate (default 3e-3)")
+    group.add_argument("--fusion-hidden", type=int, default=512, help="width of the fusion head (default 512)")
+    group.add_argument("--dropout", type=float, default=0.2, help="dropout in the fusion head (default 0.2)")
+    group.add_argument("--min-label-count", type=int, default=50,
+                       help="categories with fewer offers are not in the label set (default 50)")
+    group.add_argument("--rare-leaves", choices=("exclude", "parent"), default="exclude",
+                       help="offers of rarer categories: excluded, or filed under their nearest frequent parent "
+                       "(default exclude)")
+    group.add_argument("--no-season-balance", action="store_true",
+                       help="sample training offers uniformly instead of giving every calendar month equal weight")
+    group.add_argument("--recent-share", type=float, default=0.1,
+                       help="extra sampling weight for the most recent weeks (default 0.1)")
+    group.add_argument("--recent-weeks", type=float, default=4.0, help="how many weeks count as recent (default 4)")
+    group.add_argument("--cleaning", choices=("off", "drop", "relabel"), default="drop",
+                       help="what to do with labels cleanlab flags (default drop)")
+    group.add_argument("--cleaning-folds", type=int, default=4, help="K of the K-fold cleaning predictions (default 4)")
+    group.add_argument("--no-exclusions", action="store_true",
+                       help="do not use category_exclusions.tsv (neither in training nor at inference)")
+    group.add_argument("--target-precision", type=float, default=0.995,
+                       help="precision the 'uncertain' threshold must reach on validation data (default 0.995)")
+    group.add_argument("--dictionaries", type=Path, help="dictionary directory (default: the repo's dictionaries/)")
+    group.add_argument("--pretrained", type=Path, help="ImageNet MobileNetV2 weights file (default: torch hub cache)")
+    group.add_argument("--no-pretrained", action="store_true", help="random image-branch initialisation")
+    group.add_argument("--device", default="auto", help="torch device: auto (CUDA when present), cpu, cuda (default auto)")
+    group.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="PyTorch threads (default: all cores)")
+    group.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+
+
+def _training_options(args: argparse.Namespace, **overrides):
+    from training.train import DEFAULT_DICTIONARIES, TrainOptions
+
+    values = dict(
+        label_columns=_label_columns(args),
+        split=args.split,
+        test_share=args.test_share,
+        image_size=args.image_size,
+        vocab_size=args.vocab_size,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        min_label_count=args.min_label_count,
+        rare_leaves=args.rare_leaves,
+        season_balance=not args.no_season_balance,
+        recent_share=args.recent_share,
+        recent_weeks=args.recent_weeks,
+        cleaning=args.cleaning,
+        cleaning_folds=args.cleaning_folds,
+        use_exclusions=not args.no_exclusions,
+        target_precision=args.target_precision,
+        dictionaries=str(args.dictionaries or DEFAULT_DICTIONARIES),
+        pretrained=str(args.pretrained) if args.pretrained else None,
+        use_pretrained=not args.no_pretrained,
+        device=args.device,
+        threads=args.threads,
+        seed=args.seed,
+        model={"fusion_hidden": args.fusion_hidden, "dropout": args.dropout},
+    )
+    return TrainOptions(**(values | overrides))
+
+
+def _add_tracking(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tracking-uri", help="MLflow tracking URI (env MLFLOW_TRACKING_URI; "
+                        "default sqlite:///mlflow.db in the working directory)")
+    parser.add_argument("--experiment", default="catstream", help="MLflow experiment name (default catstream)")
+    parser.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
 
 
 def _label_columns(args: argparse.Namespace) -> list[str]:
@@ -159,28 +289,111 @@ def _cmd_synth(args) -> int:
 
 
 def _cmd_train(args) -> int:
-    from training.train import DEFAULT_DICTIONARIES, TrainOptions, train_bundle
+    from training.pipeline import train_evaluate_register
 
-    options = TrainOptions(
-        label_columns=_label_columns(args),
-        image_size=args.image_size,
-        vocab_size=args.vocab_size,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        learning_rate=args.learning_rate,
-        min_label_count=args.min_label_count,
-        target_precision=args.target_precision,
-        dictionaries=str(args.dictionaries or DEFAULT_DICTIONARIES),
-        pretrained=str(args.pretrained) if args.pretrained else None,
-        use_pretrained=not args.no_pretrained,
-        threads=args.threads,
-        seed=args.seed,
+    options = _training_options(args)
+    result = train_evaluate_register(
+        args.data, args.out, options, evaluate=not args.no_evaluate, register=args.register,
+        tracking=None if args.no_tracking else _tracking(args),
     )
-    config = train_bundle(args.data, args.out, options)
+    config = result.config
     validation = config["training"]["validation"]
-    print(f"model bundle {args.out} (version {config['model_version']}): validation accuracy "
-          f"{validation['accuracy']:.4f}, threshold {config['threshold']:.3f} → coverage "
+    print(f"model bundle {args.out} (version {config['model_version']}) in {config['training']['seconds']:.0f} s: "
+          f"validation accuracy {validation['accuracy']:.4f}, threshold {config['threshold']:.3f} → coverage "
           f"{validation['coverage']:.3f} at precision {validation['precision']:.4f}")
+    if result.report is not None:
+        print(result.report_summary)
+    if result.registered is not None:
+        print(result.registered)
+    return 0
+
+
+def _tracking(args):
+    from training.tracking import Tracking
+
+    return Tracking(getattr(args, "tracking_uri", None), getattr(args, "experiment", "catstream"))
+
+
+def _cmd_evaluate(args) -> int:
+    from training.evaluate import evaluate_bundle, write_report
+    from training.tracking import resolve_model_uri
+
+    model = resolve_model_uri(args.model, tracking=_tracking(args))
+    report = evaluate_bundle(model, args.data, split=args.split, baselines=not args.no_baselines, threads=args.threads)
+    json_path, md_path = write_report(report, args.out or Path(model) / "evaluation")
+    print(md_path.read_text().split("\n## ")[0].strip())
+    print(f"\nreport: {md_path} and {json_path}")
+    return 0
+
+
+def _cmd_ablation(args) -> int:
+    from training.ablation import run_ablation, write_ablation
+
+    sizes = [int(v) for v in args.image_sizes.split(",") if v.strip()]
+    report = run_ablation(args.data, args.out / "work", _training_options(args), image_sizes=sizes,
+                          without_pretrained=args.without_pretrained)
+    json_path, md_path = write_ablation(report, args.out)
+    print(md_path.read_text().split("\n## ")[0].strip())
+    print(f"\nreport: {md_path} and {json_path}")
+    return 0
+
+
+def _cmd_tune(args) -> int:
+    from training.tune import tune
+
+    report = tune(args.data, args.out, _training_options(args), trials=args.trials,
+                  tracking=None if args.no_tracking else _tracking(args))
+    best = report["best"]
+    for trial in report["trials"]:
+        print(f"trial {trial['trial']:2d}: learning rate {trial['learning_rate']:.2e}, fusion width "
+              f"{trial['fusion_hidden']}, dropout {trial['dropout']:.2f} → validation accuracy {trial['val_accuracy']:.4f}")
+    print(f"best: trial {best['trial']} → catstream train ... --learning-rate {best['learning_rate']:.2e} "
+          f"--fusion-hidden {best['fusion_hidden']} --dropout {best['dropout']:.2f}")
+    return 0
+
+
+def _cmd_history(args) -> int:
+    from training.history import HistoryStore
+
+    store = HistoryStore(args.store)
+    if args.history_command == "add":
+        from catstream.offer_files import read_offer_file
+
+        frame = read_offer_file(args.data, label_columns=_label_columns(args))
+        written = store.add(frame)
+        print(f"added {sum(written.values())} offers to {args.store} in {len(written)} month partitions")
+    for month, rows in store.months().items():
+        print(f"{month}\t{rows}")
+    return 0
+
+
+def _cmd_mine_exclusions(args) -> int:
+    from catstream.dictionaries import Dictionaries
+    from training.mining import mine_exclusions, write_candidates
+    from training.train import DEFAULT_DICTIONARIES, load_labeled
+
+    frame = load_labeled(args.data, _label_columns(args))
+    frame = frame[frame["label"] != ""]
+    candidates = mine_exclusions(
+        frame["title"], frame["label"], max_depth=args.max_depth, min_support=args.min_support,
+        min_expected=args.min_expected, max_violation_rate=args.max_violation_rate,
+        known=Dictionaries.load(args.dictionaries or DEFAULT_DICTIONARIES),
+    )
+    write_candidates(candidates, args.out)
+    print(f"wrote {len(candidates)} candidate rules to {args.out}; review them before adding any to dictionaries/")
+    for c in candidates[:10]:
+        print(f"  {c.keyword!r} → not {c.excluded}: {c.violations} of {c.offers_with_keyword} offers, "
+              f"{c.expected:g} expected by chance")
+    return 0
+
+
+def _cmd_promote(args) -> int:
+    from training.pipeline import compare_with_champion
+    from training.tracking import MODEL_NAME
+
+    tracking = _tracking(args)
+    bundle = tracking.download(MODEL_NAME, args.version)
+    print(compare_with_champion(tracking, args.version, bundle, args.data))
     return 0
 
 
@@ -208,6 +421,9 @@ def _cmd_run(args) -> int:
 
     from catstream.bundle import ModelBundle
 
+    from training.tracking import Tracking, resolve_model_uri
+
+    args.model = resolve_model_uri(args.model, tracking=Tracking(args.tracking_uri))
     ModelBundle.load(args.model)  # a bad bundle fails here, before any connection is made
     settings = _settings(args)
     broker = None
@@ -236,6 +452,12 @@ _COMMANDS = {
     "broker": _cmd_broker,
     "synth": _cmd_synth,
     "train": _cmd_train,
+    "evaluate": _cmd_evaluate,
+    "ablation": _cmd_ablation,
+    "tune": _cmd_tune,
+    "history": _cmd_history,
+    "mine-exclusions": _cmd_mine_exclusions,
+    "promote": _cmd_promote,
     "produce": _cmd_produce,
     "run": _cmd_run,
     "demo": _cmd_demo,

@@ -9,6 +9,7 @@ import numpy as np
 import onnxruntime as ort
 
 from catstream.bundle import ModelBundle
+from catstream.decision import apply_exclusions, softmax
 from catstream.schemas import UNCERTAIN
 
 __all__ = ["Decision", "OnnxClassifier", "choose_providers", "decide", "softmax"]
@@ -58,14 +59,6 @@ class OnnxClassifier:
         return logits
 
 
-def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    """Row-wise softmax of ``(N, K)`` logits divided by ``temperature``."""
-    scaled = logits.astype(np.float64) / temperature
-    scaled -= scaled.max(axis=1, keepdims=True)
-    exp = np.exp(scaled)
-    return exp / exp.sum(axis=1, keepdims=True)
-
-
 @dataclass(frozen=True, slots=True)
 class Decision:
     category: str
@@ -82,10 +75,7 @@ def decide(
     ``probabilities`` and ``exclusion`` are ``(N, K)``. If a mask would rule out every category
     it is ignored for that row (the dictionary cannot leave an offer with no answer).
     """
-    masked = np.where(exclusion, 0.0, probabilities)
-    totals = masked.sum(axis=1, keepdims=True)
-    usable = totals[:, 0] > 0
-    masked = np.where(usable[:, None], masked / np.where(totals > 0, totals, 1.0), probabilities)
+    masked, usable = apply_exclusions(probabilities, exclusion)
     top = np.argsort(-masked, axis=1)[:, :3]
     decisions = []
     for row, order in enumerate(top):

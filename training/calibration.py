@@ -4,14 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from catstream.decision import apply_exclusions, softmax as _softmax
+
 __all__ = ["fit_temperature", "choose_threshold"]
-
-
-def _softmax(logits: np.ndarray, temperature: float) -> np.ndarray:
-    scaled = logits / temperature
-    scaled = scaled - scaled.max(axis=1, keepdims=True)
-    exp = np.exp(scaled)
-    return exp / exp.sum(axis=1, keepdims=True)
 
 
 def fit_temperature(logits: np.ndarray, targets: np.ndarray) -> float:
@@ -23,14 +18,22 @@ def fit_temperature(logits: np.ndarray, targets: np.ndarray) -> float:
 
 
 def choose_threshold(
-    logits: np.ndarray, targets: np.ndarray, *, temperature: float = 1.0, target_precision: float
+    logits: np.ndarray,
+    targets: np.ndarray,
+    *,
+    temperature: float = 1.0,
+    target_precision: float,
+    exclusion: np.ndarray | None = None,
 ) -> tuple[float, float, float]:
     """Lowest confidence threshold whose accepted offers reach ``target_precision``.
+
+    The confidences are those serving will see: softmax at ``temperature``, then the exclusion
+    mask ``(N, K)`` if given.
 
     Returns ``(threshold, coverage, precision)`` on the given data. If no threshold reaches the
     target, the one with the best precision is returned.
     """
-    probabilities = _softmax(logits, temperature)
+    probabilities, _ = apply_exclusions(_softmax(logits, temperature), exclusion)
     confidence = probabilities.max(axis=1)
     correct = probabilities.argmax(axis=1) == targets
     order = np.argsort(-confidence, kind="stable")

@@ -1,18 +1,27 @@
-"""``catstream train``: offers file → model bundle.
+"""``catstream train``: labeled offers (a file or a history store) → model bundle.
 
-Steps: label set from data (min count) → drop examples the exclusion dictionary contradicts →
-train/validation split → SentencePiece on training text → features → frozen MobileNetV2
-features computed once → text branches + head trained → temperature and "uncertain" threshold
-chosen on validation → ONNX export with a parity check → bundle written.
+Stages (each logged, the long ones with progress bars and an ETA):
+label set from data (min count; rarer leaves excluded or rolled up to their parent) → split
+(random or time; test rows held out) → exclusion dictionary drops contradicted examples →
+SentencePiece on the training text → per-shop trust in the mall category → featurise → frozen
+MobileNetV2 features (cached on disk per image size) → optional cleanlab label cleaning on K-fold
+out-of-sample probabilities → text branches + head trained on season-balanced samples →
+temperature and "uncertain" threshold on validation → ONNX export with a parity check → bundle.
+
+The same code runs the ablation table and ``catstream tune``: :func:`prepare` does the expensive
+part once, :func:`fit_model` trains one configuration on it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import hashlib
 import json
 import logging
+import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,82 +32,167 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from catstream.bundle import BUNDLE_FORMAT
-from catstream.dictionaries import Dictionaries
+from catstream.bundle import BUNDLE_FORMAT, SHOPS_FILE
+from catstream.dictionaries import PATH_SEPARATOR, Dictionaries
 from catstream.features import Featurizer
 from catstream.model import FusionConfig, FusionModel, find_pretrained_weights
 from catstream.offer_files import LABEL, offers_from_frame, read_offer_file
-from catstream.tokenizer import train_tokenizer
+from catstream.tokenizer import Tokenizer, train_tokenizer
 from training.calibration import choose_threshold, fit_temperature
+from training.cleaning import CLEANING_MODES, find_issues, out_of_sample_probabilities
 from training.export import check_parity, export_onnx
+from training.history import HistoryStore, season_balanced_weights
+from training.shops import estimate_shop_weights
+from training.splits import Split, SplitSpec, split_offers
 
-__all__ = ["DEFAULT_DICTIONARIES", "TrainOptions", "train_bundle"]
+__all__ = [
+    "DEFAULT_DICTIONARIES", "INPUTS", "RARE_LEAF_POLICIES", "Prepared", "TrainOptions",
+    "fit_model", "load_labeled", "predict_logits", "prepare", "progress_bar", "train_bundle",
+]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_DICTIONARIES = Path(__file__).resolve().parents[1] / "dictionaries"
+INPUTS = ("title", "mall", "image")
+RARE_LEAF_POLICIES = ("exclude", "parent")
 
 
 @dataclass
 class TrainOptions:
-    """Options of one training run (all stored in the bundle's config.json)."""
+    """Options of one training run (all stored in the bundle's config.json and the MLflow run)."""
 
     label_columns: list[str]
-    image_size: int = 224
+    image_size: int = 96
     vocab_size: int = 20_000
     max_title_tokens: int = 32
     max_mall_tokens: int = 16
-    min_label_count: int = 5
+    min_label_count: int = 50
+    rare_leaves: str = "exclude"  # or "parent": roll a rare leaf up to its first frequent ancestor
+    split: str = "random"
+    test_share: float = 0.2
+    validation_share: float = 0.1
     epochs: int = 12
     batch_size: int = 64
     learning_rate: float = 3e-3
     weight_decay: float = 1e-4
-    image_dropout: float = 0.15
-    validation_share: float = 0.1
-    target_precision: float = 0.98
+    image_dropout: float = 0.15  # share of training offers whose image is hidden
+    mall_dropout: float = 0.1  # share whose mall category is hidden
+    inputs: tuple[str, ...] = INPUTS  # the ablation turns branches off
+    season_balance: bool = True
+    recent_weeks: float = 4.0
+    recent_share: float = 0.1
+    cleaning: str = "drop"  # off, drop, relabel
+    cleaning_folds: int = 4
+    use_exclusions: bool = True  # drop contradicted examples in training; the mask at inference
+    shop_min_offers: int = 30
+    target_precision: float = 0.995
     seed: int = 0
     threads: int = 2
+    device: str = "auto"
     pretrained: str | None = None
     use_pretrained: bool = True
     dictionaries: str = str(DEFAULT_DICTIONARIES)
-    model: dict = field(default_factory=dict)  # FusionConfig overrides
+    feature_cache: str | None = None  # default: ~/.cache/catstream/image-features
+    model: dict = field(default_factory=dict)  # FusionConfig overrides (text_dim, fusion_hidden, dropout, …)
+
+    def __post_init__(self):
+        if self.rare_leaves not in RARE_LEAF_POLICIES:
+            raise ValueError(f"rare_leaves must be one of {', '.join(RARE_LEAF_POLICIES)}")
+        if self.cleaning not in CLEANING_MODES:
+            raise ValueError(f"cleaning must be one of {', '.join(CLEANING_MODES)}")
+        unknown = set(self.inputs) - set(INPUTS)
+        if unknown or "title" not in self.inputs:
+            raise ValueError(f"inputs must include 'title' and be among {', '.join(INPUTS)}")
+        self.inputs = tuple(self.inputs)
+        self.split_spec  # validates
+
+    @property
+    def split_spec(self) -> SplitSpec:
+        return SplitSpec(self.split, self.test_share, self.validation_share, self.seed)
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
 
-def train_bundle(data: str | Path, out_dir: str | Path, options: TrainOptions, *, progress: bool = True) -> dict:
-    """Train on ``data`` and write a bundle to ``out_dir``; returns the config written."""
-    started = time.monotonic()
+@dataclass
+class Prepared:
+    """Everything a configuration is trained and judged on; built once by :func:`prepare`."""
+
+    frame: pd.DataFrame  # the labeled offers kept, in split order of positions
+    labels: tuple[str, ...]
+    targets: np.ndarray  # (N,) class index
+    split: Split
+    inputs: dict[str, torch.Tensor]  # title_ids (N, T), mall_ids (N, M), has_image (N,), mall_weight (N,)
+    pooled: torch.Tensor  # (N, 1280) frozen MobileNetV2 features
+    config: FusionConfig
+    tokenizer_path: Path
+    dictionaries: Dictionaries
+    exclusion: np.ndarray  # (N, K) bool, the dictionary's mask per offer
+    contradicted: np.ndarray  # (N,) bool, the label is excluded by the title's keywords
+    shop_weights: dict[str, float]
+    shop_table: pd.DataFrame
+    report: dict
+    pretrained_weights: Path | None
+    device: torch.device
+
+
+def progress_bar(*args, **kwargs) -> tqdm:
+    """A tqdm bar that redraws at most every 10 s when stderr is not a terminal (CI, log files)."""
+    if not sys.stderr.isatty():
+        kwargs.setdefault("mininterval", 10.0)
+    return tqdm(*args, **kwargs)
+
+
+def load_labeled(data: str | Path, label_columns: list[str]) -> pd.DataFrame:
+    """Labeled offers from an offer file or a history store directory (``catstream history add``)."""
+    if HistoryStore.is_store(data):
+        frame = HistoryStore(data).read()
+        if LABEL not in frame.columns:
+            raise ValueError(f"history store {data} has no label column")
+        return frame[frame["title"] != ""].reset_index(drop=True)
+    return read_offer_file(data, label_columns=label_columns)
+
+
+def data_fingerprint(frame: pd.DataFrame) -> str:
+    """Identifies the labeled rows (ids, titles, labels): evaluation checks it to rebuild the split."""
+    digest = hashlib.sha256()
+    for column in ("offer_id", "title", LABEL):
+        digest.update("\x1f".join(frame[column].tolist()).encode())
+    return digest.hexdigest()[:16]
+
+
+def prepare(data: str | Path, out_dir: Path, options: TrainOptions, *, progress: bool = True) -> Prepared:
+    """Read, select labels, split, tokenise, featurise and compute image features (cached)."""
     torch.manual_seed(options.seed)
     torch.set_num_threads(options.threads)
-    rng = np.random.default_rng(options.seed)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-
-    frame = read_offer_file(data, label_columns=options.label_columns)
-    frame, data_report = _select_labels(frame, options.min_label_count)
-    dictionaries = Dictionaries.load(options.dictionaries)
+    device = _device(options.device)
+    frame = load_labeled(data, options.label_columns)
+    frame, report = select_labels(frame, options.min_label_count, options.rare_leaves)
     labels = tuple(sorted(frame[LABEL].unique()))
-    contradicted = np.array([
-        dictionaries.exclusion_mask(title, labels)[labels.index(label)]
-        for title, label in zip(frame["title"], frame[LABEL])
-    ], dtype=bool)
-    frame = frame[~contradicted].reset_index(drop=True)
-    data_report["dropped_by_exclusion_dictionary"] = int(contradicted.sum())
     if len(labels) < 2:
         raise ValueError(f"need at least 2 categories with >= {options.min_label_count} offers; found {len(labels)}")
+    report["fingerprint"] = data_fingerprint(frame)
+    split = split_offers(frame, options.split_spec)
+    report |= {"train_offers": len(split.train), "validation_offers": len(split.validation),
+               "test_offers": len(split.test), "categories": len(labels)}
 
-    order = rng.permutation(len(frame))
-    n_val = max(len(labels), int(len(frame) * options.validation_share))
-    val_index, train_index = order[:n_val], order[n_val:]
-    data_report |= {"train_offers": len(train_index), "validation_offers": len(val_index), "categories": len(labels)}
-    log.info("data: %s", data_report)
+    dictionaries = Dictionaries.load(options.dictionaries)
+    exclusion = np.stack([dictionaries.exclusion_mask(t, labels) for t in frame["title"]]) if len(frame) else None
+    targets = np.array([labels.index(label) for label in frame[LABEL]])
+    contradicted = exclusion[np.arange(len(frame)), targets]
+    report["contradicted_by_exclusion_dictionary"] = int(contradicted[split.train].sum())
 
+    train_rows = frame.iloc[split.train]
     tokenizer_path = out_dir / "tokenizer.model"
-    train_rows = frame.iloc[train_index]
+    log.info("training SentencePiece (%d pieces) on %d training offers", options.vocab_size, len(train_rows))
     tokenizer = train_tokenizer(
         [dictionaries.strip_ambiguous(t) for t in pd.concat([train_rows["title"], train_rows["mall_category"]])],
         tokenizer_path,
         vocab_size=options.vocab_size,
     )
+    shop_weights, shop_table = estimate_shop_weights(train_rows, min_offers=options.shop_min_offers, seed=options.seed)
+    if len(shop_table):
+        log.info("shop trust in own categories:\n%s", shop_table.to_string(index=False))
     config = FusionConfig(
         num_classes=len(labels),
         vocab_size=tokenizer.vocab_size,
@@ -111,143 +205,344 @@ def train_bundle(data: str | Path, out_dir: str | Path, options: TrainOptions, *
         tokenizer=tokenizer, dictionaries=dictionaries, labels=labels, image_size=config.image_size,
         max_title_tokens=config.max_title_tokens, max_mall_tokens=config.max_mall_tokens,
     )
-    inputs = _featurize(frame, featurizer, progress=progress)
-    targets = torch.tensor([labels.index(label) for label in frame[LABEL]])
-
-    model = FusionModel(config)
     weights = find_pretrained_weights(options.pretrained) if options.use_pretrained else None
-    if weights is not None:
-        model.load_imagenet_backbone(weights)
-        log.info("image branch starts from ImageNet weights %s", weights)
-    else:
-        log.warning("no ImageNet MobileNetV2 weights found locally: the image branch is randomly initialised "
-                    "(see README, 'Pretrained weights'); text branches still learn")
-    pooled = _backbone_features(model, inputs["image"], progress=progress)
-
-    history = _fit(model, pooled, inputs, targets, train_index, val_index, options, progress=progress)
-    model.eval()
-    with torch.no_grad():
-        val_logits = model.classify(pooled[val_index], inputs["has_image"][val_index],
-                                    inputs["title_ids"][val_index], inputs["mall_ids"][val_index]).numpy()
-    val_targets = targets[val_index].numpy()
-    temperature = fit_temperature(val_logits, val_targets)
-    threshold, coverage, precision = choose_threshold(
-        val_logits, val_targets, temperature=temperature, target_precision=options.target_precision
+    if weights is None:
+        log.warning("no ImageNet MobileNetV2 weights%s: the image branch is randomly initialised "
+                    "(see README, 'Pretrained weights'); text branches still learn",
+                    "" if options.use_pretrained else " (--no-pretrained)")
+    inputs, images = _featurize(frame, featurizer, progress=progress)
+    inputs["mall_weight"] = torch.tensor([shop_weights.get(m, 1.0) for m in frame["mall_id"]], dtype=torch.float32)
+    pooled = _cached_image_features(frame, images, config, weights, options, device, progress=progress)
+    report["offers_without_usable_image"] = int((inputs["has_image"] == 0).sum())
+    return Prepared(
+        frame=frame, labels=labels, targets=targets, split=split, inputs=inputs, pooled=pooled, config=config,
+        tokenizer_path=tokenizer_path, dictionaries=dictionaries, exclusion=exclusion, contradicted=contradicted,
+        shop_weights=shop_weights, shop_table=shop_table, report=report, pretrained_weights=weights, device=device,
     )
-    val_accuracy = float((val_logits.argmax(1) == val_targets).mean())
-    log.info("validation accuracy %.4f; temperature %.2f; threshold %.3f → coverage %.3f at precision %.4f",
-             val_accuracy, temperature, threshold, coverage, precision)
-
-    export_started = time.monotonic()
-    export_onnx(model, out_dir / "model.onnx")
-    parity = check_parity(model, out_dir / "model.onnx")
-    torch.save(model.state_dict(), out_dir / "model.pt")
-    shutil.copytree(options.dictionaries, out_dir / "dictionaries", dirs_exist_ok=True)
-    (out_dir / "labels.json").write_text(json.dumps(list(labels), ensure_ascii=False, indent=1))
-
-    digest = hashlib.sha256((out_dir / "model.onnx").read_bytes()).hexdigest()[:12]
-    bundle_config = {
-        "bundle_format": BUNDLE_FORMAT,
-        "model_version": f"{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S}-{digest}",
-        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "model": config.to_dict(),
-        "threshold": threshold,
-        "temperature": temperature,
-        "pretrained_image_weights": str(weights) if weights else None,
-        "training": {
-            "data": str(Path(data).resolve()),
-            "options": {k: v for k, v in options.__dict__.items()},
-            "data_report": data_report,
-            "history": history,
-            "validation": {"accuracy": val_accuracy, "coverage": coverage, "precision": precision},
-            "onnx_parity_max_abs_diff": parity,
-            "export_seconds": time.monotonic() - export_started,
-            "seconds": time.monotonic() - started,
-        },
-    }
-    (out_dir / "config.json").write_text(json.dumps(bundle_config, ensure_ascii=False, indent=2))
-    return bundle_config
 
 
-def _select_labels(frame: pd.DataFrame, min_count: int) -> tuple[pd.DataFrame, dict]:
-    """Keep categories with at least ``min_count`` offers; rarer leaves are excluded and counted."""
-    frame = frame[frame[LABEL] != ""]
+def select_labels(frame: pd.DataFrame, min_count: int, policy: str = "exclude") -> tuple[pd.DataFrame, dict]:
+    """The label set from data: categories with at least ``min_count`` offers.
+
+    ``exclude`` drops offers of rarer leaves; ``parent`` relabels them with their nearest ancestor
+    path that has ``min_count`` offers (counting the rolled-up offers), and drops them only when no
+    ancestor qualifies. Both are counted in the returned report.
+    """
+    frame = frame[frame[LABEL] != ""].copy()
     counts = frame[LABEL].value_counts()
-    kept = counts[counts >= min_count].index
+    rare = counts[counts < min_count]
     report = {
         "offers_read": int(len(frame)),
         "categories_seen": int(len(counts)),
-        "rare_categories_excluded": int(len(counts) - len(kept)),
-        "offers_in_rare_categories": int(counts[counts < min_count].sum()),
+        "rare_leaf_policy": policy,
+        "rare_categories": int(len(rare)),
+        "offers_in_rare_categories": int(rare.sum()),
     }
-    return frame[frame[LABEL].isin(kept)].reset_index(drop=True), report
+    if policy == "parent" and len(rare):
+        original = frame[LABEL].copy()
+        label = original.copy()
+        while True:
+            counts = label.value_counts()
+            short = (label.map(counts) < min_count) & label.str.contains(PATH_SEPARATOR, regex=False)
+            if not short.any():
+                break
+            label.loc[short] = label[short].str.rsplit(PATH_SEPARATOR, n=1).str[0]
+        frame[LABEL] = label
+        report["offers_rolled_up_to_parent"] = int((label != original).sum())
+    counts = frame[LABEL].value_counts()
+    kept = counts[counts >= min_count].index
+    out = frame[frame[LABEL].isin(kept)].reset_index(drop=True)
+    report["offers_excluded"] = int(len(frame) - len(out))
+    report["categories_kept"] = int(len(kept))
+    return out, report
 
 
-def _featurize(frame: pd.DataFrame, featurizer: Featurizer, *, progress: bool) -> dict[str, torch.Tensor]:
-    n, size = len(frame), featurizer.image_size
-    images = np.zeros((n, 3, size, size), dtype=np.uint8)
-    has_image = np.zeros(n, dtype=np.float32)
-    titles = np.zeros((n, featurizer.max_title_tokens), dtype=np.int64)
-    malls = np.zeros((n, featurizer.max_mall_tokens), dtype=np.int64)
-    offers = offers_from_frame(frame)
-    for i, offer in enumerate(tqdm(offers, total=n, desc="featurising", unit="offer", disable=not progress)):
-        titles[i], malls[i] = featurizer.text_ids(offer.title, offer.mall_category)
-        images[i], used, _ = featurizer.image(offer)
-        has_image[i] = used
-    return {
-        "image": torch.from_numpy(images),
-        "has_image": torch.from_numpy(has_image),
-        "title_ids": torch.from_numpy(titles),
-        "mall_ids": torch.from_numpy(malls),
-    }
-
-
-@torch.no_grad()
-def _backbone_features(model: FusionModel, images: torch.Tensor, *, progress: bool, batch: int = 64) -> torch.Tensor:
-    """Pooled MobileNetV2 features of every image, computed once (the backbone stays frozen)."""
-    model.eval()
-    chunks = []
-    for start in tqdm(range(0, len(images), batch), desc="image features", unit="batch", disable=not progress):
-        chunk = images[start : start + batch].contiguous(memory_format=torch.channels_last)
-        chunks.append(model.image_features(chunk))
-    return torch.cat(chunks)
-
-
-def _fit(model, pooled, inputs, targets, train_index, val_index, options: TrainOptions, *, progress: bool) -> list:
+def fit_model(
+    prepared: Prepared,
+    options: TrainOptions,
+    *,
+    train_rows: np.ndarray,
+    validation_rows: np.ndarray | None = None,
+    targets: np.ndarray | None = None,
+    progress: bool = True,
+    description: str = "training",
+) -> tuple[FusionModel, list[dict]]:
+    """Train text branches + head (backbone frozen) on ``train_rows``; per-epoch history."""
+    torch.manual_seed(options.seed)
+    device = prepared.device
+    targets_all = torch.as_tensor(prepared.targets if targets is None else targets, device=device)
+    config = dataclasses.replace(prepared.config, **options.model)  # tune varies the head's width and dropout
+    model = FusionModel(config)  # seeded above: the same backbone init as the cached features
+    if prepared.pretrained_weights is not None:
+        model.load_imagenet_backbone(prepared.pretrained_weights)
+    model.to(device)
+    pooled = prepared.pooled.to(device)
+    inputs = {name: tensor.to(device) for name, tensor in _ablated(prepared.inputs, options.inputs).items()}
     trainable = [p for name, p in model.named_parameters() if not name.startswith("backbone.")]
     optimizer = torch.optim.AdamW(trainable, lr=options.learning_rate, weight_decay=options.weight_decay)
-    steps = options.epochs * int(np.ceil(len(train_index) / options.batch_size))
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=options.learning_rate, total_steps=steps)
+    steps_per_epoch = int(np.ceil(len(train_rows) / options.batch_size))
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=options.learning_rate, total_steps=options.epochs * steps_per_epoch
+    )
     loss_fn = nn.CrossEntropyLoss(label_smoothing=0.05)
     generator = torch.Generator().manual_seed(options.seed)
-    train_index = torch.as_tensor(train_index)
+    if options.season_balance:
+        dates = prepared.frame["listed_at"].iloc[train_rows]
+        sampling = torch.as_tensor(season_balanced_weights(
+            dates, recent_weeks=options.recent_weeks, recent_share=options.recent_share))
+    train_rows_t = torch.as_tensor(train_rows)
     history = []
-    bar = tqdm(total=steps, desc="training", unit="step", disable=not progress)
+    bar = progress_bar(total=options.epochs * steps_per_epoch, desc=description, unit="step", disable=not progress,
+                       leave=False)
     for epoch in range(options.epochs):
         model.train()
         model.backbone.eval()
-        shuffled = train_index[torch.randperm(len(train_index), generator=generator)]
+        if options.season_balance:
+            order = train_rows_t[torch.multinomial(sampling, len(train_rows), replacement=True, generator=generator)]
+        else:
+            order = train_rows_t[torch.randperm(len(train_rows), generator=generator)]
         total_loss = 0.0
-        for start in range(0, len(shuffled), options.batch_size):
-            idx = shuffled[start : start + options.batch_size]
-            has_image = inputs["has_image"][idx]
-            # Image dropout: the model must stay good when an offer's image is missing.
-            has_image = has_image * (torch.rand(len(idx), generator=generator) >= options.image_dropout)
-            logits = model.classify(pooled[idx], has_image, inputs["title_ids"][idx], inputs["mall_ids"][idx])
-            loss = loss_fn(logits, targets[idx])
+        for start in range(0, len(order), options.batch_size):
+            idx = order[start : start + options.batch_size].to(device)
+            keep_image = (torch.rand(len(idx), generator=generator) >= options.image_dropout).to(device)
+            keep_mall = (torch.rand(len(idx), generator=generator) >= options.mall_dropout).to(device)
+            logits = model.classify(
+                pooled[idx], inputs["has_image"][idx] * keep_image, inputs["title_ids"][idx],
+                inputs["mall_ids"][idx], inputs["mall_weight"][idx] * keep_mall,
+            )
+            loss = loss_fn(logits, targets_all[idx])
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
             scheduler.step()
             total_loss += loss.item() * len(idx)
             bar.update()
-        model.eval()
-        with torch.no_grad():
-            val_logits = model.classify(pooled[val_index], inputs["has_image"][val_index],
-                                        inputs["title_ids"][val_index], inputs["mall_ids"][val_index])
-        val_accuracy = float((val_logits.argmax(1) == targets[val_index]).float().mean())
-        record = {"epoch": epoch + 1, "train_loss": total_loss / len(train_index), "val_accuracy": val_accuracy}
+        record = {"epoch": epoch + 1, "train_loss": total_loss / len(order)}
+        if validation_rows is not None and len(validation_rows):
+            logits = predict_logits(model, prepared, validation_rows, inputs=options.inputs)
+            record["val_accuracy"] = float((logits.argmax(1) == prepared.targets[validation_rows]).mean())
         history.append(record)
-        bar.set_postfix(loss=f"{record['train_loss']:.3f}", val_acc=f"{val_accuracy:.3f}")
+        bar.set_postfix({k: f"{v:.4f}" for k, v in record.items() if k != "epoch"})
     bar.close()
-    return history
+    model.eval()
+    return model.cpu(), history
+
+
+@torch.no_grad()
+def predict_logits(model: FusionModel, prepared: Prepared, rows: np.ndarray, *, inputs=INPUTS) -> np.ndarray:
+    """``(len(rows), K)`` logits of ``model`` on ``rows`` with the ablation's ``inputs`` only."""
+    model.eval()
+    device = next(model.parameters()).device
+    features = _ablated(prepared.inputs, inputs)
+    out = []
+    for start in range(0, len(rows), 4096):
+        idx = torch.as_tensor(rows[start : start + 4096])
+        out.append(model.classify(
+            prepared.pooled[idx].to(device), features["has_image"][idx].to(device), features["title_ids"][idx].to(device),
+            features["mall_ids"][idx].to(device), features["mall_weight"][idx].to(device),
+        ).cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, len(prepared.labels)), dtype=np.float32)
+
+
+def training_rows(prepared: Prepared, options: TrainOptions, *, progress: bool = True) -> tuple[np.ndarray, np.ndarray, dict]:
+    """The training rows and their targets after the exclusion dictionary and label cleaning."""
+    rows = prepared.split.train
+    report: dict = {}
+    if options.use_exclusions:
+        rows = rows[~prepared.contradicted[rows]]
+        report["dropped_by_exclusion_dictionary"] = int(len(prepared.split.train) - len(rows))
+    targets = prepared.targets.copy()
+    if options.cleaning == "off":
+        return rows, targets, report
+
+    def fit_predict(fit_part: np.ndarray, predict_part: np.ndarray) -> np.ndarray:
+        model, _ = fit_model(prepared, options, train_rows=rows[fit_part], progress=progress,
+                             description=f"cleaning fold")
+        logits = predict_logits(model, prepared, rows[predict_part], inputs=options.inputs)
+        return _softmax(logits)
+
+    started = time.monotonic()
+    probabilities = out_of_sample_probabilities(fit_predict, len(rows), targets[rows],
+                                                folds=options.cleaning_folds, seed=options.seed)
+    issues = find_issues(targets[rows], probabilities)
+    flagged = rows[issues.rows]
+    report["cleaning"] = {
+        "mode": options.cleaning,
+        "folds": options.cleaning_folds,
+        "flagged": int(len(flagged)),
+        "flagged_share": float(len(flagged) / max(1, len(rows))),
+        "seconds": round(time.monotonic() - started, 1),
+        "examples": [
+            {"offer_id": prepared.frame["offer_id"].iloc[row], "title": prepared.frame["title"].iloc[row],
+             "given": prepared.labels[given], "suggested": prepared.labels[suggested],
+             "given_probability": round(float(confidence), 4)}
+            for row, given, suggested, confidence in
+            list(zip(flagged, issues.given, issues.suggested, issues.confidence))[:20]
+        ],
+    }
+    log.info("cleanlab flagged %d of %d training labels (%.2f%%); %s them", len(flagged), len(rows),
+             100 * len(flagged) / max(1, len(rows)), "dropping" if options.cleaning == "drop" else "relabelling")
+    if options.cleaning == "drop":
+        rows = np.setdiff1d(rows, flagged)
+    else:
+        targets[flagged] = issues.suggested
+    return rows, targets, report
+
+
+def train_bundle(
+    data: str | Path, out_dir: str | Path, options: TrainOptions, *, progress: bool = True,
+    prepared: Prepared | None = None,
+) -> dict:
+    """Train on ``data`` and write a bundle to ``out_dir``; returns the config written."""
+    started = time.monotonic()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stages: dict[str, float] = {}
+    clock = time.monotonic()
+    if prepared is None:
+        prepared = prepare(data, out_dir, options, progress=progress)
+    elif prepared.tokenizer_path != out_dir / "tokenizer.model":
+        shutil.copy(prepared.tokenizer_path, out_dir / "tokenizer.model")
+    stages["prepare"] = time.monotonic() - clock
+    log.info("data: %s", prepared.report)
+
+    clock = time.monotonic()
+    rows, targets, cleaning_report = training_rows(prepared, options, progress=progress)
+    stages["clean"] = time.monotonic() - clock
+    clock = time.monotonic()
+    model, history = fit_model(prepared, options, train_rows=rows, validation_rows=prepared.split.validation,
+                               targets=targets, progress=progress)
+    stages["fit"] = time.monotonic() - clock
+
+    validation = prepared.split.validation
+    val_logits = predict_logits(model, prepared, validation)
+    val_targets = prepared.targets[validation]
+    temperature = fit_temperature(val_logits, val_targets)
+    mask = prepared.exclusion[validation] if options.use_exclusions else None
+    threshold, coverage, precision = choose_threshold(
+        val_logits, val_targets, temperature=temperature, target_precision=options.target_precision, exclusion=mask
+    )
+    val_accuracy = float((val_logits.argmax(1) == val_targets).mean())
+    log.info("validation accuracy %.4f; temperature %.2f; threshold %.3f → coverage %.3f at precision %.4f",
+             val_accuracy, temperature, threshold, coverage, precision)
+
+    clock = time.monotonic()
+    export_onnx(model, out_dir / "model.onnx")
+    parity = check_parity(model, out_dir / "model.onnx")
+    stages["export"] = time.monotonic() - clock
+    torch.save(model.state_dict(), out_dir / "model.pt")
+    if options.use_exclusions:
+        shutil.copytree(options.dictionaries, out_dir / "dictionaries", dirs_exist_ok=True)
+    else:  # the ablation without the dictionary must serve without its mask too
+        (out_dir / "dictionaries").mkdir(exist_ok=True)
+        for name in ("ambiguous_terms.tsv",):
+            if (Path(options.dictionaries) / name).is_file():
+                shutil.copy(Path(options.dictionaries) / name, out_dir / "dictionaries" / name)
+    (out_dir / "labels.json").write_text(json.dumps(list(prepared.labels), ensure_ascii=False, indent=1))
+    (out_dir / SHOPS_FILE).write_text(json.dumps({
+        "default": 1.0, "weights": prepared.shop_weights,
+        "evidence": prepared.shop_table.to_dict(orient="records"),
+    }, indent=1))
+
+    digest = hashlib.sha256((out_dir / "model.onnx").read_bytes()).hexdigest()[:12]
+    bundle_config = {
+        "bundle_format": BUNDLE_FORMAT,
+        "model_version": f"{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S}-{digest}",
+        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "model": model.config.to_dict(),
+        "threshold": threshold,
+        "temperature": temperature,
+        "pretrained_image_weights": str(prepared.pretrained_weights) if prepared.pretrained_weights else None,
+        "training": {
+            "data": str(Path(data).resolve()),
+            "options": options.to_dict(),
+            "split": options.split_spec.to_dict(),
+            "data_report": prepared.report | cleaning_report,
+            "history": history,
+            "validation": {"accuracy": val_accuracy, "coverage": coverage, "precision": precision},
+            "onnx_parity_max_abs_diff": parity,
+            "stage_seconds": {k: round(v, 1) for k, v in stages.items()},
+            "seconds": round(time.monotonic() - started, 1),
+            "device": str(prepared.device),
+            "threads": options.threads,
+        },
+    }
+    (out_dir / "config.json").write_text(json.dumps(bundle_config, ensure_ascii=False, indent=2, default=str))
+    return bundle_config
+
+
+def _device(requested: str) -> torch.device:
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(requested)
+
+
+def _ablated(inputs: dict[str, torch.Tensor], kept: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """Inputs with the branches not in ``kept`` switched off (weight 0), as the ablation needs."""
+    out = dict(inputs)
+    if "image" not in kept:
+        out["has_image"] = torch.zeros_like(inputs["has_image"])
+    if "mall" not in kept:
+        out["mall_weight"] = torch.zeros_like(inputs["mall_weight"])
+    return out
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / exp.sum(axis=1, keepdims=True)
+
+
+def _featurize(frame: pd.DataFrame, featurizer: Featurizer, *, progress: bool) -> tuple[dict[str, torch.Tensor], np.ndarray]:
+    n, size = len(frame), featurizer.image_size
+    images = np.zeros((n, 3, size, size), dtype=np.uint8)
+    has_image = np.zeros(n, dtype=np.float32)
+    titles = np.zeros((n, featurizer.max_title_tokens), dtype=np.int64)
+    malls = np.zeros((n, featurizer.max_mall_tokens), dtype=np.int64)
+    offers = offers_from_frame(frame)
+    for i, offer in enumerate(progress_bar(offers, total=n, desc="featurising", unit="offer", disable=not progress)):
+        titles[i], malls[i] = featurizer.text_ids(offer.title, offer.mall_category)
+        images[i], used, _ = featurizer.image(offer)
+        has_image[i] = used
+    inputs = {
+        "has_image": torch.from_numpy(has_image),
+        "title_ids": torch.from_numpy(titles),
+        "mall_ids": torch.from_numpy(malls),
+    }
+    return inputs, images
+
+
+def _cached_image_features(
+    frame: pd.DataFrame, images: np.ndarray, config: FusionConfig, weights: Path | None, options: TrainOptions,
+    device: torch.device, *, progress: bool,
+) -> torch.Tensor:
+    """Pooled features of every image under the (frozen) backbone, cached on disk by content."""
+    digest = hashlib.sha256(images.tobytes())
+    digest.update(f"{config.image_size}|{weights.name if weights else 'random'}|{options.seed}".encode())
+    cache_dir = Path(options.feature_cache or Path.home() / ".cache" / "catstream" / "image-features")
+    cache = cache_dir / f"{digest.hexdigest()[:24]}.npy"
+    if cache.is_file():
+        log.info("image features from cache %s", cache)
+        return torch.from_numpy(np.load(cache))
+    torch.manual_seed(options.seed)  # fit_model rebuilds the same (random or pretrained) backbone
+    model = FusionModel(config)
+    if weights is not None:
+        model.load_imagenet_backbone(weights)
+        log.info("image branch starts from ImageNet weights %s", weights)
+    model.to(device).eval()
+    chunks = []
+    batch = 256 if device.type == "cuda" else 64
+    with torch.no_grad():
+        for start in progress_bar(range(0, len(images), batch), desc="image features", unit="batch",
+                                  disable=not progress):
+            chunk = torch.from_numpy(images[start : start + batch]).to(device).contiguous(memory_format=torch.channels_last)
+            chunks.append(model.image_features(chunk).cpu())
+    pooled = torch.cat(chunks) if chunks else torch.zeros((0, 1280))
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        temporary = cache.with_suffix(f".{os.getpid()}.tmp.npy")
+        np.save(temporary, pooled.numpy())
+        temporary.replace(cache)
+    except OSError as error:
+        log.warning("could not cache image features in %s: %s", cache_dir, error)
+    return pooled

@@ -1,0 +1,256 @@
+"""``catstream evaluate``: judge a model bundle on held-out labeled offers, next to the baselines.
+
+The held-out rows are rebuilt from the bundle's own record of how it was trained (label columns,
+label-set rule, split protocol and seed) and checked against the data's fingerprint, so the test
+rows are exactly the ones training never saw. The model runs as it is served: the bundle's ONNX
+graph in ONNX Runtime, softmax at the bundle's temperature, the exclusion mask, the threshold.
+Both TF-IDF + LinearSVC baselines are trained in the same run on the same non-test rows.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from sklearn.metrics import f1_score, precision_recall_fscore_support
+
+from catstream.bundle import ModelBundle
+from catstream.decision import apply_exclusions, softmax
+from catstream.features import Featurizer
+from catstream.offer_files import LABEL, offers_from_frame
+from training.baselines import BASELINES, decision_scores, fit_baseline
+from training.splits import SplitSpec, split_offers
+from training.train import data_fingerprint, load_labeled, progress_bar, select_labels
+
+__all__ = ["COVERAGE_LEVELS", "evaluate_bundle", "held_out", "render_markdown", "score", "score_model", "write_report"]
+
+log = logging.getLogger(__name__)
+
+COVERAGE_LEVELS = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.92, 0.95, 0.97, 0.99, 1.0)
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+
+
+def score(
+    labels: tuple[str, ...],
+    targets: np.ndarray,
+    predicted: np.ndarray,
+    *,
+    confidence: np.ndarray | None = None,
+    threshold: float | None = None,
+    listed_at: pd.Series | None = None,
+    top_pairs: int = 15,
+) -> dict:
+    """Metrics of ``predicted`` ``(N,)`` against ``targets`` ``(N,)`` (class indices into ``labels``).
+
+    With ``confidence`` ``(N,)``: the coverage-vs-precision curve, and with ``threshold`` the
+    coverage and precision of the offers that would be categorized (the rest are "uncertain").
+    """
+    correct = predicted == targets
+    present = np.unique(np.concatenate([targets, predicted]))
+    precision, recall, f1, support = precision_recall_fscore_support(
+        targets, predicted, labels=present, zero_division=0
+    )
+    result: dict = {
+        "offers": int(len(targets)),
+        "accuracy": float(correct.mean()) if len(targets) else float("nan"),
+        "macro_f1": float(f1_score(targets, predicted, labels=np.unique(targets), average="macro", zero_division=0)),
+        "per_category": sorted(
+            [{"category": labels[k], "precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
+             for k, p, r, f, s in zip(present, precision, recall, f1, support) if s > 0],
+            key=lambda row: (row["f1"], -row["support"]),
+        ),
+    }
+    pairs = pd.Series(list(zip(targets[~correct], predicted[~correct]))).value_counts().head(top_pairs)
+    result["confused_pairs"] = [
+        {"true": labels[t], "predicted": labels[p], "count": int(c)} for (t, p), c in pairs.items()
+    ]
+    if listed_at is not None:
+        month = pd.to_datetime(pd.Series(listed_at).reset_index(drop=True), errors="coerce").dt.month
+        result["per_month"] = {
+            _MONTHS[int(m) - 1]: {"offers": int((month == m).sum()), "accuracy": float(correct[(month == m).to_numpy()].mean())}
+            for m in sorted(month.dropna().unique())
+        }
+    if confidence is not None:
+        result["coverage_curve"] = _coverage_curve(confidence, correct)
+        if threshold is not None:
+            accepted = confidence >= threshold
+            result["at_threshold"] = {
+                "threshold": float(threshold),
+                "coverage": float(accepted.mean()),
+                "precision": float(correct[accepted].mean()) if accepted.any() else float("nan"),
+                "uncertain": int((~accepted).sum()),
+            }
+    return result
+
+
+def _coverage_curve(confidence: np.ndarray, correct: np.ndarray) -> list[dict]:
+    order = np.argsort(-confidence, kind="stable")
+    cumulative = np.cumsum(correct[order]) / np.arange(1, len(order) + 1)
+    curve = []
+    for level in COVERAGE_LEVELS:
+        k = max(1, int(round(level * len(order))))
+        curve.append({"coverage": level, "threshold": float(confidence[order[k - 1]]), "precision": float(cumulative[k - 1])})
+    return curve
+
+
+def held_out(bundle: ModelBundle, data: str | Path, *, split: str = "auto") -> tuple[pd.DataFrame, np.ndarray, np.ndarray, str]:
+    """``(frame, test_rows, train_rows, protocol)`` for evaluating ``bundle`` on ``data``.
+
+    ``auto`` uses the bundle's own split when ``data`` is the data it was trained on (same
+    fingerprint), else every labeled row (no baseline training rows). ``random``/``time`` force a
+    protocol; ``all`` evaluates on every row.
+    """
+    training = bundle.config.get("training", {})
+    options = training.get("options", {})
+    everything = load_labeled(data, options.get("label_columns", ["category"]))
+    # The label-set rule of training, applied to the same data, gives back exactly its rows.
+    frame, _ = select_labels(everything, options.get("min_label_count", 1), options.get("rare_leaves", "exclude"))
+    same_data = data_fingerprint(frame) == training.get("data_report", {}).get("fingerprint")
+    if not same_data:
+        frame = everything[everything[LABEL] != ""].reset_index(drop=True)
+        outside = ~frame[LABEL].isin(bundle.labels)
+        if outside.any():
+            log.warning("%d offers have categories outside the model's label set; they are not scored",
+                        int(outside.sum()))
+            frame = frame[~outside].reset_index(drop=True)
+    spec = training.get("split")
+    if split == "auto":
+        if spec and same_data:
+            split = spec["protocol"]
+        else:
+            log.warning("the data is not the data this model was trained on: scoring every labeled offer, no baselines")
+            split = "all"
+    if split == "all":
+        return frame, np.arange(len(frame)), np.zeros(0, dtype=np.int64), "all"
+    if not same_data:
+        raise ValueError("a held-out split can be rebuilt only on the data the model was trained on "
+                         "(its fingerprint differs); use --split all")
+    spec = SplitSpec(**(spec or {}) | {"protocol": split})
+    parts = split_offers(frame, spec)
+    return frame, parts.test, np.concatenate([parts.train, parts.validation]), split
+
+
+def evaluate_bundle(
+    model: str | Path, data: str | Path, *, split: str = "auto", baselines: bool = True, batch_size: int = 256,
+    threads: int = 2, progress: bool = True,
+) -> dict:
+    """Evaluate the bundle at ``model`` on ``data``; returns the report (see :func:`write_report`)."""
+    started = time.monotonic()
+    bundle = ModelBundle.load(model)
+    frame, test_rows, train_rows, protocol = held_out(bundle, data, split=split)
+    if not len(test_rows):
+        raise ValueError("no labeled offers to evaluate")
+    test = frame.iloc[test_rows].reset_index(drop=True)
+    labels = bundle.labels
+    targets = np.array([labels.index(label) for label in test[LABEL]])
+
+    model_result = score_model(bundle, test, batch_size=batch_size, threads=threads, progress=progress)
+    report = {
+        "model": str(Path(model).resolve()),
+        "model_version": bundle.version,
+        "data": str(Path(data).resolve()),
+        "protocol": protocol,
+        "test_offers": int(len(test_rows)),
+        "train_offers_for_baselines": int(len(train_rows)),
+        "categories": len(labels),
+        "results": {
+            "catstream": model_result,
+        },
+    }
+    if baselines and len(train_rows):
+        train = frame.iloc[train_rows]
+        for name in BASELINES:
+            clock = time.monotonic()
+            log.info("training baseline %s on %d offers", name, len(train))
+            fitted = fit_baseline(name, train, train[LABEL].to_numpy())
+            scores = decision_scores(fitted, test)
+            classes = list(fitted.classes_)
+            predicted = np.array([labels.index(classes[k]) for k in scores.argmax(1)])
+            report["results"][name] = score(labels, targets, predicted, confidence=scores.max(1),
+                                            listed_at=test["listed_at"]) | {"seconds": round(time.monotonic() - clock, 1)}
+    elif baselines:
+        report["baselines_skipped"] = "no training rows: the evaluation data is not the model's training data"
+    report["seconds"] = round(time.monotonic() - started, 1)
+    return report
+
+
+def score_model(bundle: ModelBundle, test: pd.DataFrame, *, batch_size: int = 256, threads: int = 2,
+                progress: bool = True) -> dict:
+    """:func:`score` of the bundle served as in production (ONNX Runtime, temperature, mask, threshold)."""
+    from gpu_workers.inference import OnnxClassifier
+
+    labels = bundle.labels
+    targets = np.array([labels.index(label) for label in test[LABEL]])
+    featurizer = Featurizer.from_bundle(bundle)
+    classifier = OnnxClassifier(bundle, intra_op_threads=threads)
+    offers = list(offers_from_frame(test))
+    probabilities = np.zeros((len(offers), len(labels)))
+    exclusion = np.zeros((len(offers), len(labels)), dtype=bool)
+    for start in progress_bar(range(0, len(offers), batch_size), desc="evaluating model", unit="batch",
+                              disable=not progress):
+        chunk = [featurizer.featurize(offer) for offer in offers[start : start + batch_size]]
+        logits = classifier.logits(
+            np.stack([f.image for f in chunk]), np.array([f.has_image for f in chunk], np.float32),
+            np.stack([f.title_ids for f in chunk]), np.stack([f.mall_ids for f in chunk]),
+            np.array([f.mall_weight for f in chunk], np.float32),
+        )
+        probabilities[start : start + len(chunk)] = softmax(logits, bundle.temperature)
+        exclusion[start : start + len(chunk)] = np.stack([f.exclusion_mask for f in chunk])
+    masked, _ = apply_exclusions(probabilities, exclusion)
+    return score(labels, targets, masked.argmax(1), confidence=masked.max(1), threshold=bundle.threshold,
+                 listed_at=test["listed_at"])
+
+
+def write_report(report: dict, out_dir: str | Path, *, name: str = "evaluation") -> tuple[Path, Path]:
+    """Write ``<name>.json`` and ``<name>.md`` under ``out_dir``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = out_dir / f"{name}.json", out_dir / f"{name}.md"
+    json_path.write_text(json.dumps(report, indent=1, ensure_ascii=False))
+    md_path.write_text(render_markdown(report))
+    return json_path, md_path
+
+
+def _pct(value: float) -> str:
+    return "–" if value is None or value != value else f"{100 * value:.2f}%"
+
+
+def render_markdown(report: dict) -> str:
+    """The report as Markdown: summary, per-month accuracy, confusions, coverage curve, worst categories."""
+    results = report["results"]
+    model = results["catstream"]
+    lines = [
+        f"# Evaluation of {report['model_version']}",
+        "",
+        f"Data `{report['data']}`, protocol **{report['protocol']}**: {report['test_offers']} held-out offers, "
+        f"{report['categories']} categories.",
+        "",
+        "| system | accuracy | macro-F1 | coverage at threshold | precision at threshold |",
+        "|---|---|---|---|---|",
+    ]
+    for name, result in results.items():
+        at = result.get("at_threshold", {})
+        lines.append(f"| {name} | {_pct(result['accuracy'])} | {result['macro_f1']:.4f} | "
+                     f"{_pct(at.get('coverage'))} | {_pct(at.get('precision'))} |")
+    if "baselines_skipped" in report:
+        lines += ["", f"Baselines skipped: {report['baselines_skipped']}."]
+    if "per_month" in model:
+        months = list(model["per_month"])
+        lines += ["", "## Accuracy per listing month", "", "| system | " + " | ".join(months) + " |",
+                  "|---|" + "---|" * len(months)]
+        lines.append("| offers | " + " | ".join(str(model["per_month"][m]["offers"]) for m in months) + " |")
+        for name, result in results.items():
+            lines.append(f"| {name} | " + " | ".join(_pct(result["per_month"][m]["accuracy"]) for m in months) + " |")
+    lines += ["", "## Coverage vs precision (catstream)", "", "| coverage | threshold | precision |", "|---|---|---|"]
+    lines += [f"| {_pct(p['coverage'])} | {p['threshold']:.3f} | {_pct(p['precision'])} |" for p in model["coverage_curve"]]
+    lines += ["", "## Most confused category pairs (catstream)", "", "| true | predicted | offers |", "|---|---|---|"]
+    lines += [f"| {p['true']} | {p['predicted']} | {p['count']} |" for p in model["confused_pairs"]]
+    lines += ["", "## Per category (catstream, worst F1 first)", "",
+              "| category | precision | recall | F1 | support |", "|---|---|---|---|---|"]
+    lines += [f"| {c['category']} | {_pct(c['precision'])} | {_pct(c['recall'])} | {c['f1']:.4f} | {c['support']} |"
+              for c in model["per_category"]]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,119 @@
+"""train → evaluate on held-out offers → log to MLflow → register → promote if better.
+
+This is what ``catstream train`` and the retraining CronJob run. Promotion compares the new
+version with the current ``champion`` on the *same* evaluation offers (the new model's held-out
+rows), each served exactly as in production (ONNX, temperature, mask, threshold); the alias
+moves only when the new version is more accurate (macro-F1 breaks ties).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from catstream.bundle import ModelBundle
+from catstream.offer_files import LABEL
+from training.evaluate import evaluate_bundle, held_out, score_model, write_report
+from training.tracking import CHAMPION, MODEL_NAME, Tracking
+from training.train import TrainOptions, train_bundle
+
+__all__ = ["Promotion", "TrainResult", "compare_with_champion", "train_evaluate_register"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Promotion:
+    version: str
+    promoted: bool
+    reason: str
+    challenger: dict
+    champion: dict | None
+    champion_version: str | None
+
+    def __str__(self) -> str:
+        verb = "promoted to" if self.promoted else "not promoted to"
+        return f"registered {MODEL_NAME} version {self.version}; {verb} '{CHAMPION}': {self.reason}"
+
+
+@dataclass
+class TrainResult:
+    config: dict
+    report: dict | None
+    run_id: str | None
+    registered: Promotion | None
+
+    @property
+    def report_summary(self) -> str:
+        lines = [f"held-out evaluation ({self.report['protocol']} split, {self.report['test_offers']} offers):"]
+        for name, result in self.report["results"].items():
+            at = result.get("at_threshold")
+            extra = (f"; precision {at['precision']:.4f} at coverage {at['coverage']:.4f}" if at else "")
+            lines.append(f"  {name:16s} accuracy {result['accuracy']:.4f}  macro-F1 {result['macro_f1']:.4f}{extra}")
+        return "\n".join(lines)
+
+
+def train_evaluate_register(
+    data: str | Path, out_dir: str | Path, options: TrainOptions, *, evaluate: bool = True, register: bool = False,
+    tracking: Tracking | None = Tracking(), progress: bool = True,
+) -> TrainResult:
+    out_dir = Path(out_dir)
+    config = train_bundle(data, out_dir, options, progress=progress)
+    report, files = None, []
+    if evaluate and options.test_share > 0:
+        report = evaluate_bundle(out_dir, data, threads=options.threads, progress=progress)
+        files = list(write_report(report, out_dir / "evaluation"))
+        log.info("evaluation written to %s", files[1])
+    run_id = None
+    if tracking is not None:
+        run_id = tracking.log_training(options=options.to_dict(), config=config, bundle_dir=out_dir, report=report,
+                                       report_files=files)
+    promotion = None
+    if register:
+        if tracking is None:
+            raise ValueError("registering needs MLflow tracking (drop --no-tracking)")
+        if report is None:
+            raise ValueError("registering needs the held-out evaluation (drop --no-evaluate, keep --test-share > 0)")
+        version = tracking.register(run_id, tags={"model_version": config["model_version"]})
+        promotion = compare_with_champion(tracking, version, out_dir, data)
+    return TrainResult(config=config, report=report, run_id=run_id, registered=promotion)
+
+
+def compare_with_champion(tracking: Tracking, version: str, bundle_dir: Path, data: str | Path) -> Promotion:
+    """Score the new version and the champion on the new version's held-out offers; move the alias if better."""
+    challenger_bundle = ModelBundle.load(bundle_dir)
+    frame, test_rows, _, protocol = held_out(challenger_bundle, data)
+    test = frame.iloc[test_rows].reset_index(drop=True)
+    challenger = _summary(score_model(challenger_bundle, test, progress=False))
+    current = tracking.champion()
+    client = tracking.client()
+    if current is None:
+        tracking.set_champion(version)
+        reason = "there was no champion"
+        promotion = Promotion(version, True, reason, challenger, None, None)
+    else:
+        champion_bundle = ModelBundle.load(tracking.download(MODEL_NAME, current.version))
+        known = test[LABEL].isin(champion_bundle.labels).to_numpy()
+        champion = _summary(score_model(champion_bundle, test[known].reset_index(drop=True), progress=False))
+        # offers in categories the champion does not know count as its errors
+        champion["accuracy"] *= known.mean()
+        better = (challenger["accuracy"], challenger["macro_f1"]) > (champion["accuracy"], champion["macro_f1"])
+        reason = (f"accuracy {challenger['accuracy']:.4f} vs champion v{current.version} {champion['accuracy']:.4f} "
+                  f"on the same {len(test)} held-out offers ({protocol} split)")
+        if better:
+            tracking.set_champion(version)
+        promotion = Promotion(version, better, reason, challenger, champion, str(current.version))
+    for key, value in challenger.items():
+        client.set_model_version_tag(MODEL_NAME, version, f"eval_{key}", f"{value:.5f}")
+    client.set_model_version_tag(MODEL_NAME, version, "promotion", promotion.reason)
+    log.info("%s", promotion)
+    return promotion
+
+
+def _summary(result: dict) -> dict:
+    at = result.get("at_threshold", {})
+    return {"accuracy": result["accuracy"], "macro_f1": result["macro_f1"],
+            "coverage": at.get("coverage", np.nan), "precision": at.get("precision", np.nan)}

@@ -1,0 +1,185 @@
+"""MLflow: every training run tracked, bundles registered, ``champion`` promoted only when better.
+
+Defaults work offline: a sqlite tracking and registry store (``sqlite:///mlflow.db`` in the
+working directory) with artifacts next to it (``mlartifacts/``). A registered version's source
+is the bundle directory logged with its run; ``models:/catstream@champion`` resolves to it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["CHAMPION", "MODEL_NAME", "Tracking", "resolve_model_uri"]
+
+log = logging.getLogger(__name__)
+
+CHAMPION = "champion"
+MODEL_NAME = "catstream"
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+
+
+def _mlflow():
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    import mlflow
+
+    return mlflow
+
+
+@dataclass(frozen=True)
+class Tracking:
+    """Where runs go: tracking URI (also the registry) and experiment name."""
+
+    uri: str | None = None
+    experiment: str = "catstream"
+
+    @property
+    def resolved_uri(self) -> str:
+        return self.uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+    def client(self):
+        mlflow = _mlflow()
+        mlflow.set_tracking_uri(self.resolved_uri)
+        mlflow.set_registry_uri(self.resolved_uri)
+        return mlflow.MlflowClient(self.resolved_uri, self.resolved_uri)
+
+    def experiment_id(self) -> str:
+        client = self.client()
+        experiment = client.get_experiment_by_name(self.experiment)
+        if experiment is not None:
+            return experiment.experiment_id
+        location = None
+        if self.resolved_uri.startswith("sqlite:///"):
+            # artifacts beside the database, not in whatever directory a later command runs from
+            database = Path(self.resolved_uri.removeprefix("sqlite:///")).resolve()
+            location = (database.parent / "mlartifacts").as_uri()
+        return client.create_experiment(self.experiment, artifact_location=location)
+
+    def log_training(self, *, options: dict, config: dict, bundle_dir: Path, report: dict | None,
+                     report_files: list[Path] = (), run_name: str | None = None, tags: dict | None = None) -> str:
+        """One MLflow run: resolved config as params, per-epoch metrics, evaluation, the bundle. Returns its id."""
+        mlflow = _mlflow()
+        client = self.client()
+        run = client.create_run(self.experiment_id(), run_name=run_name, tags={"catstream.model_version": config["model_version"]} | (tags or {}))
+        run_id = run.info.run_id
+        try:
+            for key, value in _flatten(options).items():
+                client.log_param(run_id, key, str(value)[:6000])
+            for record in config["training"].get("history", []):
+                for key, value in record.items():
+                    if key != "epoch":
+                        client.log_metric(run_id, key, float(value), step=int(record["epoch"]))
+            validation = config["training"]["validation"]
+            for key, value in validation.items():
+                client.log_metric(run_id, f"validation_{key}", float(value))
+            client.log_metric(run_id, "threshold", float(config["threshold"]))
+            client.log_metric(run_id, "temperature", float(config["temperature"]))
+            client.log_metric(run_id, "training_seconds", float(config["training"]["seconds"]))
+            if report is not None:
+                for system, result in report["results"].items():
+                    client.log_metric(run_id, f"test_{system}_accuracy", result["accuracy"])
+                    client.log_metric(run_id, f"test_{system}_macro_f1", result["macro_f1"])
+                    for key, value in result.get("at_threshold", {}).items():
+                        client.log_metric(run_id, f"test_{system}_{key}_at_threshold", float(value))
+            for path in report_files:
+                client.log_artifact(run_id, str(path), artifact_path="evaluation")
+            client.log_dict(run_id, config, "config.json")
+            client.log_artifacts(run_id, str(bundle_dir), artifact_path="bundle")
+            client.set_terminated(run_id, "FINISHED")
+        except BaseException:
+            client.set_terminated(run_id, "FAILED")
+            raise
+        log.info("MLflow run %s in %s", run_id, self.resolved_uri)
+        return run_id
+
+    def log_trial(self, *, parent_run_id: str, params: dict, metrics: dict, history: list[dict], name: str) -> str:
+        """A nested run for one ``catstream tune`` trial."""
+        client = self.client()
+        run = client.create_run(self.experiment_id(), run_name=name, tags={"mlflow.parentRunId": parent_run_id})
+        for key, value in params.items():
+            client.log_param(run.info.run_id, key, value)
+        for record in history:
+            for key, value in record.items():
+                if key != "epoch":
+                    client.log_metric(run.info.run_id, key, float(value), step=int(record["epoch"]))
+        for key, value in metrics.items():
+            client.log_metric(run.info.run_id, key, float(value))
+        client.set_terminated(run.info.run_id, "FINISHED")
+        return run.info.run_id
+
+    def register(self, run_id: str, *, name: str = MODEL_NAME, tags: dict | None = None) -> str:
+        """Register the run's ``bundle`` artifact as a new version of ``name``; returns the version."""
+        client = self.client()
+        mlflow = _mlflow()
+        try:
+            client.get_registered_model(name)
+        except mlflow.exceptions.MlflowException:
+            client.create_registered_model(name, description="catstream fusion model bundles")
+        source = f"{client.get_run(run_id).info.artifact_uri}/bundle"
+        version = client.create_model_version(name, source=source, run_id=run_id,
+                                              tags={k: str(v) for k, v in (tags or {}).items()})
+        log.info("registered %s version %s", name, version.version)
+        return str(version.version)
+
+    def champion(self, name: str = MODEL_NAME):
+        """The version behind the ``champion`` alias, or None."""
+        mlflow = _mlflow()
+        try:
+            return self.client().get_model_version_by_alias(name, CHAMPION)
+        except mlflow.exceptions.MlflowException:
+            return None
+
+    def set_champion(self, version: str, name: str = MODEL_NAME) -> None:
+        self.client().set_registered_model_alias(name, CHAMPION, version)
+
+    def download(self, name: str, version: str, *, cache_dir: Path | None = None) -> Path:
+        """The bundle of ``name`` version ``version`` as a local directory (downloaded once)."""
+        mlflow = _mlflow()
+        client = self.client()
+        source = client.get_model_version(name, version).source
+        cache_dir = cache_dir or Path.home() / ".cache" / "catstream" / "models"
+        target = cache_dir / name / str(version)
+        if (target / "config.json").is_file():
+            return target
+        target.mkdir(parents=True, exist_ok=True)
+        local = mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(target),
+                                                    tracking_uri=self.resolved_uri)
+        local = Path(local)
+        return local if (local / "config.json").is_file() else target
+
+
+def resolve_model_uri(model: str, *, tracking: Tracking = Tracking()) -> Path:
+    """A bundle directory for ``model``: a path, ``models:/name/version`` or ``models:/name@alias``."""
+    if not model.startswith("models:/"):
+        return Path(model)
+    reference = model.removeprefix("models:/")
+    client = tracking.client()
+    if "@" in reference:
+        name, alias = reference.split("@", 1)
+        mlflow = _mlflow()
+        try:
+            version = client.get_model_version_by_alias(name, alias).version
+        except mlflow.exceptions.MlflowException as error:
+            raise ValueError(f"{model}: no version of {name!r} has the alias {alias!r} in {tracking.resolved_uri}") from error
+    elif "/" in reference:
+        name, version = reference.split("/", 1)
+    else:
+        raise ValueError(f"{model}: use models:/NAME@ALIAS or models:/NAME/VERSION")
+    path = tracking.download(name, str(version))
+    log.info("%s → version %s → %s", model, version, path)
+    return path
+
+
+def _flatten(values: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat |= _flatten(value, f"{prefix}{key}.")
+        elif isinstance(value, (list, tuple)):
+            flat[f"{prefix}{key}"] = json.dumps(list(value))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
