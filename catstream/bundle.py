@@ -20,7 +20,7 @@ from catstream.dictionaries import Dictionaries
 
 __all__ = ["BUNDLE_FORMAT", "SHOPS_FILE", "BundleError", "ModelBundle", "ShopWeights"]
 
-BUNDLE_FORMAT = 1
+BUNDLE_FORMAT = 2  # 2: mall_weight input, shops.json
 SHOPS_FILE = "shops.json"
 _REQUIRED = ("config.json", "labels.json", "model.onnx", "tokenizer.model")
 

@@ -161,6 +161,8 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--test-share", type=float, default=0.2, help="share of offers held out for testing (default 0.2)")
     group.add_argument("--image-size", type=int, default=96, help="model image input size in pixels (default 96)")
     group.add_argument("--vocab-size", type=int, default=20_000, help="SentencePiece pieces (default 20000)")
+    group.add_argument("--finetune-blocks", type=int, default=4,
+                       help="last MobileNetV2 blocks trained with the head; 0 = frozen backbone (default 4)")
     group.add_argument("--epochs", type=int, default=12, help="training epochs (default 12)")
     group.add_argument("--batch-size", type=int, default=64, help="training batch size (default 64)")
     group.add_argument("--learning-rate", type=float, default=3e-3, help="peak learning rate (default 3e-3)")
@@ -200,6 +202,7 @@ def _training_options(args: argparse.Namespace, **overrides):
         test_share=args.test_share,
         image_size=args.image_size,
         vocab_size=args.vocab_size,
+        finetune_blocks=args.finetune_blocks,
         epochs=args.epochs,
         batch_size=args.batch_size,
         learning_rate=args.learning_rate,
@@ -369,7 +372,7 @@ def _cmd_history(args) -> int:
 
 def _cmd_mine_exclusions(args) -> int:
     from catstream.dictionaries import Dictionaries
-    from training.mining import mine_exclusions, write_candidates
+    from training.mining import contradicted_rules, mine_exclusions, write_candidates
     from training.train import DEFAULT_DICTIONARIES, load_labeled
 
     frame = load_labeled(args.data, _label_columns(args))
@@ -377,9 +380,12 @@ def _cmd_mine_exclusions(args) -> int:
     candidates = mine_exclusions(
         frame["title"], frame["label"], max_depth=args.max_depth, min_support=args.min_support,
         min_expected=args.min_expected, max_violation_rate=args.max_violation_rate,
-        known=Dictionaries.load(args.dictionaries or DEFAULT_DICTIONARIES),
+        known=(known := Dictionaries.load(args.dictionaries or DEFAULT_DICTIONARIES)),
     )
     write_candidates(candidates, args.out)
+    for rule in contradicted_rules(frame["title"], frame["label"], known, max_violation_rate=args.max_violation_rate):
+        print(f"existing rule {rule.keyword!r} → not {rule.excluded} is contradicted by {rule.violations} of "
+              f"{rule.offers_with_keyword} labeled offers, e.g. {rule.examples[0]!r}: check those labels or drop the rule")
     print(f"wrote {len(candidates)} candidate rules to {args.out}; review them before adding any to dictionaries/")
     for c in candidates[:10]:
         print(f"  {c.keyword!r} → not {c.excluded}: {c.violations} of {c.offers_with_keyword} offers, "

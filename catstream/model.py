@@ -41,6 +41,7 @@ class FusionConfig:
     max_title_tokens: int = 32
     max_mall_tokens: int = 16
     text_dim: int = 128
+    bigram_buckets: int = 50_000  # hashed piece bigrams per text branch; 0 = unigrams only
     image_dim: int = 256
     fusion_hidden: int = 512
     dropout: float = 0.2
@@ -50,11 +51,21 @@ class FusionConfig:
 
 
 class _BagOfPieces(nn.Module):
-    """Mean- and max-pooled piece embeddings (padding ignored): fast, and strong on short titles."""
+    """Mean- and max-pooled piece embeddings plus mean-pooled hashed piece bigrams (padding ignored).
 
-    def __init__(self, vocab_size: int, dim: int):
+    Fast and strong on short titles: the bigrams ("slim fit", "flip flops") carry the word order
+    a bag of pieces loses, at the cost of one more embedding lookup.
+    """
+
+    _PRIME = 1_000_003
+
+    def __init__(self, vocab_size: int, dim: int, bigram_buckets: int):
         super().__init__()
-        self.embedding = nn.Embedding(vocab_size, dim, padding_idx=PAD_ID)
+        self.embedding = nn.Embedding(vocab_size, dim, padding_idx=PAD_ID, sparse=True)
+        self.bigram_buckets = bigram_buckets
+        if bigram_buckets:
+            self.bigrams = nn.Embedding(bigram_buckets, dim, sparse=True)
+        self.out_dim = dim * (3 if bigram_buckets else 2)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         vectors = self.embedding(ids)  # (N, L, D)
@@ -63,7 +74,13 @@ class _BagOfPieces(nn.Module):
         mean = (vectors * present).sum(dim=1) / count.clamp(min=1.0)
         # Padding gets -1e4 so it never wins the max; rows of padding only pool to zeros.
         maximum = (vectors + (present - 1.0) * 1e4).amax(dim=1) * (count > 0).to(vectors.dtype)
-        return torch.cat([mean, maximum], dim=1)
+        if not self.bigram_buckets:
+            return torch.cat([mean, maximum], dim=1)
+        buckets = torch.remainder(ids[:, :-1] * self._PRIME + ids[:, 1:], self.bigram_buckets)
+        pair = present[:, :-1] * present[:, 1:]  # (N, L-1, 1): both pieces are real
+        pairs = pair.sum(dim=1)
+        bigram = (self.bigrams(buckets) * pair).sum(dim=1) / pairs.clamp(min=1.0)
+        return torch.cat([mean, maximum, bigram], dim=1)
 
 
 class FusionModel(nn.Module):
@@ -76,9 +93,9 @@ class FusionModel(nn.Module):
         self.register_buffer("mean", torch.tensor(_IMAGENET_MEAN).view(1, 3, 1, 1) * 255.0, persistent=False)
         self.register_buffer("std", torch.tensor(_IMAGENET_STD).view(1, 3, 1, 1) * 255.0, persistent=False)
         self.image_proj = nn.Sequential(nn.Linear(_MOBILENET_FEATURES, config.image_dim), nn.ReLU())
-        self.title = _BagOfPieces(config.vocab_size, config.text_dim)
-        self.mall = _BagOfPieces(config.vocab_size, config.text_dim)
-        fused = 4 * config.text_dim + config.image_dim
+        self.title = _BagOfPieces(config.vocab_size, config.text_dim, config.bigram_buckets)
+        self.mall = _BagOfPieces(config.vocab_size, config.text_dim, config.bigram_buckets)
+        fused = self.title.out_dim + self.mall.out_dim + config.image_dim
         self.head = nn.Sequential(
             nn.Dropout(config.dropout),
             nn.Linear(fused, config.fusion_hidden),
@@ -91,6 +108,14 @@ class FusionModel(nn.Module):
         """``(N, 3, S, S)`` uint8 → ``(N, 1280)`` pooled MobileNetV2 features."""
         x = (image.to(torch.float32) - self.mean) / self.std
         return self.backbone(x).mean(dim=(2, 3))
+
+    def image_trunk(self, image: torch.Tensor, layer: int) -> torch.Tensor:
+        """Activations after the first ``layer`` backbone blocks (training caches the frozen part)."""
+        return self.backbone[:layer]((image.to(torch.float32) - self.mean) / self.std)
+
+    def image_tail(self, trunk: torch.Tensor, layer: int) -> torch.Tensor:
+        """The remaining blocks and pooling: ``image_tail(image_trunk(x, k), k) == image_features(x)``."""
+        return self.backbone[layer:](trunk).mean(dim=(2, 3))
 
     def classify(
         self,

@@ -27,12 +27,20 @@ def marketplace(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def bundle(marketplace, tmp_path_factory) -> Path:
-    from training.train import TrainOptions, train_bundle
+    from training.train import train_bundle
 
     out = tmp_path_factory.mktemp("bundle")
-    train_bundle(marketplace, out, TrainOptions(label_columns=["category"], image_size=TEST_IMAGE_SIZE, epochs=5,
-                                                vocab_size=4000, threads=2), progress=False)
+    train_bundle(marketplace, out, small_training_options(tmp_path_factory.mktemp("feature-cache")), progress=False)
     return out
+
+
+def small_training_options(feature_cache: Path, **overrides):
+    """Options that train on the 1500-offer marketplace in seconds."""
+    from training.train import TrainOptions
+
+    values = dict(label_columns=["category"], image_size=TEST_IMAGE_SIZE, epochs=5, vocab_size=4000, threads=2,
+                  cleaning_folds=2, target_precision=0.98, feature_cache=str(feature_cache))
+    return TrainOptions(**(values | overrides))
 
 
 @pytest.fixture(scope="session")

@@ -19,7 +19,7 @@ import pandas as pd
 from catstream.dictionaries import PATH_SEPARATOR, Dictionaries
 from catstream.text import words
 
-__all__ = ["ExclusionCandidate", "mine_exclusions", "write_candidates"]
+__all__ = ["ExclusionCandidate", "contradicted_rules", "mine_exclusions", "write_candidates"]
 
 
 @dataclass(frozen=True)
@@ -82,6 +82,30 @@ def mine_exclusions(
                     expected=round(expected, 1), examples=examples,
                 ))
     return sorted(candidates, key=lambda c: -c.evidence)
+
+
+def contradicted_rules(
+    titles: pd.Series, labels: pd.Series, dictionaries: Dictionaries, *, max_violation_rate: float = 0.005
+) -> list[ExclusionCandidate]:
+    """Rules already in ``dictionaries`` that the labeled data contradicts more often than allowed.
+
+    Each such rule masks the labelled category of its violating offers at inference and drops
+    them from training; a reviewer should confirm the labels are wrong, or delete the rule.
+    """
+    token_text = [f" {' '.join(words(title))} " for title in titles]
+    paths = [tuple(part.strip() for part in label.split(">")) for label in labels]
+    found = []
+    for rule in dictionaries.exclusions:
+        needle = f" {' '.join(rule.keyword)} "
+        with_keyword = [i for i, text in enumerate(token_text) if needle in text]
+        violating = [i for i in with_keyword if paths[i][: len(rule.excluded)] == rule.excluded]
+        if with_keyword and len(violating) > max_violation_rate * len(with_keyword):
+            found.append(ExclusionCandidate(
+                keyword=" ".join(rule.keyword), excluded=PATH_SEPARATOR.join(rule.excluded),
+                offers_with_keyword=len(with_keyword), violations=len(violating), expected=float("nan"),
+                examples=tuple(titles.iloc[i] for i in violating[:3]),
+            ))
+    return sorted(found, key=lambda c: -c.violations)
 
 
 def write_candidates(candidates: list[ExclusionCandidate], path: str | Path) -> Path:

@@ -75,6 +75,7 @@ class TrainOptions:
     batch_size: int = 64
     learning_rate: float = 3e-3
     weight_decay: float = 1e-4
+    finetune_blocks: int = 4  # last MobileNetV2 blocks trained; the frozen rest is computed once and cached
     image_dropout: float = 0.15  # share of training offers whose image is hidden
     mall_dropout: float = 0.1  # share whose mall category is hidden
     inputs: tuple[str, ...] = INPUTS  # the ablation turns branches off
@@ -123,7 +124,8 @@ class Prepared:
     targets: np.ndarray  # (N,) class index
     split: Split
     inputs: dict[str, torch.Tensor]  # title_ids (N, T), mall_ids (N, M), has_image (N,), mall_weight (N,)
-    pooled: torch.Tensor  # (N, 1280) frozen MobileNetV2 features
+    trunk: torch.Tensor  # (N, C, h, w) float16 output of the frozen backbone blocks (cached on disk)
+    trunk_layer: int  # blocks before it; the blocks from here on are fine-tuned
     config: FusionConfig
     tokenizer_path: Path
     dictionaries: Dictionaries
@@ -212,10 +214,12 @@ def prepare(data: str | Path, out_dir: Path, options: TrainOptions, *, progress:
                     "" if options.use_pretrained else " (--no-pretrained)")
     inputs, images = _featurize(frame, featurizer, progress=progress)
     inputs["mall_weight"] = torch.tensor([shop_weights.get(m, 1.0) for m in frame["mall_id"]], dtype=torch.float32)
-    pooled = _cached_image_features(frame, images, config, weights, options, device, progress=progress)
+    trunk_layer = len(FusionModel(config).backbone) - options.finetune_blocks
+    trunk = _cached_image_trunk(frame, images, config, weights, trunk_layer, options, device, progress=progress)
     report["offers_without_usable_image"] = int((inputs["has_image"] == 0).sum())
     return Prepared(
-        frame=frame, labels=labels, targets=targets, split=split, inputs=inputs, pooled=pooled, config=config,
+        frame=frame, labels=labels, targets=targets, split=split, inputs=inputs, trunk=trunk, trunk_layer=trunk_layer,
+        config=config,
         tokenizer_path=tokenizer_path, dictionaries=dictionaries, exclusion=exclusion, contradicted=contradicted,
         shop_weights=shop_weights, shop_table=shop_table, report=report, pretrained_weights=weights, device=device,
     )
@@ -276,14 +280,20 @@ def fit_model(
     if prepared.pretrained_weights is not None:
         model.load_imagenet_backbone(prepared.pretrained_weights)
     model.to(device)
-    pooled = prepared.pooled.to(device)
     inputs = {name: tensor.to(device) for name, tensor in _ablated(prepared.inputs, options.inputs).items()}
-    trainable = [p for name, p in model.named_parameters() if not name.startswith("backbone.")]
-    optimizer = torch.optim.AdamW(trainable, lr=options.learning_rate, weight_decay=options.weight_decay)
+    # Embedding tables are sparse: a step touches only the pieces of its batch (3-7x faster on CPU).
+    sparse = [p for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()]
+    dense = [p for name, p in model.named_parameters()
+             if not name.startswith("backbone.") and all(p is not q for q in sparse)]
+    tail = list(model.backbone[prepared.trunk_layer:].parameters())
+    optimizers = [torch.optim.SparseAdam(sparse, lr=options.learning_rate),
+                  torch.optim.AdamW(dense, lr=options.learning_rate, weight_decay=options.weight_decay)]
+    if tail:  # pretrained blocks move more slowly than the fresh head
+        optimizers.append(torch.optim.AdamW(tail, lr=options.learning_rate * 0.1, weight_decay=options.weight_decay))
     steps_per_epoch = int(np.ceil(len(train_rows) / options.batch_size))
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+    schedulers = [torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=options.learning_rate, total_steps=options.epochs * steps_per_epoch
-    )
+    ) for optimizer in optimizers]
     loss_fn = nn.CrossEntropyLoss(label_smoothing=0.05)
     generator = torch.Generator().manual_seed(options.seed)
     if options.season_balance:
@@ -302,19 +312,21 @@ def fit_model(
         else:
             order = train_rows_t[torch.randperm(len(train_rows), generator=generator)]
         total_loss = 0.0
-        for start in range(0, len(order), options.batch_size):
+        for start in range(0, len(order), options.batch_size):  # BatchNorm statistics stay frozen
             idx = order[start : start + options.batch_size].to(device)
             keep_image = (torch.rand(len(idx), generator=generator) >= options.image_dropout).to(device)
             keep_mall = (torch.rand(len(idx), generator=generator) >= options.mall_dropout).to(device)
             logits = model.classify(
-                pooled[idx], inputs["has_image"][idx] * keep_image, inputs["title_ids"][idx],
+                _pooled(model, prepared, idx), inputs["has_image"][idx] * keep_image, inputs["title_ids"][idx],
                 inputs["mall_ids"][idx], inputs["mall_weight"][idx] * keep_mall,
             )
             loss = loss_fn(logits, targets_all[idx])
-            optimizer.zero_grad()
+            for optimizer in optimizers:
+                optimizer.zero_grad()
             loss.backward()
-            optimizer.step()
-            scheduler.step()
+            for optimizer, scheduler in zip(optimizers, schedulers):
+                optimizer.step()
+                scheduler.step()
             total_loss += loss.item() * len(idx)
             bar.update()
         record = {"epoch": epoch + 1, "train_loss": total_loss / len(order)}
@@ -338,7 +350,7 @@ def predict_logits(model: FusionModel, prepared: Prepared, rows: np.ndarray, *, 
     for start in range(0, len(rows), 4096):
         idx = torch.as_tensor(rows[start : start + 4096])
         out.append(model.classify(
-            prepared.pooled[idx].to(device), features["has_image"][idx].to(device), features["title_ids"][idx].to(device),
+            _pooled(model, prepared, idx.to(device)), features["has_image"][idx].to(device), features["title_ids"][idx].to(device),
             features["mall_ids"][idx].to(device), features["mall_weight"][idx].to(device),
         ).cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, len(prepared.labels)), dtype=np.float32)
@@ -471,6 +483,13 @@ def train_bundle(
     return bundle_config
 
 
+def _pooled(model: FusionModel, prepared: Prepared, idx: torch.Tensor) -> torch.Tensor:
+    """``(len(idx), 1280)`` image features: the cached frozen trunk through the trainable tail."""
+    device = next(model.parameters()).device
+    trunk = prepared.trunk[idx.cpu()].to(device=device, dtype=torch.float32)
+    return model.image_tail(trunk, prepared.trunk_layer)
+
+
 def _device(requested: str) -> torch.device:
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -512,17 +531,17 @@ def _featurize(frame: pd.DataFrame, featurizer: Featurizer, *, progress: bool) -
     return inputs, images
 
 
-def _cached_image_features(
-    frame: pd.DataFrame, images: np.ndarray, config: FusionConfig, weights: Path | None, options: TrainOptions,
-    device: torch.device, *, progress: bool,
+def _cached_image_trunk(
+    frame: pd.DataFrame, images: np.ndarray, config: FusionConfig, weights: Path | None, layer: int,
+    options: TrainOptions, device: torch.device, *, progress: bool,
 ) -> torch.Tensor:
-    """Pooled features of every image under the (frozen) backbone, cached on disk by content."""
+    """Outputs of the frozen first ``layer`` backbone blocks for every image (float16), cached on disk."""
     digest = hashlib.sha256(images.tobytes())
-    digest.update(f"{config.image_size}|{weights.name if weights else 'random'}|{options.seed}".encode())
+    digest.update(f"{config.image_size}|{layer}|{weights.name if weights else 'random'}|{options.seed}".encode())
     cache_dir = Path(options.feature_cache or Path.home() / ".cache" / "catstream" / "image-features")
     cache = cache_dir / f"{digest.hexdigest()[:24]}.npy"
     if cache.is_file():
-        log.info("image features from cache %s", cache)
+        log.info("image trunk features from cache %s", cache)
         return torch.from_numpy(np.load(cache))
     torch.manual_seed(options.seed)  # fit_model rebuilds the same (random or pretrained) backbone
     model = FusionModel(config)
@@ -536,13 +555,13 @@ def _cached_image_features(
         for start in progress_bar(range(0, len(images), batch), desc="image features", unit="batch",
                                   disable=not progress):
             chunk = torch.from_numpy(images[start : start + batch]).to(device).contiguous(memory_format=torch.channels_last)
-            chunks.append(model.image_features(chunk).cpu())
-    pooled = torch.cat(chunks) if chunks else torch.zeros((0, 1280))
+            chunks.append(model.image_trunk(chunk, layer).to(torch.float16).cpu().contiguous())
+    trunk = torch.cat(chunks)
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
         temporary = cache.with_suffix(f".{os.getpid()}.tmp.npy")
-        np.save(temporary, pooled.numpy())
+        np.save(temporary, trunk.numpy())
         temporary.replace(cache)
     except OSError as error:
         log.warning("could not cache image features in %s: %s", cache_dir, error)
-    return pooled
+    return trunk

@@ -1,0 +1,130 @@
+"""Training side against real stores: MLflow (sqlite), ONNX Runtime evaluation, the bundle's shop weights."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from catstream.bundle import ModelBundle
+from catstream.features import Featurizer
+from catstream.offer_files import offers_from_frame, read_offer_file
+from tests.conftest import small_training_options
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory):
+    from training.tracking import Tracking
+
+    root = tmp_path_factory.mktemp("mlflow")
+    return Tracking(f"sqlite:///{root}/mlflow.db", experiment="tests")
+
+
+@pytest.fixture(scope="module")
+def champion_run(marketplace, registry, tmp_path_factory):
+    from training.pipeline import train_evaluate_register
+
+    cache = tmp_path_factory.mktemp("cache")
+    first = train_evaluate_register(marketplace, tmp_path_factory.mktemp("v1"), small_training_options(cache),
+                                    register=True, tracking=registry, progress=False)
+    return first, cache
+
+
+def test_first_registered_version_becomes_champion_and_the_run_is_complete(champion_run, registry):
+    first, _ = champion_run
+    assert first.registered.promoted and first.registered.version == "1"
+    client = registry.client()
+    run = client.get_run(first.run_id)
+    assert run.data.params["image_size"] == "64" and run.data.params["cleaning"] == "drop"
+    assert len(client.get_metric_history(first.run_id, "val_accuracy")) == 5  # one point per epoch
+    assert run.data.metrics["test_catstream_accuracy"] == pytest.approx(first.report["results"]["catstream"]["accuracy"])
+    artifacts = {a.path for a in client.list_artifacts(first.run_id, "bundle")}
+    assert {"bundle/model.onnx", "bundle/config.json", "bundle/shops.json"} <= artifacts
+    assert {a.path for a in client.list_artifacts(first.run_id, "evaluation")} == {
+        "evaluation/evaluation.json", "evaluation/evaluation.md"}
+    assert str(registry.champion().version) == "1"
+
+
+def test_evaluation_report_has_every_section_and_both_baselines(champion_run):
+    report = champion_run[0].report
+    assert set(report["results"]) == {"catstream", "tfidf-word", "tfidf-word-char"}
+    model = report["results"]["catstream"]
+    assert report["protocol"] == "random" and report["test_offers"] == 300
+    assert len(model["per_category"]) == 15 and model["coverage_curve"][-1]["coverage"] == 1.0
+    assert len(model["per_month"]) == 12
+    assert 0.0 < model["at_threshold"]["coverage"] <= 1.0
+    # the synthetic marketplace is easy: the fusion model must be clearly better than chance
+    assert model["accuracy"] > 0.85
+
+
+def test_worse_model_does_not_take_the_champion_alias(champion_run, marketplace, registry, tmp_path):
+    from training.pipeline import train_evaluate_register
+    from training.tracking import resolve_model_uri
+
+    first, cache = champion_run
+    worse = train_evaluate_register(
+        marketplace, tmp_path / "v2", small_training_options(cache, epochs=1, learning_rate=1e-4, cleaning="off"),
+        register=True, tracking=registry, progress=False)
+    assert worse.registered.version == "2" and not worse.registered.promoted
+    assert worse.registered.champion_version == "1"
+    assert str(registry.champion().version) == "1"
+    served = resolve_model_uri("models:/catstream@champion", tracking=registry)
+    assert ModelBundle.load(served).version == first.config["model_version"]
+    assert ModelBundle.load(resolve_model_uri("models:/catstream/2", tracking=registry)).version == worse.config["model_version"]
+    with pytest.raises(ValueError, match="alias"):
+        resolve_model_uri("models:/catstream@nope", tracking=registry)
+
+
+def test_cli_evaluates_the_champion_from_the_registry(champion_run, marketplace, registry, tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "catstream.cli", "evaluate", "--model", "models:/catstream@champion",
+         "--data", str(marketplace), "--tracking-uri", registry.resolved_uri, "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "tfidf-word-char" in result.stdout
+    report = json.loads((tmp_path / "evaluation.json").read_text())
+    assert report["model_version"] == champion_run[0].config["model_version"]
+    assert report["results"]["catstream"]["accuracy"] == pytest.approx(champion_run[0].report["results"]["catstream"]["accuracy"])
+
+
+def test_unreliable_shop_is_down_weighted_in_the_bundle_and_at_inference(bundle, marketplace):
+    loaded = ModelBundle.load(bundle)
+    weights = loaded.shop_weights()
+    assert min(weights.weights, key=weights.weights.get) == "mall-net"
+    assert weights("mall-net") < 0.5 and weights("mall-dool") > 0.9
+    assert weights("a-shop-never-seen") == 1.0
+    featurizer = Featurizer.from_bundle(loaded)
+    frame = read_offer_file(marketplace)
+    offer = next(o for o in offers_from_frame(frame) if o.mall_id == "mall-net")
+    assert featurizer.featurize(offer).mall_weight == pytest.approx(weights("mall-net"))
+
+
+def test_ablation_measures_every_row(marketplace, tmp_path):
+    from training.ablation import ABLATION_ROWS, render_ablation, run_ablation
+
+    report = run_ablation(marketplace, tmp_path, small_training_options(tmp_path / "cache", epochs=3), progress=False)
+    assert [row["row"] for row in report["rows"]] == [name for name, _ in ABLATION_ROWS]
+    # each row was trained: different configurations give different training sets or scores
+    assert report["rows"][4]["training_offers"] < report["rows"][3]["training_offers"]  # cleaning dropped labels
+    assert report["rows"][4]["cleaning"]["flagged"] > 0
+    assert len({round(row["accuracy"], 6) for row in report["rows"]}) >= 3
+    assert "| + exclusion dictionary |" in render_ablation(report)
+
+
+def test_tune_tracks_every_trial(marketplace, registry, tmp_path):
+    from training.tune import tune
+
+    report = tune(marketplace, tmp_path, small_training_options(tmp_path / "cache", epochs=2, cleaning="off"),
+                  trials=3, tracking=registry, progress=False)
+    assert len(report["trials"]) == 3 and report["best"] in report["trials"]
+    client = registry.client()
+    for trial in report["trials"]:
+        run = client.get_run(trial["run_id"])
+        assert float(run.data.params["learning_rate"]) == pytest.approx(trial["learning_rate"])
+        assert run.data.metrics["val_accuracy"] == pytest.approx(trial["val_accuracy"])
+        assert run.data.tags["mlflow.parentRunId"]
