@@ -161,8 +161,8 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--test-share", type=float, default=0.2, help="share of offers held out for testing (default 0.2)")
     group.add_argument("--image-size", type=int, default=96, help="model image input size in pixels (default 96)")
     group.add_argument("--vocab-size", type=int, default=20_000, help="SentencePiece pieces (default 20000)")
-    group.add_argument("--finetune-blocks", type=int, default=4,
-                       help="last MobileNetV2 blocks trained with the head; 0 = frozen backbone (default 4)")
+    group.add_argument("--finetune-blocks", type=int, default=0,
+                       help="last MobileNetV2 blocks trained with the head; 0 = frozen backbone (default 0)")
     group.add_argument("--epochs", type=int, default=12, help="training epochs (default 12)")
     group.add_argument("--batch-size", type=int, default=64, help="training batch size (default 64)")
     group.add_argument("--learning-rate", type=float, default=3e-3, help="peak learning rate (default 3e-3)")

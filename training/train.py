@@ -75,7 +75,7 @@ class TrainOptions:
     batch_size: int = 64
     learning_rate: float = 3e-3
     weight_decay: float = 1e-4
-    finetune_blocks: int = 4  # last MobileNetV2 blocks trained; the frozen rest is computed once and cached
+    finetune_blocks: int = 0  # last MobileNetV2 blocks trained; the frozen rest is computed once and cached
     image_dropout: float = 0.15  # share of training offers whose image is hidden
     mall_dropout: float = 0.1  # share whose mall category is hidden
     inputs: tuple[str, ...] = INPUTS  # the ablation turns branches off
@@ -124,7 +124,7 @@ class Prepared:
     targets: np.ndarray  # (N,) class index
     split: Split
     inputs: dict[str, torch.Tensor]  # title_ids (N, T), mall_ids (N, M), has_image (N,), mall_weight (N,)
-    trunk: torch.Tensor  # (N, C, h, w) float16 output of the frozen backbone blocks (cached on disk)
+    trunk: torch.Tensor  # (N, C, h, w) float16 output of the frozen backbone blocks, (N, 1280) pooled when all are frozen
     trunk_layer: int  # blocks before it; the blocks from here on are fine-tuned
     config: FusionConfig
     tokenizer_path: Path
@@ -487,7 +487,7 @@ def _pooled(model: FusionModel, prepared: Prepared, idx: torch.Tensor) -> torch.
     """``(len(idx), 1280)`` image features: the cached frozen trunk through the trainable tail."""
     device = next(model.parameters()).device
     trunk = prepared.trunk[idx.cpu()].to(device=device, dtype=torch.float32)
-    return model.image_tail(trunk, prepared.trunk_layer)
+    return trunk if trunk.dim() == 2 else model.image_tail(trunk, prepared.trunk_layer)
 
 
 def _device(requested: str) -> torch.device:
@@ -555,7 +555,9 @@ def _cached_image_trunk(
         for start in progress_bar(range(0, len(images), batch), desc="image features", unit="batch",
                                   disable=not progress):
             chunk = torch.from_numpy(images[start : start + batch]).to(device).contiguous(memory_format=torch.channels_last)
-            chunks.append(model.image_trunk(chunk, layer).to(torch.float16).cpu().contiguous())
+            # a fully frozen backbone needs only the pooled features, not the last feature map
+            out = model.image_features(chunk) if layer == len(model.backbone) else model.image_trunk(chunk, layer)
+            chunks.append(out.to(torch.float16).cpu().contiguous())
     trunk = torch.cat(chunks)
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
