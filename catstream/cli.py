@@ -173,13 +173,14 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--rare-leaves", choices=("exclude", "parent"), default="exclude",
                        help="offers of rarer categories: excluded, or filed under their nearest frequent parent "
                        "(default exclude)")
-    group.add_argument("--no-season-balance", action="store_true",
-                       help="sample training offers uniformly instead of giving every calendar month equal weight")
+    group.add_argument("--season-balance", action="store_true",
+                       help="give every calendar month equal sampling weight (plus the recent share) instead of "
+                       "sampling offers uniformly (default off: it cost accuracy on Myntra, see README)")
     group.add_argument("--recent-share", type=float, default=0.1,
                        help="extra sampling weight for the most recent weeks (default 0.1)")
     group.add_argument("--recent-weeks", type=float, default=4.0, help="how many weeks count as recent (default 4)")
-    group.add_argument("--cleaning", choices=("off", "drop", "relabel"), default="drop",
-                       help="what to do with labels cleanlab flags (default drop)")
+    group.add_argument("--cleaning", choices=("off", "drop", "relabel"), default="off",
+                       help="what to do with labels cleanlab flags (default off: dropping cost accuracy on Myntra)")
     group.add_argument("--cleaning-folds", type=int, default=4, help="K of the K-fold cleaning predictions (default 4)")
     group.add_argument("--no-exclusions", action="store_true",
                        help="do not use category_exclusions.tsv (neither in training nor at inference)")
@@ -208,7 +209,7 @@ def _training_options(args: argparse.Namespace, **overrides):
         learning_rate=args.learning_rate,
         min_label_count=args.min_label_count,
         rare_leaves=args.rare_leaves,
-        season_balance=not args.no_season_balance,
+        season_balance=args.season_balance,
         recent_share=args.recent_share,
         recent_weeks=args.recent_weeks,
         cleaning=args.cleaning,

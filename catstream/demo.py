@@ -121,7 +121,9 @@ def run_demo(args) -> int:
     print(f"[2/5] training a small model (image size {args.image_size})", flush=True)
     model = out / "model"
     config = train_bundle(train_csv, model, TrainOptions(label_columns=["category"], image_size=args.image_size,
-                                                         epochs=8, seed=args.seed))
+                                                         epochs=8, seed=args.seed, min_label_count=5,
+                                                         # the streamed offers are the demo's test set
+                                                         test_share=0.0))
     print(f"      validation accuracy {config['training']['validation']['accuracy']:.3f}, "
           f"threshold {config['threshold']:.3f}", flush=True)
 

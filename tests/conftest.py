@@ -39,7 +39,7 @@ def small_training_options(feature_cache: Path, **overrides):
     from training.train import TrainOptions
 
     values = dict(label_columns=["category"], image_size=TEST_IMAGE_SIZE, epochs=5, vocab_size=4000, threads=2,
-                  cleaning_folds=2, target_precision=0.98, feature_cache=str(feature_cache))
+                  cleaning="drop", cleaning_folds=2, season_balance=True, target_precision=0.98, feature_cache=str(feature_cache))
     return TrainOptions(**(values | overrides))
 
 
