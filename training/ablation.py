@@ -16,7 +16,6 @@ import logging
 import time
 from pathlib import Path
 
-import numpy as np
 
 from catstream.decision import apply_exclusions, softmax
 from training.calibration import choose_threshold, fit_temperature

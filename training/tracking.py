@@ -61,7 +61,6 @@ class Tracking:
     def log_training(self, *, options: dict, config: dict, bundle_dir: Path, report: dict | None,
                      report_files: list[Path] = (), run_name: str | None = None, tags: dict | None = None) -> str:
         """One MLflow run: resolved config as params, per-epoch metrics, evaluation, the bundle. Returns its id."""
-        mlflow = _mlflow()
         client = self.client()
         run = client.create_run(self.experiment_id(), run_name=run_name, tags={"catstream.model_version": config["model_version"]} | (tags or {}))
         run_id = run.info.run_id

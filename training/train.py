@@ -37,7 +37,7 @@ from catstream.dictionaries import PATH_SEPARATOR, Dictionaries
 from catstream.features import Featurizer
 from catstream.model import FusionConfig, FusionModel, find_pretrained_weights
 from catstream.offer_files import LABEL, offers_from_frame, read_offer_file
-from catstream.tokenizer import Tokenizer, train_tokenizer
+from catstream.tokenizer import train_tokenizer
 from training.calibration import choose_threshold, fit_temperature
 from training.cleaning import CLEANING_MODES, find_issues, out_of_sample_probabilities
 from training.export import check_parity, export_onnx
@@ -369,7 +369,7 @@ def training_rows(prepared: Prepared, options: TrainOptions, *, progress: bool =
 
     def fit_predict(fit_part: np.ndarray, predict_part: np.ndarray) -> np.ndarray:
         model, _ = fit_model(prepared, options, train_rows=rows[fit_part], progress=progress,
-                             description=f"cleaning fold")
+                             description="cleaning fold")
         logits = predict_logits(model, prepared, rows[predict_part], inputs=options.inputs)
         return _softmax(logits)
 
