@@ -21,7 +21,7 @@ from torchvision.models import mobilenet_v2
 
 from catstream.tokenizer import PAD_ID
 
-__all__ = ["IMAGENET_WEIGHTS_FILE", "FusionConfig", "FusionModel", "find_pretrained_weights"]
+__all__ = ["BACKBONE_BLOCKS", "IMAGENET_WEIGHTS_FILE", "FusionConfig", "FusionModel", "find_pretrained_weights"]
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +29,7 @@ IMAGENET_WEIGHTS_FILE = "mobilenet_v2-b0353104.pth"
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
 _MOBILENET_FEATURES = 1280
+BACKBONE_BLOCKS = 19  # len(mobilenet_v2().features): stem, 17 inverted residuals, final 1x1 conv
 
 
 @dataclass(frozen=True)

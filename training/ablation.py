@@ -18,9 +18,8 @@ from pathlib import Path
 
 
 from catstream.decision import apply_exclusions, softmax
-from training.calibration import choose_threshold, fit_temperature
 from training.evaluate import score
-from training.train import Prepared, TrainOptions, fit_model, predict_logits, prepare, training_rows
+from training.train import Prepared, TrainOptions, calibrate, fit_model, predict_logits, prepare, training_rows
 
 __all__ = ["ABLATION_ROWS", "run_ablation", "render_ablation", "score_configuration"]
 
@@ -42,17 +41,13 @@ def score_configuration(prepared: Prepared, options: TrainOptions, *, progress: 
     rows, targets, report = training_rows(prepared, options, progress=progress)
     model, history = fit_model(prepared, options, train_rows=rows, targets=targets, progress=progress,
                                description="ablation row")
-    validation, test = prepared.split.validation, prepared.split.test
-    use_mask = options.use_exclusions
-    val_logits = predict_logits(model, prepared, validation, inputs=options.inputs)
-    temperature = fit_temperature(val_logits, prepared.targets[validation])
-    threshold, _, _ = choose_threshold(val_logits, prepared.targets[validation], temperature=temperature,
-                                       target_precision=options.target_precision,
-                                       exclusion=prepared.exclusion[validation] if use_mask else None)
-    probabilities, _ = apply_exclusions(softmax(predict_logits(model, prepared, test, inputs=options.inputs), temperature),
-                                        prepared.exclusion[test] if use_mask else None)
+    test = prepared.split.test
+    calibration = calibrate(model, prepared, options)
+    logits = predict_logits(model, prepared, test, inputs=options.inputs)
+    probabilities, _ = apply_exclusions(softmax(logits, calibration["temperature"]),
+                                        prepared.exclusion[test] if options.use_exclusions else None)
     result = score(prepared.labels, prepared.targets[test], probabilities.argmax(1), confidence=probabilities.max(1),
-                   threshold=threshold, listed_at=prepared.frame["listed_at"].iloc[test])
+                   threshold=calibration["threshold"], listed_at=prepared.frame["listed_at"].iloc[test])
     result["training_offers"] = int(len(rows))
     result["seconds"] = round(time.monotonic() - started, 1)
     if "cleaning" in report:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from catstream.dictionaries import PATH_SEPARATOR, Dictionaries
+from catstream.dictionaries import PATH_SEPARATOR, Dictionaries, ExclusionRule
 from catstream.text import words
 
 __all__ = ["ExclusionCandidate", "contradicted_rules", "mine_exclusions", "write_candidates"]
@@ -91,14 +91,15 @@ def contradicted_rules(
     Each such rule masks the labelled category of its violating offers at inference and drops
     them from training; a reviewer should confirm the labels are wrong, or delete the rule.
     """
-    token_text = [f" {' '.join(words(title))} " for title in titles]
     paths = [tuple(part.strip() for part in label.split(">")) for label in labels]
+    matches: dict[ExclusionRule, list[int]] = {}
+    for i, title in enumerate(titles):
+        for rule in dictionaries.matching_rules(title):
+            matches.setdefault(rule, []).append(i)
     found = []
-    for rule in dictionaries.exclusions:
-        needle = f" {' '.join(rule.keyword)} "
-        with_keyword = [i for i, text in enumerate(token_text) if needle in text]
+    for rule, with_keyword in matches.items():
         violating = [i for i in with_keyword if paths[i][: len(rule.excluded)] == rule.excluded]
-        if with_keyword and len(violating) > max_violation_rate * len(with_keyword):
+        if len(violating) > max_violation_rate * len(with_keyword):
             found.append(ExclusionCandidate(
                 keyword=" ".join(rule.keyword), excluded=PATH_SEPARATOR.join(rule.excluded),
                 offers_with_keyword=len(with_keyword), violations=len(violating), expected=float("nan"),

@@ -35,7 +35,7 @@ from tqdm import tqdm
 from catstream.bundle import BUNDLE_FORMAT, SHOPS_FILE
 from catstream.dictionaries import PATH_SEPARATOR, Dictionaries
 from catstream.features import Featurizer
-from catstream.model import FusionConfig, FusionModel, find_pretrained_weights
+from catstream.model import BACKBONE_BLOCKS, FusionConfig, FusionModel, find_pretrained_weights
 from catstream.offer_files import LABEL, offers_from_frame, read_offer_file
 from catstream.tokenizer import train_tokenizer
 from training.calibration import choose_threshold, fit_temperature
@@ -47,7 +47,7 @@ from training.splits import Split, SplitSpec, split_offers
 
 __all__ = [
     "DEFAULT_DICTIONARIES", "INPUTS", "RARE_LEAF_POLICIES", "Prepared", "TrainOptions",
-    "fit_model", "load_labeled", "predict_logits", "prepare", "progress_bar", "train_bundle",
+    "calibrate", "fit_model", "load_labeled", "predict_logits", "prepare", "progress_bar", "train_bundle",
 ]
 
 log = logging.getLogger(__name__)
@@ -214,7 +214,7 @@ def prepare(data: str | Path, out_dir: Path, options: TrainOptions, *, progress:
                     "" if options.use_pretrained else " (--no-pretrained)")
     inputs, images = _featurize(frame, featurizer, progress=progress)
     inputs["mall_weight"] = torch.tensor([shop_weights.get(m, 1.0) for m in frame["mall_id"]], dtype=torch.float32)
-    trunk_layer = len(FusionModel(config).backbone) - options.finetune_blocks
+    trunk_layer = BACKBONE_BLOCKS - options.finetune_blocks
     trunk = _cached_image_trunk(frame, images, config, weights, trunk_layer, options, device, progress=progress)
     report["offers_without_usable_image"] = int((inputs["has_image"] == 0).sum())
     return Prepared(
@@ -401,20 +401,28 @@ def training_rows(prepared: Prepared, options: TrainOptions, *, progress: bool =
     return rows, targets, report
 
 
-def train_bundle(
-    data: str | Path, out_dir: str | Path, options: TrainOptions, *, progress: bool = True,
-    prepared: Prepared | None = None,
-) -> dict:
+def calibrate(model: FusionModel, prepared: Prepared, options: TrainOptions) -> dict:
+    """Temperature and "uncertain" threshold on the validation rows, with the mask as served."""
+    validation = prepared.split.validation
+    logits = predict_logits(model, prepared, validation, inputs=options.inputs)
+    targets = prepared.targets[validation]
+    temperature = fit_temperature(logits, targets)
+    threshold, coverage, precision = choose_threshold(
+        logits, targets, temperature=temperature, target_precision=options.target_precision,
+        exclusion=prepared.exclusion[validation] if options.use_exclusions else None,
+    )
+    return {"temperature": temperature, "threshold": threshold, "coverage": coverage, "precision": precision,
+            "accuracy": float((logits.argmax(1) == targets).mean())}
+
+
+def train_bundle(data: str | Path, out_dir: str | Path, options: TrainOptions, *, progress: bool = True) -> dict:
     """Train on ``data`` and write a bundle to ``out_dir``; returns the config written."""
     started = time.monotonic()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     stages: dict[str, float] = {}
     clock = time.monotonic()
-    if prepared is None:
-        prepared = prepare(data, out_dir, options, progress=progress)
-    elif prepared.tokenizer_path != out_dir / "tokenizer.model":
-        shutil.copy(prepared.tokenizer_path, out_dir / "tokenizer.model")
+    prepared = prepare(data, out_dir, options, progress=progress)
     stages["prepare"] = time.monotonic() - clock
     log.info("data: %s", prepared.report)
 
@@ -426,17 +434,10 @@ def train_bundle(
                                targets=targets, progress=progress)
     stages["fit"] = time.monotonic() - clock
 
-    validation = prepared.split.validation
-    val_logits = predict_logits(model, prepared, validation)
-    val_targets = prepared.targets[validation]
-    temperature = fit_temperature(val_logits, val_targets)
-    mask = prepared.exclusion[validation] if options.use_exclusions else None
-    threshold, coverage, precision = choose_threshold(
-        val_logits, val_targets, temperature=temperature, target_precision=options.target_precision, exclusion=mask
-    )
-    val_accuracy = float((val_logits.argmax(1) == val_targets).mean())
+    calibration = calibrate(model, prepared, options)
+    temperature, threshold = calibration["temperature"], calibration["threshold"]
     log.info("validation accuracy %.4f; temperature %.2f; threshold %.3f → coverage %.3f at precision %.4f",
-             val_accuracy, temperature, threshold, coverage, precision)
+             calibration["accuracy"], temperature, threshold, calibration["coverage"], calibration["precision"])
 
     clock = time.monotonic()
     export_onnx(model, out_dir / "model.onnx")
@@ -471,7 +472,7 @@ def train_bundle(
             "split": options.split_spec.to_dict(),
             "data_report": prepared.report | cleaning_report,
             "history": history,
-            "validation": {"accuracy": val_accuracy, "coverage": coverage, "precision": precision},
+            "validation": {k: calibration[k] for k in ("accuracy", "coverage", "precision")},
             "onnx_parity_max_abs_diff": parity,
             "stage_seconds": {k: round(v, 1) for k, v in stages.items()},
             "seconds": round(time.monotonic() - started, 1),
@@ -556,7 +557,7 @@ def _cached_image_trunk(
                                   disable=not progress):
             chunk = torch.from_numpy(images[start : start + batch]).to(device).contiguous(memory_format=torch.channels_last)
             # a fully frozen backbone needs only the pooled features, not the last feature map
-            out = model.image_features(chunk) if layer == len(model.backbone) else model.image_trunk(chunk, layer)
+            out = model.image_features(chunk) if layer == BACKBONE_BLOCKS else model.image_trunk(chunk, layer)
             chunks.append(out.to(torch.float16).cpu().contiguous())
     trunk = torch.cat(chunks)
     try:
