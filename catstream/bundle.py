@@ -39,7 +39,9 @@ class ModelBundle:
     dictionaries: Dictionaries
 
     @classmethod
-    def load(cls, path: str | Path) -> "ModelBundle":
+    def load(cls, path: str | Path, *, dictionaries_dir: str | Path | None = None) -> "ModelBundle":
+        """Read and check a bundle; ``dictionaries_dir`` replaces the dictionaries it was trained with
+        (reviewed exclusion rules deployed without retraining)."""
         path = Path(path)
         if not path.is_dir():
             raise BundleError(f"model bundle {path} does not exist or is not a directory")
@@ -52,7 +54,10 @@ class ModelBundle:
         labels = tuple(json.loads((path / "labels.json").read_text()))
         if len(labels) != config["model"]["num_classes"]:
             raise BundleError(f"{path}: {len(labels)} labels but the model has {config['model']['num_classes']} outputs")
-        return cls(path=path, config=config, labels=labels, dictionaries=Dictionaries.load(path / "dictionaries"))
+        if dictionaries_dir and not Path(dictionaries_dir).is_dir():
+            raise BundleError(f"dictionary directory {dictionaries_dir} does not exist or is not a directory")
+        dictionaries = Dictionaries.load(Path(dictionaries_dir) if dictionaries_dir else path / "dictionaries")
+        return cls(path=path, config=config, labels=labels, dictionaries=dictionaries)
 
     @property
     def version(self) -> str:

@@ -431,8 +431,8 @@ def _cmd_run(args) -> int:
     from training.tracking import Tracking, resolve_model_uri
 
     args.model = resolve_model_uri(args.model, tracking=Tracking(args.tracking_uri))
-    ModelBundle.load(args.model)  # a bad bundle fails here, before any connection is made
     settings = _settings(args)
+    ModelBundle.load(args.model, dictionaries_dir=settings.dictionaries_dir)  # bad input fails here, before any connection
     broker = None
     if not settings.bootstrap_servers:
         broker = EmbeddedBroker().start()

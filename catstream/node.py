@@ -38,7 +38,7 @@ class Node:
     def __init__(self, settings: Settings, bundle_path: str | Path, *, log_level: str = "INFO"):
         self.settings = settings
         self.bundle_path = str(Path(bundle_path).resolve())
-        self.bundle = ModelBundle.load(self.bundle_path)
+        self.bundle = ModelBundle.load(self.bundle_path, dictionaries_dir=settings.dictionaries_dir)
         self.log_level = log_level
         self._context = mp.get_context("spawn")  # librdkafka and ORT threads do not survive fork
         self._stop = threading.Event()

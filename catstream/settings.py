@@ -76,6 +76,11 @@ class Settings(BaseSettings):
         None, description="ONNX Runtime providers in order; unset picks CUDA when available, then CPU."
     )
 
+    dictionaries_dir: str | None = Field(
+        None, description="Serve with the dictionary files in this directory instead of the bundle's (e.g. "
+        "reviewed exclusion rules mounted from a ConfigMap)."
+    )
+
     # --- Limits ---------------------------------------------------------------------------------
     max_message_bytes: int = Field(
         2_000_000, ge=1024, description="Offer messages larger than this are dead-lettered."

@@ -38,7 +38,13 @@ class OnnxClassifier:
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.providers = choose_providers(providers)
+        if "CUDAExecutionProvider" in self.providers and hasattr(ort, "preload_dlls"):
+            # onnxruntime-gpu finds CUDA and cuDNN from the nvidia-* wheels only once they are preloaded
+            ort.preload_dlls()
         self.session = ort.InferenceSession(str(bundle.onnx_path), sess_options=options, providers=self.providers)
+        if providers and "CUDAExecutionProvider" in providers and "CUDAExecutionProvider" not in self.session.get_providers():
+            raise RuntimeError("CUDAExecutionProvider was asked for but the session fell back to the CPU "
+                               "(CUDA or cuDNN libraries not loadable; see the log above)")
         self.input_names = [item.name for item in self.session.get_inputs()]
         log.info("ONNX Runtime session on %s", self.session.get_providers())
 

@@ -154,7 +154,7 @@ def run_inference_worker(settings: Settings, bundle_path: str, queue_path: str, 
     logging.basicConfig(level=log_level, format="%(asctime)s inference %(levelname)s %(message)s")
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     queue = FeatureQueue.attach(queue_path)
-    worker = InferenceWorker(settings, ModelBundle.load(bundle_path), queue)
+    worker = InferenceWorker(settings, ModelBundle.load(bundle_path, dictionaries_dir=settings.dictionaries_dir), queue)
 
     def stop(*_):
         worker.stopping = True

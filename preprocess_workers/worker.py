@@ -293,7 +293,7 @@ def run_preprocess_worker(index: int, settings: Settings, bundle_path: str, queu
     logging.basicConfig(level=log_level, format=f"%(asctime)s preprocess-{index} %(levelname)s %(message)s")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when we stop
     queue = FeatureQueue.attach(queue_path)
-    worker = PreprocessWorker(index, settings, ModelBundle.load(bundle_path), queue)
+    worker = PreprocessWorker(index, settings, ModelBundle.load(bundle_path, dictionaries_dir=settings.dictionaries_dir), queue)
 
     def stop(*_):
         worker.stopping = True
