@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import time
+from pathlib import Path
 import urllib.error
 import urllib.request
 
@@ -59,4 +60,8 @@ def test_health_readiness_and_metrics(marketplace, stream_settings, start_node):
     assert metric(text, "catstream_consumer_lag") == 0
     assert metric(text, "catstream_queue_slots") == 128
     assert re.search(r'catstream_model_info\{version="[^"]+"\} 1', text)
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    documented = set(re.findall(r"`(catstream_\w+)", readme.split("## Health and metrics")[1].split("\n## ")[0]))
+    served = set(re.findall(r"^# TYPE (\S+)", text, flags=re.M))
+    assert len(documented) >= 15 and documented == served
     assert node.stop() == 0
