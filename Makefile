@@ -4,13 +4,19 @@ PYTHON ?= python3
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test install bench clean
+.PHONY: demo test install bench clean browser
 
 demo: $(STAMP)  ## run the whole chain on embedded defaults
 	$(VENV)/bin/catstream demo
 
-test: $(STAMP)  ## run the test suite (unit, property, integration, end-to-end)
+test: $(STAMP) browser  ## run the test suite (unit, property, integration, end-to-end)
 	$(PY) -m pytest
+
+# Headless Chromium and ChromeDriver for the audit report's browser test (Debian packages).
+browser:
+	@command -v chromedriver >/dev/null 2>&1 || { \
+	  apt-get update -q >/dev/null && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium chromium-driver >/dev/null; }
 
 bench: $(STAMP)  ## throughput benchmark: naive loop vs the pipeline
 	$(PY) bench/throughput.py

@@ -72,6 +72,27 @@ def _build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="ONNX Runtime threads")
     _add_tracking(evaluate)
 
+    audit = commands.add_parser("audit", help="per-category error audit with SHAP attributions: HTML report + JSON "
+                                "+ candidate dictionary entries")
+    audit.add_argument("--model", required=True, help="bundle directory or models:/NAME@ALIAS")
+    audit.add_argument("--data", required=True, type=Path, help="labeled offer file or history store")
+    audit.add_argument("--out", required=True, type=Path, help="report directory (audit.html, audit.json, "
+                       "candidates/category_exclusions.tsv)")
+    audit.add_argument("--split", choices=("auto", "random", "time", "all"), default="auto",
+                       help="auto: the model's own held-out offers when DATA is its training data, else every "
+                       "labeled offer (default auto)")
+    audit.add_argument("--worst", type=int, default=10, help="categories explained in detail, worst first (default 10)")
+    audit.add_argument("--category", action="append", default=[], metavar="PATH",
+                       help="also explain this category in detail, e.g. 'Kids > Apparel > Dresses' (repeatable)")
+    audit.add_argument("--samples", type=int, default=6,
+                       help="misclassified offers explained per detailed category (default 6)")
+    audit.add_argument("--max-evals", type=int, default=300,
+                       help="model evaluations per explained offer; more is slower and less noisy (default 300)")
+    audit.add_argument("--image-grid", type=int, default=4, help="image regions per side (default 4: 16 regions)")
+    audit.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="ONNX Runtime threads")
+    audit.add_argument("--seed", type=int, default=0, help="sampling and permutation seed (default 0)")
+    _add_tracking(audit)
+
     ablation = commands.add_parser("ablation", help="measure each ingredient: title → + mall → + image → + season "
                                    "balance → + cleaning → + dictionary")
     ablation.add_argument("--data", required=True, type=Path, help="labeled offer file or history store")
@@ -330,6 +351,29 @@ def _cmd_evaluate(args) -> int:
     return 0
 
 
+def _cmd_audit(args) -> int:
+    from training.audit import AuditOptions, run_audit, write_audit
+    from training.tracking import resolve_model_uri
+
+    for name, value in (("--worst", args.worst), ("--samples", args.samples), ("--image-grid", args.image_grid)):
+        if value < (0 if name == "--worst" else 1):
+            raise ValueError(f"{name} must be at least {0 if name == '--worst' else 1}, got {value}")
+    model = resolve_model_uri(args.model, tracking=_tracking(args))
+    options = AuditOptions(split=args.split, worst=args.worst, categories=tuple(args.category),
+                           samples_per_category=args.samples, max_evals=args.max_evals, image_grid=args.image_grid,
+                           threads=args.threads, seed=args.seed)
+    report = run_audit(model, args.data, options)
+    paths = write_audit(report, args.out)
+    s = report.summary
+    print(f"audited {s['offers']} offers: top-1 accuracy {100 * s['accuracy']:.2f}%, "
+          f"uncertain {100 * s['uncertain_rate']:.1f}%, {s['explained_offers']} errors explained in {s['seconds']} s")
+    for row in report.categories[:5]:
+        print(f"  {100 * row['error_rate']:5.1f}%  {row['category']}  ({row['support']} offers)")
+    print(f"report: {paths['html']} (and {paths['json'].name})")
+    print(f"candidate dictionary entries for review: {paths['candidates']} ({len(report.candidates)} rules)")
+    return 0
+
+
 def _cmd_ablation(args) -> int:
     from training.ablation import run_ablation, write_ablation
 
@@ -460,6 +504,7 @@ _COMMANDS = {
     "synth": _cmd_synth,
     "train": _cmd_train,
     "evaluate": _cmd_evaluate,
+    "audit": _cmd_audit,
     "ablation": _cmd_ablation,
     "tune": _cmd_tune,
     "history": _cmd_history,

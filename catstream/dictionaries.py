@@ -117,11 +117,14 @@ def _rows(path: Path, *, min_columns: int):
     if not path.exists():
         return
     with path.open(encoding="utf-8", newline="") as handle:
+        first = True
         for number, row in enumerate(csv.reader(handle, delimiter="\t"), start=1):
             if not row or not row[0].strip() or row[0].lstrip().startswith("#"):
                 continue
-            if number == 1 and row[0].strip().lower() in {"term", "keyword"}:
-                continue  # header
+            if first and row[0].strip().lower() in {"term", "keyword"}:
+                first = False
+                continue  # header (the first line that is not a comment)
+            first = False
             if len(row) < min_columns:
                 raise DictionaryError(f"{path}:{number}: expected {min_columns} tab-separated columns")
             yield row, f"{path}:{number}"

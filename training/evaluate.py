@@ -26,7 +26,8 @@ from training.baselines import BASELINES, decision_scores, fit_baseline
 from training.splits import SplitSpec, split_offers
 from training.train import data_fingerprint, load_labeled, progress_bar, select_labels
 
-__all__ = ["COVERAGE_LEVELS", "evaluate_bundle", "held_out", "render_markdown", "score", "score_model", "write_report"]
+__all__ = ["COVERAGE_LEVELS", "evaluate_bundle", "held_out", "render_markdown", "score", "score_model", "served_probabilities",
+           "write_report"]
 
 log = logging.getLogger(__name__)
 
@@ -178,18 +179,17 @@ def evaluate_bundle(
     return report
 
 
-def score_model(bundle: ModelBundle, test: pd.DataFrame, *, batch_size: int = 256, threads: int = 2,
-                progress: bool = True) -> dict:
-    """:func:`score` of the bundle served as in production (ONNX Runtime, temperature, mask, threshold)."""
+def served_probabilities(bundle: ModelBundle, frame: pd.DataFrame, *, batch_size: int = 256, threads: int = 2,
+                         progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """``(probabilities, masked)`` ``(N, K)`` of the bundle served as in production: ONNX Runtime,
+    softmax at the bundle's temperature, then the exclusion mask (``masked``)."""
     from gpu_workers.inference import OnnxClassifier
 
-    labels = bundle.labels
-    targets = np.array([labels.index(label) for label in test[LABEL]])
     featurizer = Featurizer.from_bundle(bundle)
     classifier = OnnxClassifier(bundle, intra_op_threads=threads)
-    offers = list(offers_from_frame(test))
-    probabilities = np.zeros((len(offers), len(labels)))
-    exclusion = np.zeros((len(offers), len(labels)), dtype=bool)
+    offers = list(offers_from_frame(frame))
+    probabilities = np.zeros((len(offers), len(bundle.labels)))
+    exclusion = np.zeros((len(offers), len(bundle.labels)), dtype=bool)
     for start in progress_bar(range(0, len(offers), batch_size), desc="evaluating model", unit="batch",
                               disable=not progress):
         chunk = [featurizer.featurize(offer) for offer in offers[start : start + batch_size]]
@@ -201,6 +201,15 @@ def score_model(bundle: ModelBundle, test: pd.DataFrame, *, batch_size: int = 25
         probabilities[start : start + len(chunk)] = softmax(logits, bundle.temperature)
         exclusion[start : start + len(chunk)] = np.stack([f.exclusion_mask for f in chunk])
     masked, _ = apply_exclusions(probabilities, exclusion)
+    return probabilities, masked
+
+
+def score_model(bundle: ModelBundle, test: pd.DataFrame, *, batch_size: int = 256, threads: int = 2,
+                progress: bool = True) -> dict:
+    """:func:`score` of the bundle served as in production (ONNX Runtime, temperature, mask, threshold)."""
+    labels = bundle.labels
+    targets = np.array([labels.index(label) for label in test[LABEL]])
+    _, masked = served_probabilities(bundle, test, batch_size=batch_size, threads=threads, progress=progress)
     return score(labels, targets, masked.argmax(1), confidence=masked.max(1), threshold=bundle.threshold,
                  listed_at=test["listed_at"])
 

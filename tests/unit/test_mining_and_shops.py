@@ -28,6 +28,7 @@ def test_miner_proposes_the_planted_gender_rules_with_evidence(tmp_path):
     path = write_candidates(candidates, tmp_path / "dictionary" / "category_exclusions.tsv")
     # the candidates file is a valid dictionary as it stands
     loaded = Dictionaries.load(path.parent)
+    assert len(loaded.exclusions) == len(candidates)  # the header line is not read as a rule
     assert loaded.exclusion_mask("Aurora women summer dress", tuple(LABELS)).tolist() == [False, True, True]
 
 
