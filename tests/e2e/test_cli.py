@@ -14,7 +14,8 @@ from tests.conftest import read_predictions
 
 pytestmark = pytest.mark.integration
 
-SUBCOMMANDS = ("broker", "synth", "train", "produce", "run", "demo")
+SUBCOMMANDS = ("broker", "synth", "train", "evaluate", "audit", "ablation", "tune", "history", "mine-exclusions",
+               "promote", "produce", "run", "demo")
 
 
 def catstream(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -52,6 +53,20 @@ def test_bad_cli_input_gives_a_readable_error(tmp_path, marketplace):
     assert wrong.returncode == 2 and "missing column(s) nope" in wrong.stderr
     no_model = catstream("run", "--model", str(tmp_path / "absent"), "--bootstrap-servers", "127.0.0.1:1")
     assert no_model.returncode == 2 and "Traceback" not in no_model.stderr
+
+
+def test_audit_command_writes_the_report_and_rejects_unknown_categories(tmp_path, bundle, marketplace):
+    out = tmp_path / "audit"
+    done = catstream("audit", "--model", str(bundle), "--data", str(marketplace), "--out", str(out), "--worst", "2",
+                     "--samples", "2", "--max-evals", "100", "--no-tracking")
+    assert done.returncode == 0, done.stderr
+    assert "audited" in done.stdout and "errors explained" in done.stdout
+    assert {p.name for p in out.iterdir()} == {"audit.html", "audit.json", "candidates"}
+    assert (out / "candidates" / "category_exclusions.tsv").is_file()
+    unknown = catstream("audit", "--model", str(bundle), "--data", str(marketplace), "--out", str(out),
+                        "--category", "Nope > Never", "--no-tracking")
+    assert unknown.returncode == 2 and "not categories of this model: Nope > Never" in unknown.stderr
+    assert "Traceback" not in unknown.stderr
 
 
 def test_produce_command_feeds_the_running_node(marketplace, stream_settings, start_node):
