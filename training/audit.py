@@ -35,6 +35,7 @@ import numpy as np
 import pandas as pd
 
 from catstream.bundle import ModelBundle
+from catstream.decision import softmax
 from catstream.dictionaries import PATH_SEPARATOR
 from catstream.features import Featurizer
 from catstream.offer_files import LABEL, offers_from_frame
@@ -104,8 +105,6 @@ class OfferExplainer:
 
     def probabilities(self, offer, outputs: list[int], coalitions: np.ndarray, layout: dict) -> np.ndarray:
         """``(C, len(outputs))`` probabilities of the offer with only each coalition's players present."""
-        from catstream.decision import softmax
-
         features = layout["features"]
         n_words, has_shop = len(layout["words"]), layout["has_shop"]
         titles, malls = [], []
@@ -381,15 +380,15 @@ def run_audit(model: str | Path, data: str | Path, options: AuditOptions = Audit
                                    disable=not progress):
         explanations[row] = explainer.explain(offer, int(predicted[row]), int(targets[row]), base_dir=base_dir)
 
-    details, all_candidates = [], []
+    details, all_candidates = [], {}
     for category in chosen:
         rows_here = [r for group in samples[category].values() for r in group]
         tokens = pushing_tokens([(labels[predicted[r]], explanations[r]) for r in rows_here], top=options.top_tokens)
         candidates = candidate_rules(tokens, labeled, min_support=options.candidate_min_support,
                                      max_violation_rate=options.candidate_max_violation_rate,
                                      min_expected=options.candidate_min_expected)
-        all_candidates += [c for c in candidates if (c.keyword, c.excluded) not in
-                           {(a.keyword, a.excluded) for a in all_candidates}]
+        for candidate in candidates:  # the same rule can come from two categories' errors
+            all_candidates.setdefault((candidate.keyword, candidate.excluded), candidate)
         stats = next(r for r in overview if r["category"] == category)
         details.append({
             "category": category,
@@ -421,7 +420,7 @@ def run_audit(model: str | Path, data: str | Path, options: AuditOptions = Audit
         summary=summary, categories=overview, confused_pairs=confused_pairs(labels, targets, predicted),
         ambiguous_groups=ambiguous_groups(labels, targets, predicted, min_errors=options.min_pair_errors),
         shops=shop_overview(frame, np.array(labels)[predicted], uncertain, bundle, min_offers=options.min_shop_offers),
-        details=details, candidates=all_candidates,
+        details=details, candidates=list(all_candidates.values()),
     )
 
 
