@@ -355,9 +355,10 @@ def _cmd_audit(args) -> int:
     from training.audit import AuditOptions, run_audit, write_audit
     from training.tracking import resolve_model_uri
 
-    for name, value in (("--worst", args.worst), ("--samples", args.samples), ("--image-grid", args.image_grid)):
-        if value < (0 if name == "--worst" else 1):
-            raise ValueError(f"{name} must be at least {0 if name == '--worst' else 1}, got {value}")
+    for name, value, least in (("--worst", args.worst, 0), ("--samples", args.samples, 1),
+                               ("--image-grid", args.image_grid, 1)):
+        if value < least:
+            raise ValueError(f"{name} must be at least {least}, got {value}")
     model = resolve_model_uri(args.model, tracking=_tracking(args))
     options = AuditOptions(split=args.split, worst=args.worst, categories=tuple(args.category),
                            samples_per_category=args.samples, max_evals=args.max_evals, image_grid=args.image_grid,

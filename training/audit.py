@@ -191,7 +191,7 @@ def category_overview(labels: tuple[str, ...], targets: np.ndarray, predicted: n
         rows.append({
             "category": labels[k],
             "support": int(mine.sum()),
-            "error_rate": float(wrong.mean() / mine.mean()),  # top-1 errors / support
+            "error_rate": float(wrong.sum() / mine.sum()),  # top-1 errors / support
             "wrong_answers": int((wrong & ~uncertain).sum()),  # errors that were not held back as uncertain
             "uncertain_rate": float((mine & uncertain).sum() / mine.sum()),
             "wrongly_filed_here": int(into.sum()),
@@ -295,32 +295,50 @@ def pushing_tokens(explained: list[tuple[str, Explanation]], *, top: int) -> lis
             for t in sorted(counts, key=lambda t: (-totals[t], -counts[t], t))[:top]]
 
 
-def candidate_rules(tokens: list[dict], frame: pd.DataFrame, *, min_support: int, max_violation_rate: float,
+@dataclass(frozen=True)
+class LabeledIndex:
+    """The labeled offers as evidence for rules, tokenised once: word → rows, and offers per branch."""
+
+    titles: tuple[str, ...]
+    paths: tuple[tuple[str, ...], ...]
+    rows_with: dict[str, list[int]]
+    per_branch: Counter
+
+    @classmethod
+    def build(cls, frame: pd.DataFrame) -> "LabeledIndex":
+        rows_with: dict[str, list[int]] = defaultdict(list)
+        for i, title in enumerate(frame["title"]):
+            for word in set(words(title)):
+                rows_with[word].append(i)
+        paths = tuple(_path(label) for label in frame[LABEL])
+        per_branch = Counter(path[:depth] for path in paths for depth in range(1, len(path) + 1))
+        return cls(tuple(frame["title"]), paths, dict(rows_with), per_branch)
+
+
+def candidate_rules(tokens: list[dict], evidence: LabeledIndex, *, min_support: int, max_violation_rate: float,
                     min_expected: float) -> list[ExclusionCandidate]:
     """For each token that pushed offers into a wrong category (``toward``): token → the widest
     branch of that category under which the labeled data (almost) never files offers with it,
     although chance would put at least ``min_expected`` there (and four times the violations)."""
-    title_words = [set(words(t)) for t in frame["title"]]
-    paths = [_path(label) for label in frame[LABEL]]
     candidates = []
     for item in tokens:
         token, target = item["token"], _path(item["toward"])
         if token == SHOP_CATEGORY or token.isdigit() or len(token) < 2:
             continue
-        with_token = [i for i, ws in enumerate(title_words) if token in ws]
+        with_token = evidence.rows_with.get(token, [])
         if len(with_token) < min_support:
             continue
         for depth in range(1, len(target) + 1):
             branch = target[:depth]
-            in_branch = sum(1 for i in range(len(paths)) if paths[i][:depth] == branch)
-            violating = [i for i in with_token if paths[i][:depth] == branch]
-            expected = len(with_token) * in_branch / len(paths)  # if the token said nothing about the branch
+            violating = [i for i in with_token if evidence.paths[i][:depth] == branch]
+            # violations expected if the token said nothing about the branch
+            expected = len(with_token) * evidence.per_branch[branch] / len(evidence.paths)
             if (expected >= min_expected and len(violating) <= max_violation_rate * len(with_token)
                     and len(violating) <= expected / 4):
                 candidates.append(ExclusionCandidate(
                     keyword=token, excluded=PATH_SEPARATOR.join(branch), offers_with_keyword=len(with_token),
                     violations=len(violating), expected=round(expected, 1),
-                    examples=tuple(frame["title"].iloc[i] for i in violating[:3]),
+                    examples=tuple(evidence.titles[i] for i in violating[:3]),
                 ))
                 break
     return candidates
@@ -347,7 +365,7 @@ def run_audit(model: str | Path, data: str | Path, options: AuditOptions = Audit
     frame, rows, _, protocol = held_out(bundle, data, split=options.split)
     if not len(rows):
         raise ValueError("no labeled offers to audit")
-    labeled = frame  # every labeled offer: the evidence for candidate rules
+    evidence = LabeledIndex.build(frame)  # every labeled offer backs or refutes candidate rules
     frame = frame.iloc[rows].reset_index(drop=True)
     labels = bundle.labels
     targets = np.array([labels.index(label) for label in frame[LABEL]])
@@ -384,7 +402,7 @@ def run_audit(model: str | Path, data: str | Path, options: AuditOptions = Audit
     for category in chosen:
         rows_here = [r for group in samples[category].values() for r in group]
         tokens = pushing_tokens([(labels[predicted[r]], explanations[r]) for r in rows_here], top=options.top_tokens)
-        candidates = candidate_rules(tokens, labeled, min_support=options.candidate_min_support,
+        candidates = candidate_rules(tokens, evidence, min_support=options.candidate_min_support,
                                      max_violation_rate=options.candidate_max_violation_rate,
                                      min_expected=options.candidate_min_expected)
         for candidate in candidates:  # the same rule can come from two categories' errors

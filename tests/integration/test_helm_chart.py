@@ -370,11 +370,11 @@ def test_every_value_is_documented():
 
 
 def test_dockerfiles_agree_with_the_project_and_the_chart():
-    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    project = pyproject["project"]
     values = yaml.safe_load((CHART / "values.yaml").read_text())
     pins = dict(line.split("==") for line in (REPO / "requirements.lock").read_text().split() if "==" in line)
-    packages = {include.rstrip("*") for include in tomllib.loads((REPO / "pyproject.toml").read_text())[
-        "tool"]["setuptools"]["packages"]["find"]["include"]}
+    packages = {include.rstrip("*") for include in pyproject["tool"]["setuptools"]["packages"]["find"]["include"]}
     for name in ("Dockerfile.cpu", "Dockerfile.cuda", "Dockerfile.train"):
         text = (REPO / "docker" / name).read_text()
         base = re.search(r"^FROM python:(\d+)\.(\d+)\.\d+-slim", text, flags=re.M)

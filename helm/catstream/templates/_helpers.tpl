@@ -46,10 +46,6 @@ app.kubernetes.io/component: {{ .component }}
 {{- printf "%s:%s" $v.repository $tag }}
 {{- end }}
 
-{{- define "catstream.kafkaSecretEnabled" -}}
-{{- if and .Values.kafka.sasl.existingSecret (hasPrefix "SASL" (upper .Values.kafka.securityProtocol)) }}true{{ end }}
-{{- end }}
-
 {{/* Environment shared by every catstream container: Kafka, topics, MLflow. Secrets come from Secrets. */}}
 {{- define "catstream.commonEnv" -}}
 {{- if not .Values.kafka.bootstrapServers }}
