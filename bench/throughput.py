@@ -75,7 +75,7 @@ def naive_loop(bundle: ModelBundle, settings: Settings, expected: int, threads: 
             features = featurizer.featurize(offer)
             logits = model(torch.from_numpy(features.image)[None], torch.tensor([float(features.has_image)]),
                            torch.from_numpy(features.title_ids)[None], torch.from_numpy(features.mall_ids)[None],
-                           torch.tensor([features.mall_weight]))
+                           torch.tensor([features.mall_weight]), torch.from_numpy(features.title_grams)[None])
             probabilities = softmax(logits.numpy(), bundle.temperature)
             (decision,) = decide(probabilities, features.exclusion_mask[None], labels=bundle.labels,
                                  threshold=bundle.threshold)

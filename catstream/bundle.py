@@ -76,6 +76,15 @@ class ModelBundle:
         return self.config["model"]["max_mall_tokens"]
 
     @property
+    def char_buckets(self) -> int:
+        """Buckets of the title's hashed character n-grams; 0 = the model has no such input."""
+        return int(self.config["model"].get("char_buckets", 0))
+
+    @property
+    def max_title_grams(self) -> int:
+        return int(self.config["model"].get("max_title_grams", 0)) if self.char_buckets else 0
+
+    @property
     def threshold(self) -> float:
         return float(self.config["threshold"])
 

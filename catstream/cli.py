@@ -103,6 +103,8 @@ def _build_parser() -> argparse.ArgumentParser:
                           help="also train the full model at these sizes, e.g. 64,128 (comma-separated)")
     ablation.add_argument("--without-pretrained", action="store_true",
                           help="also train the full model without ImageNet weights")
+    ablation.add_argument("--without-char-ngrams", action="store_true",
+                          help="also train the full model without the title's character n-grams")
 
     tune = commands.add_parser("tune", help="random search over learning rate, fusion width and dropout (MLflow)")
     tune.add_argument("--data", required=True, type=Path, help="labeled offer file or history store")
@@ -182,6 +184,11 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--test-share", type=float, default=0.2, help="share of offers held out for testing (default 0.2)")
     group.add_argument("--image-size", type=int, default=96, help="model image input size in pixels (default 96)")
     group.add_argument("--vocab-size", type=int, default=20_000, help="SentencePiece pieces (default 20000)")
+    group.add_argument("--char-buckets", type=int, default=50_000,
+                       help="hash buckets of the title's character 2-5-grams; 0 = no character n-gram input "
+                       "(default 50000)")
+    group.add_argument("--max-title-grams", type=int, default=192,
+                       help="character n-grams kept per title (default 192)")
     group.add_argument("--finetune-blocks", type=int, default=0,
                        help="last MobileNetV2 blocks trained with the head; 0 = frozen backbone (default 0)")
     group.add_argument("--epochs", type=int, default=12, help="training epochs (default 12)")
@@ -224,6 +231,8 @@ def _training_options(args: argparse.Namespace, **overrides):
         test_share=args.test_share,
         image_size=args.image_size,
         vocab_size=args.vocab_size,
+        char_buckets=args.char_buckets,
+        max_title_grams=args.max_title_grams,
         finetune_blocks=args.finetune_blocks,
         epochs=args.epochs,
         batch_size=args.batch_size,
@@ -380,7 +389,7 @@ def _cmd_ablation(args) -> int:
 
     sizes = [int(v) for v in args.image_sizes.split(",") if v.strip()]
     report = run_ablation(args.data, args.out / "work", _training_options(args), image_sizes=sizes,
-                          without_pretrained=args.without_pretrained)
+                          without_pretrained=args.without_pretrained, without_char_ngrams=args.without_char_ngrams)
     json_path, md_path = write_ablation(report, args.out)
     print(md_path.read_text().split("\n## ")[0].strip())
     print(f"\nreport: {md_path} and {json_path}")

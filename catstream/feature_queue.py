@@ -54,6 +54,7 @@ class QueueLayout:
     max_title_tokens: int
     max_mall_tokens: int
     num_classes: int
+    max_title_grams: int = 0  # hashed character n-grams per title; 0 for models without that input
     meta_bytes: int = 2048
     error_bytes: int = 512
 
@@ -77,6 +78,7 @@ class QueueLayout:
             ("mall_weight", np.dtype(np.float32), (n,)),
             ("title_ids", np.dtype(np.int64), (n, self.max_title_tokens)),
             ("mall_ids", np.dtype(np.int64), (n, self.max_mall_tokens)),
+            ("title_grams", np.dtype(np.int64), (n, self.max_title_grams)),
             ("exclusion", np.dtype(np.bool_), (n, self.num_classes)),
             ("meta", np.dtype(np.uint8), (n, self.meta_bytes)),
             ("error", np.dtype(np.uint8), (n, self.error_bytes)),
@@ -107,6 +109,7 @@ class SlotBatch:
     mall_weight: np.ndarray
     title_ids: np.ndarray
     mall_ids: np.ndarray
+    title_grams: np.ndarray
     exclusion: np.ndarray
     metas: list[dict[str, Any]]
     enqueued_ns: np.ndarray
@@ -157,7 +160,8 @@ class FeatureQueue:
     # --- worker side -----------------------------------------------------------------------------
 
     def put(
-        self, slot: int, *, image, has_image: bool, title_ids, mall_ids, exclusion, meta: dict, mall_weight: float = 1.0
+        self, slot: int, *, image, has_image: bool, title_ids, mall_ids, exclusion, meta: dict, mall_weight: float = 1.0,
+        title_grams=None,
     ) -> None:
         """Fill a FREE slot owned by the caller and publish it as READY.
 
@@ -171,6 +175,8 @@ class FeatureQueue:
         self.mall_weight[slot] = mall_weight
         self.title_ids[slot] = title_ids
         self.mall_ids[slot] = mall_ids
+        if self.layout.max_title_grams:
+            self.title_grams[slot] = title_grams
         self.exclusion[slot] = exclusion
         self.meta[slot, : len(encoded)] = np.frombuffer(encoded, dtype=np.uint8)
         self.meta_len[slot] = len(encoded)
@@ -211,6 +217,7 @@ class FeatureQueue:
             mall_weight=self.mall_weight[slots],
             title_ids=self.title_ids[slots],
             mall_ids=self.mall_ids[slots],
+            title_grams=self.title_grams[slots],
             exclusion=self.exclusion[slots],
             metas=metas,
             enqueued_ns=self.enqueued_ns[slots],

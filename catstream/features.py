@@ -11,6 +11,7 @@ from catstream.bundle import ModelBundle, ShopWeights
 from catstream.dictionaries import Dictionaries
 from catstream.images import ImageLimits, ImageUnavailable, load_image
 from catstream.schemas import Offer
+from catstream.text import char_ngram_ids
 from catstream.tokenizer import Tokenizer
 
 __all__ = ["IMAGE_USED", "OfferFeatures", "Featurizer"]
@@ -20,13 +21,17 @@ IMAGE_USED = "used"
 
 @dataclass(slots=True)
 class OfferFeatures:
-    """Model inputs of one offer. Shapes: image (3, S, S) uint8, ids (T,)/(M,) int64, mask (K,)."""
+    """Model inputs of one offer. Shapes: image (3, S, S) uint8, ids (T,)/(M,)/(G,) int64, mask (K,).
+
+    ``title_grams`` has length 0 for models without the character n-gram input.
+    """
 
     image: np.ndarray
     has_image: bool
     mall_weight: float
     title_ids: np.ndarray
     mall_ids: np.ndarray
+    title_grams: np.ndarray
     exclusion_mask: np.ndarray
     image_status: str
 
@@ -43,6 +48,8 @@ class Featurizer:
         image_size: int,
         max_title_tokens: int,
         max_mall_tokens: int,
+        char_buckets: int = 0,
+        max_title_grams: int = 0,
         shop_weights: ShopWeights = ShopWeights(),
         image_limits: ImageLimits = ImageLimits(),
     ):
@@ -52,6 +59,8 @@ class Featurizer:
         self.image_size = image_size
         self.max_title_tokens = max_title_tokens
         self.max_mall_tokens = max_mall_tokens
+        self.char_buckets = char_buckets
+        self.max_title_grams = max_title_grams if char_buckets else 0
         self.shop_weights = shop_weights
         self.image_limits = image_limits
 
@@ -64,15 +73,20 @@ class Featurizer:
             image_size=bundle.image_size,
             max_title_tokens=bundle.max_title_tokens,
             max_mall_tokens=bundle.max_mall_tokens,
+            char_buckets=bundle.char_buckets,
+            max_title_grams=bundle.max_title_grams,
             shop_weights=bundle.shop_weights(),
             image_limits=image_limits,
         )
 
-    def text_ids(self, title: str, mall_category: str | None) -> tuple[np.ndarray, np.ndarray]:
-        """Token ids of the filtered title and of the mall category."""
-        title_ids = self.tokenizer.encode(self.dictionaries.strip_ambiguous(title), self.max_title_tokens)
+    def text_ids(self, title: str, mall_category: str | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Token ids of the filtered title and of the mall category, and the title's n-gram ids."""
+        title = self.dictionaries.strip_ambiguous(title)
+        title_ids = self.tokenizer.encode(title, self.max_title_tokens)
         mall_ids = self.tokenizer.encode(self.dictionaries.strip_ambiguous(mall_category or ""), self.max_mall_tokens)
-        return title_ids, mall_ids
+        title_grams = (char_ngram_ids(title, self.char_buckets, self.max_title_grams) if self.char_buckets
+                       else np.zeros(0, dtype=np.int64))
+        return title_ids, mall_ids, title_grams
 
     def image(self, offer: Offer, *, base_dir: Path | None = None) -> tuple[np.ndarray, bool, str]:
         """``(image, has_image, status)``; a blank image when it cannot be used, with the reason."""
@@ -90,7 +104,7 @@ class Featurizer:
             return blank, False, error.status
 
     def featurize(self, offer: Offer, *, base_dir: Path | None = None) -> OfferFeatures:
-        title_ids, mall_ids = self.text_ids(offer.title, offer.mall_category)
+        title_ids, mall_ids, title_grams = self.text_ids(offer.title, offer.mall_category)
         image, has_image, status = self.image(offer, base_dir=base_dir)
         return OfferFeatures(
             image=image,
@@ -98,6 +112,7 @@ class Featurizer:
             mall_weight=self.shop_weights(offer.mall_id),
             title_ids=title_ids,
             mall_ids=mall_ids,
+            title_grams=title_grams,
             exclusion_mask=self.dictionaries.exclusion_mask(offer.title, self.labels),
             image_status=status,
         )

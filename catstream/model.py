@@ -6,6 +6,8 @@ Inputs (all batch-first):
     title_ids  (N, T) int64 — SentencePiece ids, 0 = padding
     mall_ids   (N, M) int64
     mall_weight (N,) float32 — how far the shop's own category is trusted (1 = fully, 0 = ignored)
+    title_grams (N, G) int64 — hashed character n-grams of the title words (only when the config has
+                char_buckets), 0 = padding
 Output: logits (N, K).
 """
 
@@ -43,6 +45,8 @@ class FusionConfig:
     max_mall_tokens: int = 16
     text_dim: int = 128
     bigram_buckets: int = 50_000  # hashed piece bigrams per text branch; 0 = unigrams only
+    char_buckets: int = 0  # hashed character n-grams of the title; 0 = none (bundles before they existed)
+    max_title_grams: int = 0
     image_dim: int = 256
     fusion_hidden: int = 512
     dropout: float = 0.2
@@ -84,6 +88,23 @@ class _BagOfPieces(nn.Module):
         return torch.cat([mean, maximum, bigram], dim=1)
 
 
+class _BagOfGrams(nn.Module):
+    """Mean-pooled embeddings of hashed character n-grams (padding ignored).
+
+    Pieces see a word only as the vocabulary cut it; n-grams also match misspellings, inflections
+    and brand names the vocabulary never saw, as fastText's subword vectors do.
+    """
+
+    def __init__(self, buckets: int, dim: int):
+        super().__init__()
+        self.embedding = nn.Embedding(buckets + 1, dim, padding_idx=PAD_ID, sparse=True)
+        self.out_dim = dim
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        present = (ids != PAD_ID).unsqueeze(-1).to(torch.float32)
+        return (self.embedding(ids) * present).sum(dim=1) / present.sum(dim=1).clamp(min=1.0)
+
+
 class FusionModel(nn.Module):
     """Image, title and mall-category branches fused by an MLP head."""
 
@@ -96,7 +117,10 @@ class FusionModel(nn.Module):
         self.image_proj = nn.Sequential(nn.Linear(_MOBILENET_FEATURES, config.image_dim), nn.ReLU())
         self.title = _BagOfPieces(config.vocab_size, config.text_dim, config.bigram_buckets)
         self.mall = _BagOfPieces(config.vocab_size, config.text_dim, config.bigram_buckets)
+        self.title_grams = _BagOfGrams(config.char_buckets, config.text_dim) if config.char_buckets else None
         fused = self.title.out_dim + self.mall.out_dim + config.image_dim
+        if self.title_grams is not None:
+            fused += self.title_grams.out_dim
         self.head = nn.Sequential(
             nn.Dropout(config.dropout),
             nn.Linear(fused, config.fusion_hidden),
@@ -125,11 +149,15 @@ class FusionModel(nn.Module):
         title_ids: torch.Tensor,
         mall_ids: torch.Tensor,
         mall_weight: torch.Tensor,
+        title_grams: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits from pooled image features; training calls this with cached backbone outputs."""
         image = self.image_proj(pooled) * has_image.unsqueeze(1)
         mall = self.mall(mall_ids) * mall_weight.unsqueeze(1)
-        return self.head(torch.cat([self.title(title_ids), mall, image], dim=1))
+        parts = [self.title(title_ids), mall, image]
+        if self.title_grams is not None:
+            parts.append(self.title_grams(title_grams))
+        return self.head(torch.cat(parts, dim=1))
 
     def forward(
         self,
@@ -138,8 +166,9 @@ class FusionModel(nn.Module):
         title_ids: torch.Tensor,
         mall_ids: torch.Tensor,
         mall_weight: torch.Tensor,
+        title_grams: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return self.classify(self.image_features(image), has_image, title_ids, mall_ids, mall_weight)
+        return self.classify(self.image_features(image), has_image, title_ids, mall_ids, mall_weight, title_grams)
 
     def load_imagenet_backbone(self, weights_path: Path) -> None:
         """Load torchvision's ImageNet MobileNetV2 weights (the classifier is dropped)."""

@@ -60,6 +60,7 @@ class Node:
             image_size=self.bundle.image_size,
             max_title_tokens=self.bundle.max_title_tokens,
             max_mall_tokens=self.bundle.max_mall_tokens,
+            max_title_grams=self.bundle.max_title_grams,
             num_classes=len(self.bundle.labels),
         )
         queue = FeatureQueue.create(layout, directory=self.settings.queue_dir)

@@ -46,6 +46,7 @@ class OnnxClassifier:
             raise RuntimeError("CUDAExecutionProvider was asked for but the session fell back to the CPU "
                                "(CUDA or cuDNN libraries not loadable; see the log above)")
         self.input_names = [item.name for item in self.session.get_inputs()]
+        self.uses_title_grams = "title_grams" in self.input_names
         log.info("ONNX Runtime session on %s", self.session.get_providers())
 
     def logits(
@@ -55,12 +56,21 @@ class OnnxClassifier:
         title_ids: np.ndarray,
         mall_ids: np.ndarray,
         mall_weight: np.ndarray | None = None,
+        title_grams: np.ndarray | None = None,
     ) -> np.ndarray:
-        """``(N, K)`` logits; ``mall_weight`` ``(N,)`` defaults to full trust in the shop's category."""
+        """``(N, K)`` logits; ``mall_weight`` ``(N,)`` defaults to full trust in the shop's category.
+
+        ``title_grams`` ``(N, G)`` is required by models with the character n-gram input and
+        ignored by the others (bundles trained before it existed).
+        """
         if mall_weight is None:
             mall_weight = np.ones(len(image), dtype=np.float32)
-        inputs = (image, has_image.astype(np.float32), title_ids, mall_ids, mall_weight.astype(np.float32))
-        feeds = dict(zip(self.input_names, inputs))
+        feeds = {"image": image, "has_image": has_image.astype(np.float32), "title_ids": title_ids,
+                 "mall_ids": mall_ids, "mall_weight": mall_weight.astype(np.float32)}
+        if self.uses_title_grams:
+            if title_grams is None or title_grams.shape[1] == 0:
+                raise ValueError("this model needs the title's character n-grams (title_grams)")
+            feeds["title_grams"] = title_grams
         (logits,) = self.session.run(None, feeds)
         return logits
 

@@ -193,6 +193,7 @@ class PreprocessWorker:
                 exclusion=features.exclusion_mask,
                 meta=meta,
                 mall_weight=features.mall_weight,
+                title_grams=features.title_grams,
             )
         except ValueError as error:
             self.free_slots.appendleft(slot)

@@ -2,7 +2,7 @@
 
 Rows (cumulative, as the design claims them): title only → + mall category → + image →
 + season-balanced history → + label cleaning → + exclusion dictionary; optionally the full
-model at other image sizes and without ImageNet weights. Every row is trained and scored here,
+model at other image sizes, without ImageNet weights and without the character n-grams. Every row is trained and scored here,
 on the same split and the same test offers; temperature and threshold are chosen per row on
 validation data. Scoring uses the PyTorch model (the ONNX export of the same weights agrees to
 about 1e-6, see the export parity check).
@@ -56,7 +56,7 @@ def score_configuration(prepared: Prepared, options: TrainOptions, *, progress: 
 
 
 def run_ablation(data: str | Path, work_dir: str | Path, options: TrainOptions, *, image_sizes: list[int] = (),
-                 without_pretrained: bool = False, progress: bool = True) -> dict:
+                 without_pretrained: bool = False, without_char_ngrams: bool = False, progress: bool = True) -> dict:
     """The ablation report (see :func:`render_ablation`)."""
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -72,6 +72,8 @@ def run_ablation(data: str | Path, work_dir: str | Path, options: TrainOptions, 
              if size != options.image_size]
     if without_pretrained:
         extra.append(("full model without ImageNet weights", dataclasses.replace(options, use_pretrained=False)))
+    if without_char_ngrams and options.char_buckets:
+        extra.append(("full model without character n-grams", dataclasses.replace(options, char_buckets=0)))
     for name, variant in extra:
         log.info("ablation row: %s", name)
         variant_prepared = prepare(data, work_dir / name.replace(" ", "-"), variant, progress=progress)

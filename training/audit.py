@@ -125,7 +125,7 @@ class OfferExplainer:
         logits = self.classifier.logits(
             images, np.full(len(coalitions), features.has_image, np.float32),
             np.stack([i[0] for i in ids]), np.stack([i[1] for i in ids]),
-            np.full(len(coalitions), features.mall_weight, np.float32),
+            np.full(len(coalitions), features.mall_weight, np.float32), np.stack([i[2] for i in ids]),
         )
         return softmax(logits, self.bundle.temperature)[:, outputs]
 

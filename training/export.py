@@ -11,11 +11,16 @@ import torch
 
 from catstream.model import FusionModel
 
-__all__ = ["INPUT_NAMES", "ExportParityError", "export_onnx", "check_parity", "example_inputs"]
+__all__ = ["INPUT_NAMES", "ExportParityError", "export_onnx", "check_parity", "example_inputs", "input_names"]
 
 log = logging.getLogger(__name__)
 
-INPUT_NAMES = ("image", "has_image", "title_ids", "mall_ids", "mall_weight")
+INPUT_NAMES = ("image", "has_image", "title_ids", "mall_ids", "mall_weight", "title_grams")
+
+
+def input_names(model: FusionModel) -> tuple[str, ...]:
+    """The graph's inputs: ``title_grams`` only for models with the character n-gram branch."""
+    return INPUT_NAMES if model.config.char_buckets else INPUT_NAMES[:-1]
 
 
 class ExportParityError(RuntimeError):
@@ -34,7 +39,12 @@ def example_inputs(model: FusionModel, batch: int, *, seed: int = 0) -> tuple[to
     mall[0] = 0  # an offer without mall category
     mall_weight = torch.ones(batch, dtype=torch.float32)
     mall_weight[-1] = 0.25  # a shop whose categories are only partly trusted
-    return image, has_image, title, mall, mall_weight
+    if not config.char_buckets:
+        return image, has_image, title, mall, mall_weight
+    grams = torch.randint(1, config.char_buckets + 1, (batch, config.max_title_grams), generator=generator)
+    grams[:, config.max_title_grams // 3 :] = 0
+    grams[-1] = 0  # a title of symbols only
+    return image, has_image, title, mall, mall_weight, grams
 
 
 def export_onnx(model: FusionModel, path: Path, *, export_batch: int = 2) -> None:
@@ -43,14 +53,15 @@ def export_onnx(model: FusionModel, path: Path, *, export_batch: int = 2) -> Non
     for noisy in ("onnx_ir", "onnxscript", "torch.onnx", "torch.export"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     batch = torch.export.Dim("batch", min=1, max=4096)
-    dynamic = {name: {0: batch} for name in INPUT_NAMES}
+    names = input_names(model)
+    dynamic = {name: {0: batch} for name in names}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
             model,
             example_inputs(model, export_batch),
             dynamo=True,
-            input_names=list(INPUT_NAMES),
+            input_names=list(names),
             output_names=["logits"],
             dynamic_shapes=dynamic,
             verbose=False,
@@ -67,7 +78,7 @@ def check_parity(model: FusionModel, path: Path, *, batch: int = 5, rtol: float 
     with torch.no_grad():
         expected = model(*inputs).numpy()
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    feeds = {name: tensor.numpy() for name, tensor in zip(INPUT_NAMES, inputs)}
+    feeds = {name: tensor.numpy() for name, tensor in zip(input_names(model), inputs)}
     (actual,) = session.run(None, feeds)
     difference = float(np.max(np.abs(actual - expected)))
     try:

@@ -66,6 +66,8 @@ class TrainOptions:
     vocab_size: int = 20_000
     max_title_tokens: int = 32
     max_mall_tokens: int = 16
+    char_buckets: int = 50_000  # hashed character n-grams of the title; 0 = none
+    max_title_grams: int = 192
     min_label_count: int = 50
     rare_leaves: str = "exclude"  # or "parent": roll a rare leaf up to its first frequent ancestor
     split: str = "random"
@@ -185,6 +187,7 @@ def prepare(data: str | Path, out_dir: Path, options: TrainOptions, *, progress:
     report["contradicted_by_exclusion_dictionary"] = int(contradicted[split.train].sum())
 
     train_rows = frame.iloc[split.train]
+    out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer_path = out_dir / "tokenizer.model"
     log.info("training SentencePiece (%d pieces) on %d training offers", options.vocab_size, len(train_rows))
     tokenizer = train_tokenizer(
@@ -201,11 +204,14 @@ def prepare(data: str | Path, out_dir: Path, options: TrainOptions, *, progress:
         image_size=options.image_size,
         max_title_tokens=options.max_title_tokens,
         max_mall_tokens=options.max_mall_tokens,
+        char_buckets=options.char_buckets,
+        max_title_grams=options.max_title_grams if options.char_buckets else 0,
         **options.model,
     )
     featurizer = Featurizer(
         tokenizer=tokenizer, dictionaries=dictionaries, labels=labels, image_size=config.image_size,
         max_title_tokens=config.max_title_tokens, max_mall_tokens=config.max_mall_tokens,
+        char_buckets=config.char_buckets, max_title_grams=config.max_title_grams,
     )
     weights = find_pretrained_weights(options.pretrained) if options.use_pretrained else None
     if weights is None:
@@ -318,7 +324,7 @@ def fit_model(
             keep_mall = (torch.rand(len(idx), generator=generator) >= options.mall_dropout).to(device)
             logits = model.classify(
                 _pooled(model, prepared, idx), inputs["has_image"][idx] * keep_image, inputs["title_ids"][idx],
-                inputs["mall_ids"][idx], inputs["mall_weight"][idx] * keep_mall,
+                inputs["mall_ids"][idx], inputs["mall_weight"][idx] * keep_mall, inputs["title_grams"][idx],
             )
             loss = loss_fn(logits, targets_all[idx])
             for optimizer in optimizers:
@@ -352,6 +358,7 @@ def predict_logits(model: FusionModel, prepared: Prepared, rows: np.ndarray, *, 
         out.append(model.classify(
             _pooled(model, prepared, idx.to(device)), features["has_image"][idx].to(device), features["title_ids"][idx].to(device),
             features["mall_ids"][idx].to(device), features["mall_weight"][idx].to(device),
+            features["title_grams"][idx].to(device),
         ).cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, len(prepared.labels)), dtype=np.float32)
 
@@ -519,15 +526,17 @@ def _featurize(frame: pd.DataFrame, featurizer: Featurizer, *, progress: bool) -
     has_image = np.zeros(n, dtype=np.float32)
     titles = np.zeros((n, featurizer.max_title_tokens), dtype=np.int64)
     malls = np.zeros((n, featurizer.max_mall_tokens), dtype=np.int64)
+    grams = np.zeros((n, featurizer.max_title_grams), dtype=np.int64)
     offers = offers_from_frame(frame)
     for i, offer in enumerate(progress_bar(offers, total=n, desc="featurising", unit="offer", disable=not progress)):
-        titles[i], malls[i] = featurizer.text_ids(offer.title, offer.mall_category)
+        titles[i], malls[i], grams[i] = featurizer.text_ids(offer.title, offer.mall_category)
         images[i], used, _ = featurizer.image(offer)
         has_image[i] = used
     inputs = {
         "has_image": torch.from_numpy(has_image),
         "title_ids": torch.from_numpy(titles),
         "mall_ids": torch.from_numpy(malls),
+        "title_grams": torch.from_numpy(grams),
     }
     return inputs, images
 

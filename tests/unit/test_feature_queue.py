@@ -4,7 +4,7 @@ import pytest
 from catstream.feature_queue import CLAIMED, DONE, FAILED, FREE, READY, FeatureQueue, QueueLayout
 
 LAYOUT = QueueLayout(workers=2, slots_per_worker=3, image_size=8, max_title_tokens=4, max_mall_tokens=2,
-                     num_classes=5, meta_bytes=128)
+                     num_classes=5, max_title_grams=6, meta_bytes=128)
 
 
 @pytest.fixture()
@@ -16,7 +16,7 @@ def queue(tmp_path):
 
 def put(queue, slot, value):
     queue.put(slot, image=np.full((3, 8, 8), value, np.uint8), has_image=True,
-              title_ids=np.arange(4) + value, mall_ids=np.zeros(2, np.int64),
+              title_ids=np.arange(4) + value, mall_ids=np.zeros(2, np.int64), title_grams=np.arange(6) * value,
               exclusion=np.eye(5, dtype=bool)[value % 5], meta={"offer_id": f"o{value}", "t": "한글"})
 
 
@@ -35,6 +35,7 @@ def test_put_claim_complete_cycle_across_two_mappings(queue, tmp_path):
     assert [m["offer_id"] for m in batch.metas] == ["o7", "o9"] and batch.metas[0]["t"] == "한글"
     assert batch.image.shape == (2, 3, 8, 8) and batch.image[0, 0, 0, 0] == 7
     assert batch.title_ids[1].tolist() == [9, 10, 11, 12]
+    assert batch.title_grams[0].tolist() == [0, 7, 14, 21, 28, 35]
     assert (queue.state[[4, 0]] == CLAIMED).all()
     other.complete(4)
     other.fail(0, "inference failed: boom")

@@ -1,0 +1,39 @@
+import zlib
+
+import numpy as np
+from hypothesis import given
+from hypothesis import strategies as st
+
+from catstream.text import CHAR_NGRAM_SIZES, char_ngram_ids, normalize_text
+
+
+def test_grams_are_the_bounded_words_character_ngrams_hashed_by_crc32():
+    ids = char_ngram_ids("flip", 1000, 20)
+    token = "<flip>"
+    smallest, largest = CHAR_NGRAM_SIZES
+    grams = [token[i : i + n] for n in range(smallest, largest + 1) for i in range(len(token) - n + 1)]
+    assert ids[: len(grams)].tolist() == [zlib.crc32(g.encode()) % 1000 + 1 for g in grams]
+    assert (ids[len(grams) :] == 0).all()
+
+
+def test_grams_do_not_cross_words_and_are_truncated_to_length():
+    assert char_ngram_ids("ab cd", 10**6, 40).tolist()[:8] != char_ngram_ids("abcd", 10**6, 40).tolist()[:8]
+    assert (char_ngram_ids("a very long title " * 20, 97, 16) > 0).all()
+    assert (char_ngram_ids("", 97, 16) == 0).all()
+
+
+def test_a_shared_word_gives_shared_grams_whatever_surrounds_it():
+    alone = set(char_ngram_ids("sneakers", 50_000, 64).tolist()) - {0}
+    in_title = set(char_ngram_ids("nike men white sneakers", 50_000, 128).tolist())
+    assert alone <= in_title
+
+
+@given(st.text(max_size=80), st.integers(1, 5000), st.integers(0, 64))
+def test_ids_are_in_range_and_deterministic(text, buckets, length):
+    normalized = normalize_text(text)
+    ids = char_ngram_ids(normalized, buckets, length)
+    assert ids.shape == (length,) and ids.dtype == np.int64
+    assert ((ids >= 0) & (ids <= buckets)).all()
+    assert (char_ngram_ids(normalized, buckets, length) == ids).all()
+    padding = np.flatnonzero(ids == 0)
+    assert len(padding) == 0 or (ids[padding[0] :] == 0).all()  # padding only at the end
