@@ -140,7 +140,7 @@ def main() -> int:
         train_csv = write_marketplace(work / "train", offers=1500, seed=10)
         args.model = work / "model"
         train_bundle(train_csv, args.model, TrainOptions(label_columns=["category"], image_size=args.image_size,
-                                                         epochs=6))
+                                                         epochs=6, calibration="validation"))
     bundle = ModelBundle.load(args.model)
     offers = list(offers_from_frame(read_offer_file(args.data).head(args.offers)))
 

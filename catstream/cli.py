@@ -213,7 +213,12 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--no-exclusions", action="store_true",
                        help="do not use category_exclusions.tsv (neither in training nor at inference)")
     group.add_argument("--target-precision", type=float, default=0.995,
-                       help="precision the 'uncertain' threshold must reach on validation data (default 0.995)")
+                       help="precision the 'uncertain' threshold must reach on held-out data (default 0.995)")
+    group.add_argument("--calibration", choices=("auto", "crossfit", "validation"), default="auto",
+                       help="where temperature and threshold come from: out-of-fold predictions of K models over the "
+                       "training and validation offers (crossfit; the served model then trains on all of them), or "
+                       "the validation offers alone; auto = crossfit on a random split, validation on a time split")
+    group.add_argument("--calibration-folds", type=int, default=4, help="folds for --calibration crossfit (default 4)")
     group.add_argument("--dictionaries", type=Path, help="dictionary directory (default: the repo's dictionaries/)")
     group.add_argument("--pretrained", type=Path, help="ImageNet MobileNetV2 weights file (default: torch hub cache)")
     group.add_argument("--no-pretrained", action="store_true", help="random image-branch initialisation")
@@ -246,6 +251,8 @@ def _training_options(args: argparse.Namespace, **overrides):
         cleaning_folds=args.cleaning_folds,
         use_exclusions=not args.no_exclusions,
         target_precision=args.target_precision,
+        calibration=args.calibration,
+        calibration_folds=args.calibration_folds,
         dictionaries=str(args.dictionaries or DEFAULT_DICTIONARIES),
         pretrained=str(args.pretrained) if args.pretrained else None,
         use_pretrained=not args.no_pretrained,
@@ -332,8 +339,9 @@ def _cmd_train(args) -> int:
     )
     config = result.config
     validation = config["training"]["validation"]
+    held_out = "out-of-fold" if config["training"]["calibration"]["mode"] == "crossfit" else "validation"
     print(f"model bundle {args.out} (version {config['model_version']}) in {config['training']['seconds']:.0f} s: "
-          f"validation accuracy {validation['accuracy']:.4f}, threshold {config['threshold']:.3f} → coverage "
+          f"{held_out} accuracy {validation['accuracy']:.4f}, threshold {config['threshold']:.3f} → coverage "
           f"{validation['coverage']:.3f} at precision {validation['precision']:.4f}")
     if result.report is not None:
         print(result.report_summary)

@@ -6,7 +6,15 @@ label set from data (min count; rarer leaves excluded or rolled up to their pare
 SentencePiece on the training text → per-shop trust in the mall category → featurise → frozen
 MobileNetV2 features (cached on disk per image size) → optional cleanlab label cleaning on K-fold
 out-of-sample probabilities → text branches + head trained on season-balanced samples →
-temperature and "uncertain" threshold on validation → ONNX export with a parity check → bundle.
+temperature and "uncertain" threshold on held-out predictions → ONNX export with a parity check →
+bundle.
+
+Calibration (``--calibration``): ``crossfit`` (the default on a random split) trains K models, each
+without one fold of the training + validation offers, and chooses temperature and threshold on all
+their out-of-fold predictions — eight times as many offers as the validation part alone, so the
+threshold no longer swings with a handful of validation errors — then trains the served model on
+every one of those offers. ``validation`` (the default on a time split, where the newest
+training offers are the best stand-in for the future) calibrates on the validation part only.
 
 The same code runs the ablation table and ``catstream tune``: :func:`prepare` does the expensive
 part once, :func:`fit_model` trains one configuration on it.
@@ -46,8 +54,8 @@ from training.shops import estimate_shop_weights
 from training.splits import Split, SplitSpec, split_offers
 
 __all__ = [
-    "DEFAULT_DICTIONARIES", "INPUTS", "RARE_LEAF_POLICIES", "Prepared", "TrainOptions",
-    "calibrate", "fit_model", "load_labeled", "predict_logits", "prepare", "progress_bar", "train_bundle",
+    "CALIBRATION_MODES", "DEFAULT_DICTIONARIES", "INPUTS", "RARE_LEAF_POLICIES", "Prepared", "TrainOptions",
+    "calibrate", "calibrate_logits", "cross_fitted", "fit_model", "load_labeled", "predict_logits", "prepare", "progress_bar", "train_bundle",
 ]
 
 log = logging.getLogger(__name__)
@@ -55,6 +63,7 @@ log = logging.getLogger(__name__)
 DEFAULT_DICTIONARIES = Path(__file__).resolve().parents[1] / "dictionaries"
 INPUTS = ("title", "mall", "image")
 RARE_LEAF_POLICIES = ("exclude", "parent")
+CALIBRATION_MODES = ("auto", "crossfit", "validation")
 
 
 @dataclass
@@ -89,6 +98,8 @@ class TrainOptions:
     use_exclusions: bool = True  # drop contradicted examples in training; the mask at inference
     shop_min_offers: int = 30
     target_precision: float = 0.995
+    calibration: str = "auto"  # crossfit on a random split, validation on a time split (module docstring)
+    calibration_folds: int = 4
     seed: int = 0
     threads: int = 2
     device: str = "auto"
@@ -103,11 +114,22 @@ class TrainOptions:
             raise ValueError(f"rare_leaves must be one of {', '.join(RARE_LEAF_POLICIES)}")
         if self.cleaning not in CLEANING_MODES:
             raise ValueError(f"cleaning must be one of {', '.join(CLEANING_MODES)}")
+        if self.calibration not in CALIBRATION_MODES:
+            raise ValueError(f"calibration must be one of {', '.join(CALIBRATION_MODES)}")
+        if self.calibration_folds < 2:
+            raise ValueError("calibration_folds must be at least 2")
         unknown = set(self.inputs) - set(INPUTS)
         if unknown or "title" not in self.inputs:
             raise ValueError(f"inputs must include 'title' and be among {', '.join(INPUTS)}")
         self.inputs = tuple(self.inputs)
         self.split_spec  # validates
+
+    @property
+    def calibration_mode(self) -> str:
+        """``crossfit`` or ``validation``: what ``auto`` means for this split."""
+        if self.calibration != "auto":
+            return self.calibration
+        return "crossfit" if self.split == "random" else "validation"
 
     @property
     def split_spec(self) -> SplitSpec:
@@ -412,14 +434,56 @@ def calibrate(model: FusionModel, prepared: Prepared, options: TrainOptions) -> 
     """Temperature and "uncertain" threshold on the validation rows, with the mask as served."""
     validation = prepared.split.validation
     logits = predict_logits(model, prepared, validation, inputs=options.inputs)
-    targets = prepared.targets[validation]
+    return calibrate_logits(logits, prepared, validation, options)
+
+
+def calibrate_logits(logits: np.ndarray, prepared: Prepared, rows: np.ndarray, options: TrainOptions) -> dict:
+    """Temperature and threshold from held-out ``logits`` of ``rows`` (their given labels, the mask as served)."""
+    targets = prepared.targets[rows]
     temperature = fit_temperature(logits, targets)
     threshold, coverage, precision = choose_threshold(
         logits, targets, temperature=temperature, target_precision=options.target_precision,
-        exclusion=prepared.exclusion[validation] if options.use_exclusions else None,
+        exclusion=prepared.exclusion[rows] if options.use_exclusions else None,
     )
     return {"temperature": temperature, "threshold": threshold, "coverage": coverage, "precision": precision,
-            "accuracy": float((logits.argmax(1) == targets).mean())}
+            "accuracy": float((logits.argmax(1) == targets).mean()), "offers": int(len(rows))}
+
+
+def cross_fitted(
+    prepared: Prepared, options: TrainOptions, *, train_rows: np.ndarray, targets: np.ndarray, progress: bool = True,
+) -> tuple[FusionModel, list[dict], dict]:
+    """Cross-fitted calibration, then the served model on every training and validation offer.
+
+    ``train_rows``/``targets`` are the training rows after the dictionary and cleaning; the
+    validation rows join them for fitting (minus those the dictionary contradicts, as for any
+    training row) and are never cleaned. Every training and validation offer is predicted once by
+    the fold model that did not see it; temperature and threshold are chosen on those predictions
+    with the labels as given. The history holds the final model's loss and, per epoch, the
+    out-of-fold accuracy averaged over the folds.
+    """
+    validation = prepared.split.validation
+    if options.use_exclusions:
+        validation = validation[~prepared.contradicted[validation]]
+    fit_rows = np.concatenate([train_rows, validation])
+    held_rows = np.sort(np.concatenate([prepared.split.train, prepared.split.validation]))
+    fold_of = np.full(len(prepared.targets), -1)
+    fold_of[held_rows] = np.random.default_rng(options.seed).permutation(len(held_rows)) % options.calibration_folds
+    logits = np.zeros((len(held_rows), len(prepared.labels)), dtype=np.float32)
+    fold_histories = []
+    for fold in range(options.calibration_folds):
+        held = held_rows[fold_of[held_rows] == fold]
+        model, fold_history = fit_model(
+            prepared, options, train_rows=fit_rows[fold_of[fit_rows] != fold], validation_rows=held, targets=targets,
+            progress=progress, description=f"calibration fold {fold + 1}/{options.calibration_folds}",
+        )
+        logits[fold_of[held_rows] == fold] = predict_logits(model, prepared, held, inputs=options.inputs)
+        fold_histories.append(fold_history)
+    calibration = calibrate_logits(logits, prepared, held_rows, options) | {"folds": options.calibration_folds}
+    model, history = fit_model(prepared, options, train_rows=fit_rows, targets=targets, progress=progress,
+                               description="training on all folds")
+    for epoch, record in enumerate(history):
+        record["val_accuracy"] = float(np.mean([fold[epoch]["val_accuracy"] for fold in fold_histories]))
+    return model, history, calibration
 
 
 def train_bundle(data: str | Path, out_dir: str | Path, options: TrainOptions, *, progress: bool = True) -> dict:
@@ -437,14 +501,19 @@ def train_bundle(data: str | Path, out_dir: str | Path, options: TrainOptions, *
     rows, targets, cleaning_report = training_rows(prepared, options, progress=progress)
     stages["clean"] = time.monotonic() - clock
     clock = time.monotonic()
-    model, history = fit_model(prepared, options, train_rows=rows, validation_rows=prepared.split.validation,
-                               targets=targets, progress=progress)
+    mode = options.calibration_mode
+    if mode == "crossfit":
+        model, history, calibration = cross_fitted(prepared, options, train_rows=rows, targets=targets,
+                                                   progress=progress)
+    else:
+        model, history = fit_model(prepared, options, train_rows=rows, validation_rows=prepared.split.validation,
+                                   targets=targets, progress=progress)
+        calibration = calibrate(model, prepared, options)
     stages["fit"] = time.monotonic() - clock
-
-    calibration = calibrate(model, prepared, options)
     temperature, threshold = calibration["temperature"], calibration["threshold"]
-    log.info("validation accuracy %.4f; temperature %.2f; threshold %.3f → coverage %.3f at precision %.4f",
-             calibration["accuracy"], temperature, threshold, calibration["coverage"], calibration["precision"])
+    log.info("%s accuracy %.4f on %d offers; temperature %.2f; threshold %.3f → coverage %.3f at precision %.4f",
+             "out-of-fold" if mode == "crossfit" else "validation", calibration["accuracy"], calibration["offers"],
+             temperature, threshold, calibration["coverage"], calibration["precision"])
 
     clock = time.monotonic()
     export_onnx(model, out_dir / "model.onnx")
@@ -480,6 +549,7 @@ def train_bundle(data: str | Path, out_dir: str | Path, options: TrainOptions, *
             "data_report": prepared.report | cleaning_report,
             "history": history,
             "validation": {k: calibration[k] for k in ("accuracy", "coverage", "precision")},
+            "calibration": {"mode": mode, "offers": calibration["offers"], "folds": calibration.get("folds")},
             "onnx_parity_max_abs_diff": parity,
             "stage_seconds": {k: round(v, 1) for k, v in stages.items()},
             "seconds": round(time.monotonic() - started, 1),

@@ -49,6 +49,17 @@ def test_first_registered_version_becomes_champion_and_the_run_is_complete(champ
     assert str(registry.champion().version) == "1"
 
 
+def test_random_split_calibrates_on_out_of_fold_predictions_of_every_training_offer(champion_run):
+    first, _ = champion_run
+    training = first.config["training"]
+    report = training["data_report"]
+    assert training["calibration"] == {"mode": "crossfit", "folds": 4,
+                                       "offers": report["train_offers"] + report["validation_offers"]}
+    assert 0.8 < training["validation"]["accuracy"] < 1.0  # fold models, not the final model on its own training data
+    assert all(0.0 < record["val_accuracy"] <= 1.0 for record in training["history"])
+    assert training["stage_seconds"]["fit"] > 0
+
+
 def test_evaluation_report_has_every_section_and_both_baselines(champion_run):
     report = champion_run[0].report
     assert set(report["results"]) == {"catstream", "tfidf-word", "tfidf-word-char"}
