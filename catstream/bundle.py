@@ -6,6 +6,8 @@
     tokenizer.model    SentencePiece model
     labels.json        category paths, index = model output index
     dictionaries/      the dictionary files the model was trained with
+    training_offers.txt  offer_id of every offer its training or calibration saw (one per line), so
+                       a later model is compared with it only on offers neither has seen
     config.json        model config, input sizes, threshold, temperature, version, metrics
 """
 
@@ -18,10 +20,11 @@ from typing import Any
 
 from catstream.dictionaries import Dictionaries
 
-__all__ = ["BUNDLE_FORMAT", "SHOPS_FILE", "BundleError", "ModelBundle", "ShopWeights"]
+__all__ = ["BUNDLE_FORMAT", "SHOPS_FILE", "TRAINING_OFFERS_FILE", "BundleError", "ModelBundle", "ShopWeights"]
 
 BUNDLE_FORMAT = 2  # 2: mall_weight input, shops.json
 SHOPS_FILE = "shops.json"
+TRAINING_OFFERS_FILE = "training_offers.txt"
 _REQUIRED = ("config.json", "labels.json", "model.onnx", "tokenizer.model")
 
 
@@ -99,6 +102,13 @@ class ModelBundle:
     @property
     def tokenizer_path(self) -> Path:
         return self.path / "tokenizer.model"
+
+    def training_offer_ids(self) -> frozenset[str] | None:
+        """The offers its training or calibration saw; None for bundles that did not record them."""
+        path = self.path / TRAINING_OFFERS_FILE
+        if not path.is_file():
+            return None
+        return frozenset(line for line in path.read_text(encoding="utf-8").splitlines() if line)
 
     def shop_weights(self) -> ShopWeights:
         """Trust in each shop's own category (``shops.json``); every shop gets 1.0 without it."""

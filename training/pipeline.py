@@ -1,9 +1,12 @@
 """train → evaluate on held-out offers → log to MLflow → register → promote if better.
 
 This is what ``catstream train`` and the retraining CronJob run. Promotion compares the new
-version with the current ``champion`` on the *same* evaluation offers (the new model's held-out
-rows), each served exactly as in production (ONNX, temperature, mask, threshold); the alias
-moves only when the new version is more accurate (macro-F1 breaks ties).
+version with the current ``champion`` on the *same* evaluation offers — the new model's held-out
+rows that the champion did not see either (its bundle lists the offers it trained and calibrated
+on) — each served exactly as in production (ONNX, temperature, mask, threshold); the alias moves
+only when the new version is more accurate (macro-F1 breaks ties). Without that restriction a
+champion trained on a different split, or on an older history that holds today's test offers,
+would be judged on offers it had learned.
 """
 
 from __future__ import annotations
@@ -96,16 +99,30 @@ def compare_with_champion(tracking: Tracking, version: str, bundle_dir: Path, da
         promotion = Promotion(version, True, reason, challenger, None, None)
     else:
         champion_bundle = ModelBundle.load(tracking.download(MODEL_NAME, current.version))
-        known = test[LABEL].isin(champion_bundle.labels).to_numpy()
-        champion = _summary(score_model(champion_bundle, test[known].reset_index(drop=True), progress=False))
-        # offers in categories the champion does not know count as its errors
-        champion["accuracy"] *= known.mean()
-        better = (challenger["accuracy"], challenger["macro_f1"]) > (champion["accuracy"], champion["macro_f1"])
-        reason = (f"accuracy {challenger['accuracy']:.4f} vs champion v{current.version} {champion['accuracy']:.4f} "
-                  f"on the same {len(test)} held-out offers ({protocol} split)")
-        if better:
-            tracking.set_champion(version)
-        promotion = Promotion(version, better, reason, challenger, champion, str(current.version))
+        seen = champion_bundle.training_offer_ids()
+        if seen is None:
+            log.warning("champion v%s does not list its training offers: it is compared on all %d held-out offers, "
+                        "some of which it may have learned", current.version, len(test))
+            common = test
+        else:
+            common = test[~test["offer_id"].isin(seen)].reset_index(drop=True)
+        if common.empty:
+            reason = f"none of the {len(test)} held-out offers is unseen by champion v{current.version}; kept it"
+            promotion = Promotion(version, False, reason, challenger, None, str(current.version))
+        else:
+            contender = challenger if len(common) == len(test) else _summary(score_model(
+                challenger_bundle, common, progress=False))
+            known = common[LABEL].isin(champion_bundle.labels).to_numpy()
+            champion = _summary(score_model(champion_bundle, common[known].reset_index(drop=True), progress=False))
+            # offers in categories the champion does not know count as its errors
+            champion["accuracy"] *= known.mean()
+            better = (contender["accuracy"], contender["macro_f1"]) > (champion["accuracy"], champion["macro_f1"])
+            reason = (f"accuracy {contender['accuracy']:.4f} vs champion v{current.version} {champion['accuracy']:.4f} "
+                      f"on the same {len(common)} held-out offers ({protocol} split"
+                      + (")" if len(common) == len(test) else f"; {len(test) - len(common)} the champion saw left out)"))
+            if better:
+                tracking.set_champion(version)
+            promotion = Promotion(version, better, reason, contender, champion, str(current.version))
     for key, value in challenger.items():
         client.set_model_version_tag(MODEL_NAME, version, f"eval_{key}", f"{value:.5f}")
     client.set_model_version_tag(MODEL_NAME, version, "promotion", promotion.reason)

@@ -11,7 +11,7 @@ bundle.
 
 Calibration (``--calibration``): ``crossfit`` (the default on a random split) trains K models, each
 without one fold of the training + validation offers, and chooses temperature and threshold on all
-their out-of-fold predictions — eight times as many offers as the validation part alone, so the
+their out-of-fold predictions — ten times as many offers as the validation part alone, so the
 threshold no longer swings with a handful of validation errors — then trains the served model on
 every one of those offers. ``validation`` (the default on a time split, where the newest
 training offers are the best stand-in for the future) calibrates on the validation part only.
@@ -40,7 +40,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from catstream.bundle import BUNDLE_FORMAT, SHOPS_FILE
+from catstream.bundle import BUNDLE_FORMAT, SHOPS_FILE, TRAINING_OFFERS_FILE
 from catstream.dictionaries import PATH_SEPARATOR, Dictionaries
 from catstream.features import Featurizer
 from catstream.model import BACKBONE_BLOCKS, FusionConfig, FusionModel, find_pretrained_weights
@@ -527,6 +527,9 @@ def train_bundle(data: str | Path, out_dir: str | Path, options: TrainOptions, *
         for name in ("ambiguous_terms.tsv",):
             if (Path(options.dictionaries) / name).is_file():
                 shutil.copy(Path(options.dictionaries) / name, out_dir / "dictionaries" / name)
+    seen = np.sort(np.concatenate([prepared.split.train, prepared.split.validation]))
+    (out_dir / TRAINING_OFFERS_FILE).write_text("".join(f"{offer_id}\n" for offer_id in prepared.frame["offer_id"].iloc[seen]),
+                                                encoding="utf-8")
     (out_dir / "labels.json").write_text(json.dumps(list(prepared.labels), ensure_ascii=False, indent=1))
     (out_dir / SHOPS_FILE).write_text(json.dumps({
         "default": 1.0, "weights": prepared.shop_weights,

@@ -76,12 +76,22 @@ def test_worse_model_does_not_take_the_champion_alias(champion_run, marketplace,
     from training.pipeline import train_evaluate_register
     from training.tracking import resolve_model_uri
 
+    from training.evaluate import held_out
+
     first, cache = champion_run
+    # another seed, so another split: part of v2's held-out offers were v1's training offers
     worse = train_evaluate_register(
-        marketplace, tmp_path / "v2", small_training_options(cache, epochs=1, learning_rate=1e-4, cleaning="off"),
+        marketplace, tmp_path / "v2", small_training_options(cache, epochs=1, learning_rate=1e-4, cleaning="off", seed=1),
         register=True, tracking=registry, progress=False)
     assert worse.registered.version == "2" and not worse.registered.promoted
     assert worse.registered.champion_version == "1"
+    v1 = ModelBundle.load(resolve_model_uri("models:/catstream/1", tracking=registry))
+    frame, v1_test, v1_seen, _ = held_out(v1, marketplace)
+    assert v1.training_offer_ids() == set(frame["offer_id"].iloc[v1_seen]) and len(v1_seen) + len(v1_test) == len(frame)
+    frame, v2_test, _, _ = held_out(ModelBundle.load(tmp_path / "v2"), marketplace)
+    unseen_by_both = set(frame["offer_id"].iloc[v2_test]) - v1.training_offer_ids()
+    assert 0 < len(unseen_by_both) < len(v2_test)
+    assert f"on the same {len(unseen_by_both)} held-out offers" in worse.registered.reason
     assert str(registry.champion().version) == "1"
     served = resolve_model_uri("models:/catstream@champion", tracking=registry)
     assert ModelBundle.load(served).version == first.config["model_version"]
