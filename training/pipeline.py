@@ -19,7 +19,7 @@ import numpy as np
 
 from catstream.bundle import ModelBundle
 from catstream.offer_files import LABEL
-from training.evaluate import evaluate_bundle, held_out, score_model, write_report
+from training.evaluate import evaluate_bundle, held_out, score, score_model, served_probabilities, write_report
 from training.tracking import CHAMPION, MODEL_NAME, Tracking
 from training.train import TrainOptions, train_bundle
 
@@ -90,7 +90,15 @@ def compare_with_champion(tracking: Tracking, version: str, bundle_dir: Path, da
     challenger_bundle = ModelBundle.load(bundle_dir)
     frame, test_rows, _, protocol = held_out(challenger_bundle, data)
     test = frame.iloc[test_rows].reset_index(drop=True)
-    challenger = _summary(score_model(challenger_bundle, test, progress=False))
+    _, masked = served_probabilities(challenger_bundle, test, progress=False)
+    targets = np.array([challenger_bundle.labels.index(label) for label in test[LABEL]])
+
+    def challenger_on(rows: np.ndarray) -> dict:
+        return _summary(score(challenger_bundle.labels, targets[rows], masked[rows].argmax(1),
+                              confidence=masked[rows].max(1), threshold=challenger_bundle.threshold,
+                              listed_at=test["listed_at"].iloc[rows]))
+
+    challenger = challenger_on(np.arange(len(test)))
     current = tracking.champion()
     client = tracking.client()
     if current is None:
@@ -103,15 +111,15 @@ def compare_with_champion(tracking: Tracking, version: str, bundle_dir: Path, da
         if seen is None:
             log.warning("champion v%s does not list its training offers: it is compared on all %d held-out offers, "
                         "some of which it may have learned", current.version, len(test))
-            common = test
+            unseen = np.ones(len(test), dtype=bool)
         else:
-            common = test[~test["offer_id"].isin(seen)].reset_index(drop=True)
+            unseen = ~test["offer_id"].isin(seen).to_numpy()
+        common = test[unseen].reset_index(drop=True)
         if common.empty:
             reason = f"none of the {len(test)} held-out offers is unseen by champion v{current.version}; kept it"
             promotion = Promotion(version, False, reason, challenger, None, str(current.version))
         else:
-            contender = challenger if len(common) == len(test) else _summary(score_model(
-                challenger_bundle, common, progress=False))
+            contender = challenger_on(np.flatnonzero(unseen))
             known = common[LABEL].isin(champion_bundle.labels).to_numpy()
             champion = _summary(score_model(champion_bundle, common[known].reset_index(drop=True), progress=False))
             # offers in categories the champion does not know count as its errors

@@ -55,7 +55,8 @@ from training.splits import Split, SplitSpec, split_offers
 
 __all__ = [
     "CALIBRATION_MODES", "DEFAULT_DICTIONARIES", "INPUTS", "RARE_LEAF_POLICIES", "Prepared", "TrainOptions",
-    "calibrate", "calibrate_logits", "cross_fitted", "fit_model", "load_labeled", "predict_logits", "prepare", "progress_bar", "train_bundle",
+    "calibrate", "calibrate_logits", "cross_fitted", "fit_model", "load_labeled", "predict_logits", "prepare",
+    "progress_bar", "train_bundle",
 ]
 
 log = logging.getLogger(__name__)
@@ -527,9 +528,8 @@ def train_bundle(data: str | Path, out_dir: str | Path, options: TrainOptions, *
         for name in ("ambiguous_terms.tsv",):
             if (Path(options.dictionaries) / name).is_file():
                 shutil.copy(Path(options.dictionaries) / name, out_dir / "dictionaries" / name)
-    seen = np.sort(np.concatenate([prepared.split.train, prepared.split.validation]))
-    (out_dir / TRAINING_OFFERS_FILE).write_text("".join(f"{offer_id}\n" for offer_id in prepared.frame["offer_id"].iloc[seen]),
-                                                encoding="utf-8")
+    seen = prepared.frame["offer_id"].iloc[np.sort(np.concatenate([prepared.split.train, prepared.split.validation]))]
+    (out_dir / TRAINING_OFFERS_FILE).write_text("".join(f"{offer_id}\n" for offer_id in seen), encoding="utf-8")
     (out_dir / "labels.json").write_text(json.dumps(list(prepared.labels), ensure_ascii=False, indent=1))
     (out_dir / SHOPS_FILE).write_text(json.dumps({
         "default": 1.0, "weights": prepared.shop_weights,
