@@ -25,13 +25,15 @@ __all__ = ["ABLATION_ROWS", "run_ablation", "render_ablation", "score_configurat
 
 log = logging.getLogger(__name__)
 
+CLEANED = "cleaned"  # the run's --cleaning mode, or drop when it is off (the default)
+
 ABLATION_ROWS: tuple[tuple[str, dict], ...] = (
     ("title only", dict(inputs=("title",), season_balance=False, cleaning="off", use_exclusions=False)),
     ("+ mall category", dict(inputs=("title", "mall"), season_balance=False, cleaning="off", use_exclusions=False)),
     ("+ image", dict(inputs=("title", "mall", "image"), season_balance=False, cleaning="off", use_exclusions=False)),
     ("+ season-balanced history", dict(season_balance=True, cleaning="off", use_exclusions=False)),
-    ("+ label cleaning", dict(season_balance=True, use_exclusions=False)),
-    ("+ exclusion dictionary", dict(season_balance=True, use_exclusions=True)),
+    ("+ label cleaning", dict(season_balance=True, cleaning=CLEANED, use_exclusions=False)),
+    ("+ exclusion dictionary", dict(season_balance=True, cleaning=CLEANED, use_exclusions=True)),
 )
 
 
@@ -63,8 +65,11 @@ def run_ablation(data: str | Path, work_dir: str | Path, options: TrainOptions, 
     prepared = prepare(data, work_dir, options, progress=progress)
     report = {"data": str(Path(data).resolve()), "protocol": options.split, "image_size": options.image_size,
               "test_offers": int(len(prepared.split.test)), "categories": len(prepared.labels), "rows": []}
+    cleaning = options.cleaning if options.cleaning != "off" else "drop"
     for name, overrides in ABLATION_ROWS:
         log.info("ablation row: %s", name)
+        if overrides.get("cleaning") == CLEANED:
+            overrides = overrides | {"cleaning": cleaning}
         result = score_configuration(prepared, dataclasses.replace(options, **overrides), progress=progress)
         report["rows"].append({"row": name} | result)
         log.info("%s: accuracy %.4f, macro-F1 %.4f", name, result["accuracy"], result["macro_f1"])

@@ -128,13 +128,15 @@ def test_unreliable_shop_is_down_weighted_in_the_bundle_and_at_inference(bundle,
 def test_ablation_measures_every_row(marketplace, tmp_path):
     from training.ablation import ABLATION_ROWS, render_ablation, run_ablation
 
-    report = run_ablation(marketplace, tmp_path, small_training_options(tmp_path / "cache", epochs=3),
+    # cleaning off, as by default: the cleaning rows must still clean
+    report = run_ablation(marketplace, tmp_path, small_training_options(tmp_path / "cache", epochs=3, cleaning="off"),
                           without_char_ngrams=True, progress=False)
     assert [row["row"] for row in report["rows"]] == [name for name, _ in ABLATION_ROWS] + [
         "full model without character n-grams"]
     # each row was trained: different configurations give different training sets or scores
     assert report["rows"][4]["training_offers"] < report["rows"][3]["training_offers"]  # cleaning dropped labels
-    assert report["rows"][4]["cleaning"]["flagged"] > 0
+    assert report["rows"][4]["cleaning"]["flagged"] > 0 and report["rows"][5]["cleaning"]["mode"] == "drop"
+    assert "cleaning" not in report["rows"][6]  # the extra rows are the run's own configuration
     assert len({round(row["accuracy"], 6) for row in report["rows"]}) >= 3
     assert "| + exclusion dictionary |" in render_ablation(report)
 
