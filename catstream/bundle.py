@@ -85,7 +85,7 @@ class ModelBundle:
 
     @property
     def max_title_grams(self) -> int:
-        return int(self.config["model"].get("max_title_grams", 0)) if self.char_buckets else 0
+        return int(self.config["model"].get("max_title_grams", 0))
 
     @property
     def threshold(self) -> float:
