@@ -214,6 +214,9 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
                        help="do not use category_exclusions.tsv (neither in training nor at inference)")
     group.add_argument("--target-precision", type=float, default=0.995,
                        help="precision the 'uncertain' threshold must reach on held-out data (default 0.995)")
+    group.add_argument("--threshold-confidence", type=float, default=0.95,
+                       help="confidence with which the held-out precision must reach the target (one-sided "
+                       "Clopper-Pearson lower bound; 0 = the observed precision; default 0.95)")
     group.add_argument("--calibration", choices=("auto", "crossfit", "validation"), default="auto",
                        help="where temperature and threshold come from: out-of-fold predictions of K models over the "
                        "training and validation offers (crossfit; the served model then trains on all of them), or "
@@ -251,6 +254,7 @@ def _training_options(args: argparse.Namespace, **overrides):
         cleaning_folds=args.cleaning_folds,
         use_exclusions=not args.no_exclusions,
         target_precision=args.target_precision,
+        threshold_confidence=args.threshold_confidence,
         calibration=args.calibration,
         calibration_folds=args.calibration_folds,
         dictionaries=str(args.dictionaries or DEFAULT_DICTIONARIES),
@@ -342,7 +346,8 @@ def _cmd_train(args) -> int:
     held_out = "out-of-fold" if config["training"]["calibration"]["mode"] == "crossfit" else "validation"
     print(f"model bundle {args.out} (version {config['model_version']}) in {config['training']['seconds']:.0f} s: "
           f"{held_out} accuracy {validation['accuracy']:.4f}, threshold {config['threshold']:.3f} → coverage "
-          f"{validation['coverage']:.3f} at precision {validation['precision']:.4f}")
+          f"{validation['coverage']:.3f} at precision {validation['precision']:.4f}"
+          + (f" (lower bound {validation['precision_bound']:.4f})" if "precision_bound" in validation else ""))
     if result.report is not None:
         print(result.report_summary)
     if result.registered is not None:

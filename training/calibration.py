@@ -1,12 +1,15 @@
-"""Temperature scaling and the choice of the "uncertain" threshold, both on validation data."""
+"""Temperature scaling and the choice of the "uncertain" threshold, both on held-out predictions."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
+from scipy.stats import beta
 
 from catstream.decision import apply_exclusions, softmax as _softmax
 
-__all__ = ["fit_temperature", "choose_threshold"]
+__all__ = ["Threshold", "choose_threshold", "fit_temperature", "precision_lower_bound"]
 
 
 def fit_temperature(logits: np.ndarray, targets: np.ndarray) -> float:
@@ -17,31 +20,59 @@ def fit_temperature(logits: np.ndarray, targets: np.ndarray) -> float:
     return float(grid[int(np.argmin(nll))])
 
 
+def precision_lower_bound(correct: np.ndarray, accepted: np.ndarray, confidence: float) -> np.ndarray:
+    """One-sided Clopper-Pearson lower bound on precision: ``correct`` of ``accepted`` offers right.
+
+    With ``confidence`` 0 this is the observed precision itself.
+    """
+    correct = np.asarray(correct, dtype=float)
+    accepted = np.asarray(accepted, dtype=float)
+    if not confidence:
+        return correct / np.maximum(accepted, 1)
+    with np.errstate(invalid="ignore"):
+        bound = beta.ppf(1.0 - confidence, correct, accepted - correct + 1)
+    return np.where(correct > 0, bound, 0.0)
+
+
+@dataclass(frozen=True)
+class Threshold:
+    threshold: float
+    coverage: float  # on the data it was chosen on
+    precision: float  # observed there
+    precision_bound: float  # the lower confidence bound the choice was held to
+
+
 def choose_threshold(
     logits: np.ndarray,
     targets: np.ndarray,
     *,
     temperature: float = 1.0,
     target_precision: float,
+    confidence: float = 0.0,
     exclusion: np.ndarray | None = None,
-) -> tuple[float, float, float]:
+) -> Threshold:
     """Lowest confidence threshold whose accepted offers reach ``target_precision``.
 
     The confidences are those serving will see: softmax at ``temperature``, then the exclusion
-    mask ``(N, K)`` if given.
+    mask ``(N, K)`` if given. With ``confidence`` > 0 the target must be met by the one-sided
+    Clopper-Pearson lower bound on precision at that confidence, not by the observed precision:
+    a threshold chosen on the observed precision lands below the target on new offers about half
+    the time. The bound holds per threshold; the scan over thresholds is not corrected for.
 
-    Returns ``(threshold, coverage, precision)`` on the given data. If no threshold reaches the
-    target, the one with the best precision is returned.
+    If no threshold reaches the target, the one with the best bound is returned.
     """
     probabilities, _ = apply_exclusions(_softmax(logits, temperature), exclusion)
-    confidence = probabilities.max(axis=1)
+    confidences = probabilities.max(axis=1)
     correct = probabilities.argmax(axis=1) == targets
-    order = np.argsort(-confidence, kind="stable")
-    cumulative_precision = np.cumsum(correct[order]) / np.arange(1, len(order) + 1)
-    reaching = np.flatnonzero(cumulative_precision >= target_precision)
+    order = np.argsort(-confidences, kind="stable")
+    right = np.cumsum(correct[order])
+    bound = precision_lower_bound(right, np.arange(1, len(order) + 1), confidence)
+    reaching = np.flatnonzero(bound >= target_precision)
     # Accept the longest prefix (most offers) that still meets the target.
-    cut = int(reaching.max()) if len(reaching) else int(np.argmax(cumulative_precision))
+    cut = int(reaching.max()) if len(reaching) else int(np.argmax(bound))
     # Ties: a threshold equal to this confidence also accepts equally confident offers after it.
-    threshold = float(confidence[order[cut]])
-    accepted = confidence >= threshold
-    return threshold, float(accepted.mean()), float(correct[accepted].mean())
+    threshold = float(confidences[order[cut]])
+    accepted = confidences >= threshold
+    hits = int(correct[accepted].sum())
+    return Threshold(threshold=threshold, coverage=float(accepted.mean()), precision=hits / int(accepted.sum()),
+                     precision_bound=float(precision_lower_bound(hits, accepted.sum(), confidence)))

@@ -99,6 +99,7 @@ class TrainOptions:
     use_exclusions: bool = True  # drop contradicted examples in training; the mask at inference
     shop_min_offers: int = 30
     target_precision: float = 0.995
+    threshold_confidence: float = 0.95  # the target must hold at this confidence (Clopper-Pearson), 0: observed
     calibration: str = "auto"  # crossfit on a random split, validation on a time split (module docstring)
     calibration_folds: int = 4
     seed: int = 0
@@ -117,6 +118,8 @@ class TrainOptions:
             raise ValueError(f"cleaning must be one of {', '.join(CLEANING_MODES)}")
         if self.calibration not in CALIBRATION_MODES:
             raise ValueError(f"calibration must be one of {', '.join(CALIBRATION_MODES)}")
+        if not 0.0 <= self.threshold_confidence < 1.0:
+            raise ValueError("threshold_confidence must be in [0, 1)")
         if self.calibration_folds < 2:
             raise ValueError("calibration_folds must be at least 2")
         unknown = set(self.inputs) - set(INPUTS)
@@ -442,11 +445,12 @@ def calibrate_logits(logits: np.ndarray, prepared: Prepared, rows: np.ndarray, o
     """Temperature and threshold from held-out ``logits`` of ``rows`` (their given labels, the mask as served)."""
     targets = prepared.targets[rows]
     temperature = fit_temperature(logits, targets)
-    threshold, coverage, precision = choose_threshold(
+    chosen = choose_threshold(
         logits, targets, temperature=temperature, target_precision=options.target_precision,
-        exclusion=prepared.exclusion[rows] if options.use_exclusions else None,
+        confidence=options.threshold_confidence, exclusion=prepared.exclusion[rows] if options.use_exclusions else None,
     )
-    return {"temperature": temperature, "threshold": threshold, "coverage": coverage, "precision": precision,
+    return {"temperature": temperature, "threshold": chosen.threshold, "coverage": chosen.coverage,
+            "precision": chosen.precision, "precision_bound": chosen.precision_bound,
             "accuracy": float((logits.argmax(1) == targets).mean()), "offers": int(len(rows))}
 
 
@@ -512,9 +516,10 @@ def train_bundle(data: str | Path, out_dir: str | Path, options: TrainOptions, *
         calibration = calibrate(model, prepared, options)
     stages["fit"] = time.monotonic() - clock
     temperature, threshold = calibration["temperature"], calibration["threshold"]
-    log.info("%s accuracy %.4f on %d offers; temperature %.2f; threshold %.3f → coverage %.3f at precision %.4f",
-             "out-of-fold" if mode == "crossfit" else "validation", calibration["accuracy"], calibration["offers"],
-             temperature, threshold, calibration["coverage"], calibration["precision"])
+    log.info("%s accuracy %.4f on %d offers; temperature %.2f; threshold %.3f → coverage %.3f at precision %.4f "
+             "(%.0f%% lower bound %.4f)", "out-of-fold" if mode == "crossfit" else "validation",
+             calibration["accuracy"], calibration["offers"], temperature, threshold, calibration["coverage"],
+             calibration["precision"], 100 * options.threshold_confidence, calibration["precision_bound"])
 
     clock = time.monotonic()
     export_onnx(model, out_dir / "model.onnx")
@@ -551,8 +556,9 @@ def train_bundle(data: str | Path, out_dir: str | Path, options: TrainOptions, *
             "split": options.split_spec.to_dict(),
             "data_report": prepared.report | cleaning_report,
             "history": history,
-            "validation": {k: calibration[k] for k in ("accuracy", "coverage", "precision")},
-            "calibration": {"mode": mode, "offers": calibration["offers"], "folds": calibration.get("folds")},
+            "validation": {k: calibration[k] for k in ("accuracy", "coverage", "precision", "precision_bound")},
+            "calibration": {"mode": mode, "offers": calibration["offers"], "folds": calibration.get("folds"),
+                            "threshold_confidence": options.threshold_confidence},
             "onnx_parity_max_abs_diff": parity,
             "stage_seconds": {k: round(v, 1) for k, v in stages.items()},
             "seconds": round(time.monotonic() - started, 1),
