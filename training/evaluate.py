@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,8 +27,8 @@ from training.baselines import BASELINES, decision_scores, fit_baseline
 from training.splits import SplitSpec, split_offers
 from training.train import data_fingerprint, load_labeled, progress_bar, select_labels
 
-__all__ = ["COVERAGE_LEVELS", "evaluate_bundle", "held_out", "render_markdown", "score", "score_model", "served_probabilities",
-           "write_report"]
+__all__ = ["COVERAGE_LEVELS", "Served", "evaluate_bundle", "held_out", "render_markdown", "score", "score_model",
+           "serve_held_out", "served_probabilities", "write_report"]
 
 log = logging.getLogger(__name__)
 
@@ -135,35 +136,58 @@ def held_out(bundle: ModelBundle, data: str | Path, *, split: str = "auto") -> t
     return frame, parts.test, np.concatenate([parts.train, parts.validation]), split
 
 
-def evaluate_bundle(
-    model: str | Path, data: str | Path, *, split: str = "auto", baselines: bool = True, batch_size: int = 256,
-    threads: int = 2, progress: bool = True,
-) -> dict:
-    """Evaluate the bundle at ``model`` on ``data``; returns the report (see :func:`write_report`)."""
-    started = time.monotonic()
-    bundle = ModelBundle.load(model)
+@dataclass(frozen=True)
+class Served:
+    """A bundle's held-out offers and its served probabilities on them: scored once, then shared by
+    the evaluation report and the champion comparison."""
+
+    test: pd.DataFrame
+    train: pd.DataFrame  # the baselines' training offers (empty when the split could not be rebuilt)
+    protocol: str
+    targets: np.ndarray  # (N,) indices into the bundle's labels
+    masked: np.ndarray  # (N, K) after temperature and exclusion mask
+
+
+def serve_held_out(bundle: ModelBundle, data: str | Path, *, split: str = "auto", batch_size: int = 256,
+                   threads: int = 2, progress: bool = True) -> Served:
+    """The bundle's held-out offers in ``data`` (see :func:`held_out`), served as in production."""
     frame, test_rows, train_rows, protocol = held_out(bundle, data, split=split)
     if not len(test_rows):
         raise ValueError("no labeled offers to evaluate")
     test = frame.iloc[test_rows].reset_index(drop=True)
-    labels = bundle.labels
-    targets = np.array([labels.index(label) for label in test[LABEL]])
+    targets = np.array([bundle.labels.index(label) for label in test[LABEL]])
+    _, masked = served_probabilities(bundle, test, batch_size=batch_size, threads=threads, progress=progress)
+    return Served(test=test, train=frame.iloc[train_rows], protocol=protocol, targets=targets, masked=masked)
 
-    model_result = score_model(bundle, test, batch_size=batch_size, threads=threads, progress=progress)
+
+def evaluate_bundle(
+    model: str | Path, data: str | Path, *, split: str = "auto", baselines: bool = True, batch_size: int = 256,
+    threads: int = 2, progress: bool = True, served: Served | None = None,
+) -> dict:
+    """Evaluate the bundle at ``model`` on ``data``; returns the report (see :func:`write_report`).
+
+    ``served`` (from :func:`serve_held_out` on the same bundle and data) saves scoring it again.
+    """
+    started = time.monotonic()
+    bundle = ModelBundle.load(model)
+    if served is None:
+        served = serve_held_out(bundle, data, split=split, batch_size=batch_size, threads=threads, progress=progress)
+    test, train, labels, targets = served.test, served.train, bundle.labels, served.targets
+    model_result = score(labels, targets, served.masked.argmax(1), confidence=served.masked.max(1),
+                         threshold=bundle.threshold, listed_at=test["listed_at"])
     report = {
         "model": str(Path(model).resolve()),
         "model_version": bundle.version,
         "data": str(Path(data).resolve()),
-        "protocol": protocol,
-        "test_offers": int(len(test_rows)),
-        "train_offers_for_baselines": int(len(train_rows)),
+        "protocol": served.protocol,
+        "test_offers": int(len(test)),
+        "train_offers_for_baselines": int(len(train)),
         "categories": len(labels),
         "results": {
             "catstream": model_result,
         },
     }
-    if baselines and len(train_rows):
-        train = frame.iloc[train_rows]
+    if baselines and len(train):
         for name in BASELINES:
             clock = time.monotonic()
             log.info("training baseline %s on %d offers", name, len(train))

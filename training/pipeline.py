@@ -19,7 +19,7 @@ import numpy as np
 
 from catstream.bundle import ModelBundle
 from catstream.offer_files import LABEL
-from training.evaluate import evaluate_bundle, held_out, score, score_model, served_probabilities, write_report
+from training.evaluate import Served, evaluate_bundle, score, score_model, serve_held_out, write_report
 from training.tracking import CHAMPION, MODEL_NAME, Tracking
 from training.train import TrainOptions, train_bundle
 
@@ -65,9 +65,10 @@ def train_evaluate_register(
 ) -> TrainResult:
     out_dir = Path(out_dir)
     config = train_bundle(data, out_dir, options, progress=progress)
-    report, files = None, []
+    report, files, served = None, [], None
     if evaluate and options.test_share > 0:
-        report = evaluate_bundle(out_dir, data, threads=options.threads, progress=progress)
+        served = serve_held_out(ModelBundle.load(out_dir), data, threads=options.threads, progress=progress)
+        report = evaluate_bundle(out_dir, data, threads=options.threads, progress=progress, served=served)
         files = list(write_report(report, out_dir / "evaluation"))
         log.info("evaluation written to %s", files[1])
     run_id = None
@@ -81,17 +82,20 @@ def train_evaluate_register(
         if report is None:
             raise ValueError("registering needs the held-out evaluation (drop --no-evaluate, keep --test-share > 0)")
         version = tracking.register(run_id, tags={"model_version": config["model_version"]})
-        promotion = compare_with_champion(tracking, version, out_dir, data)
+        promotion = compare_with_champion(tracking, version, out_dir, data, served=served)
     return TrainResult(config=config, report=report, run_id=run_id, registered=promotion)
 
 
-def compare_with_champion(tracking: Tracking, version: str, bundle_dir: Path, data: str | Path) -> Promotion:
-    """Score the new version and the champion on the new version's held-out offers; move the alias if better."""
+def compare_with_champion(tracking: Tracking, version: str, bundle_dir: Path, data: str | Path, *,
+                          served: Served | None = None) -> Promotion:
+    """Score the new version and the champion on the new version's held-out offers; move the alias if better.
+
+    ``served``: the new version already served on its held-out offers (as the evaluation did).
+    """
     challenger_bundle = ModelBundle.load(bundle_dir)
-    frame, test_rows, _, protocol = held_out(challenger_bundle, data)
-    test = frame.iloc[test_rows].reset_index(drop=True)
-    _, masked = served_probabilities(challenger_bundle, test, progress=False)
-    targets = np.array([challenger_bundle.labels.index(label) for label in test[LABEL]])
+    if served is None:
+        served = serve_held_out(challenger_bundle, data, progress=False)
+    test, targets, masked, protocol = served.test, served.targets, served.masked, served.protocol
 
     def challenger_on(rows: np.ndarray) -> dict:
         return _summary(score(challenger_bundle.labels, targets[rows], masked[rows].argmax(1),
