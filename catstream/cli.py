@@ -346,8 +346,8 @@ def _cmd_train(args) -> int:
     held_out = "out-of-fold" if config["training"]["calibration"]["mode"] == "crossfit" else "validation"
     print(f"model bundle {args.out} (version {config['model_version']}) in {config['training']['seconds']:.0f} s: "
           f"{held_out} accuracy {validation['accuracy']:.4f}, threshold {config['threshold']:.3f} → coverage "
-          f"{validation['coverage']:.3f} at precision {validation['precision']:.4f}"
-          + (f" (lower bound {validation['precision_bound']:.4f})" if "precision_bound" in validation else ""))
+          f"{validation['coverage']:.3f} at precision {validation['precision']:.4f} "
+          f"(lower bound {validation['precision_bound']:.4f})")
     if result.report is not None:
         print(result.report_summary)
     if result.registered is not None:
