@@ -141,11 +141,19 @@ class Served:
     """A bundle's held-out offers and its served probabilities on them: scored once, then shared by
     the evaluation report and the champion comparison."""
 
+    bundle: ModelBundle
     test: pd.DataFrame
     train: pd.DataFrame  # the baselines' training offers (empty when the split could not be rebuilt)
     protocol: str
     targets: np.ndarray  # (N,) indices into the bundle's labels
     masked: np.ndarray  # (N, K) after temperature and exclusion mask
+
+    def score(self, rows: np.ndarray | None = None) -> dict:
+        """:func:`score` of the served answers on ``rows`` of ``test`` (all by default)."""
+        rows = np.arange(len(self.test)) if rows is None else rows
+        masked = self.masked[rows]
+        return score(self.bundle.labels, self.targets[rows], masked.argmax(1), confidence=masked.max(1),
+                     threshold=self.bundle.threshold, listed_at=self.test["listed_at"].iloc[rows])
 
 
 def serve_held_out(bundle: ModelBundle, data: str | Path, *, split: str = "auto", batch_size: int = 256,
@@ -157,7 +165,8 @@ def serve_held_out(bundle: ModelBundle, data: str | Path, *, split: str = "auto"
     test = frame.iloc[test_rows].reset_index(drop=True)
     targets = np.array([bundle.labels.index(label) for label in test[LABEL]])
     _, masked = served_probabilities(bundle, test, batch_size=batch_size, threads=threads, progress=progress)
-    return Served(test=test, train=frame.iloc[train_rows], protocol=protocol, targets=targets, masked=masked)
+    return Served(bundle=bundle, test=test, train=frame.iloc[train_rows], protocol=protocol, targets=targets,
+                  masked=masked)
 
 
 def evaluate_bundle(
@@ -169,12 +178,11 @@ def evaluate_bundle(
     ``served`` (from :func:`serve_held_out` on the same bundle and data) saves scoring it again.
     """
     started = time.monotonic()
-    bundle = ModelBundle.load(model)
     if served is None:
-        served = serve_held_out(bundle, data, split=split, batch_size=batch_size, threads=threads, progress=progress)
-    test, train, labels, targets = served.test, served.train, bundle.labels, served.targets
-    model_result = score(labels, targets, served.masked.argmax(1), confidence=served.masked.max(1),
-                         threshold=bundle.threshold, listed_at=test["listed_at"])
+        served = serve_held_out(ModelBundle.load(model), data, split=split, batch_size=batch_size, threads=threads,
+                                progress=progress)
+    bundle, test, train, labels, targets = served.bundle, served.test, served.train, served.bundle.labels, served.targets
+    model_result = served.score()
     report = {
         "model": str(Path(model).resolve()),
         "model_version": bundle.version,

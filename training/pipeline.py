@@ -19,7 +19,7 @@ import numpy as np
 
 from catstream.bundle import ModelBundle
 from catstream.offer_files import LABEL
-from training.evaluate import Served, evaluate_bundle, score, score_model, serve_held_out, write_report
+from training.evaluate import Served, evaluate_bundle, score_model, serve_held_out, write_report
 from training.tracking import CHAMPION, MODEL_NAME, Tracking
 from training.train import TrainOptions, train_bundle
 
@@ -92,17 +92,10 @@ def compare_with_champion(tracking: Tracking, version: str, bundle_dir: Path, da
 
     ``served``: the new version already served on its held-out offers (as the evaluation did).
     """
-    challenger_bundle = ModelBundle.load(bundle_dir)
     if served is None:
-        served = serve_held_out(challenger_bundle, data, progress=False)
-    test, targets, masked, protocol = served.test, served.targets, served.masked, served.protocol
-
-    def challenger_on(rows: np.ndarray) -> dict:
-        return _summary(score(challenger_bundle.labels, targets[rows], masked[rows].argmax(1),
-                              confidence=masked[rows].max(1), threshold=challenger_bundle.threshold,
-                              listed_at=test["listed_at"].iloc[rows]))
-
-    challenger = challenger_on(np.arange(len(test)))
+        served = serve_held_out(ModelBundle.load(bundle_dir), data, progress=False)
+    test, protocol = served.test, served.protocol
+    challenger = _summary(served.score())
     current = tracking.champion()
     client = tracking.client()
     if current is None:
@@ -123,7 +116,7 @@ def compare_with_champion(tracking: Tracking, version: str, bundle_dir: Path, da
             reason = f"none of the {len(test)} held-out offers is unseen by champion v{current.version}; kept it"
             promotion = Promotion(version, False, reason, challenger, None, str(current.version))
         else:
-            contender = challenger_on(np.flatnonzero(unseen))
+            contender = _summary(served.score(np.flatnonzero(unseen)))
             known = common[LABEL].isin(champion_bundle.labels).to_numpy()
             champion = _summary(score_model(champion_bundle, common[known].reset_index(drop=True), progress=False))
             # offers in categories the champion does not know count as its errors
