@@ -76,7 +76,10 @@ def naive_loop(bundle: ModelBundle, settings: Settings, expected: int, threads: 
             logits = model(torch.from_numpy(features.image)[None], torch.tensor([float(features.has_image)]),
                            torch.from_numpy(features.title_ids)[None], torch.from_numpy(features.mall_ids)[None],
                            torch.tensor([features.mall_weight]), torch.from_numpy(features.title_grams)[None])
-            probabilities = softmax(logits.numpy(), bundle.temperature)
+            logits = logits.numpy()
+            if features.lexical.size:
+                logits = logits + features.lexical[None]
+            probabilities = softmax(logits, bundle.temperature)
             (decision,) = decide(probabilities, features.exclusion_mask[None], labels=bundle.labels,
                                  threshold=bundle.threshold)
             prediction = Prediction(offer.offer_id, decision.category, decision.confidence, decision.top3,

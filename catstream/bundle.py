@@ -2,6 +2,7 @@
 
     model.onnx         the fusion model (inputs: image uint8, has_image, title_ids, mall_ids, mall_weight)
     shops.json         per-shop trust in the shop's own category (mall_id → weight), optional
+    lexical/           the lexical model whose scores are added to the logits (catstream.lexical), optional
     model.pt           its PyTorch weights, for audits and the PyTorch baseline
     tokenizer.model    SentencePiece model
     labels.json        category paths, index = model output index
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from catstream.dictionaries import Dictionaries
+from catstream.lexical import LEXICAL_DIR, LexicalModel
 
 __all__ = ["BUNDLE_FORMAT", "SHOPS_FILE", "TRAINING_OFFERS_FILE", "BundleError", "ModelBundle", "ShopWeights"]
 
@@ -109,6 +111,21 @@ class ModelBundle:
         if not path.is_file():
             return None
         return frozenset(line for line in path.read_text(encoding="utf-8").splitlines() if line)
+
+    @property
+    def has_lexical(self) -> bool:
+        return (self.path / LEXICAL_DIR).is_dir()
+
+    def lexical(self) -> LexicalModel | None:
+        """The lexical model (``lexical/``); None for bundles without one."""
+        path = self.path / LEXICAL_DIR
+        if not path.is_dir():
+            return None
+        model = LexicalModel.load(path)
+        if model.num_classes != len(self.labels):
+            raise BundleError(f"{path}: the lexical model scores {model.num_classes} categories, "
+                              f"the bundle has {len(self.labels)}")
+        return model
 
     def shop_weights(self) -> ShopWeights:
         """Trust in each shop's own category (``shops.json``); every shop gets 1.0 without it."""

@@ -212,6 +212,11 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--cleaning-folds", type=int, default=4, help="K of the K-fold cleaning predictions (default 4)")
     group.add_argument("--no-exclusions", action="store_true",
                        help="do not use category_exclusions.tsv (neither in training nor at inference)")
+    group.add_argument("--no-lexical", action="store_true",
+                       help="no lexical model (TF-IDF n-grams of title and mall category + linear SVM) added to the "
+                       "network's logits")
+    group.add_argument("--lexical-weight", type=float,
+                       help="weight of the lexical model's scores (default: the most accurate on held-out predictions)")
     group.add_argument("--target-precision", type=float, default=0.995,
                        help="precision the 'uncertain' threshold must reach on held-out data (default 0.995)")
     group.add_argument("--threshold-confidence", type=float, default=0.95,
@@ -253,6 +258,8 @@ def _training_options(args: argparse.Namespace, **overrides):
         cleaning=args.cleaning,
         cleaning_folds=args.cleaning_folds,
         use_exclusions=not args.no_exclusions,
+        lexical=not args.no_lexical,
+        lexical_weight=args.lexical_weight,
         target_precision=args.target_precision,
         threshold_confidence=args.threshold_confidence,
         calibration=args.calibration,

@@ -55,6 +55,7 @@ class QueueLayout:
     max_mall_tokens: int
     num_classes: int
     max_title_grams: int = 0  # hashed character n-grams per title; 0 for models without that input
+    lexical: bool = False  # the lexical model's (K,) scores travel with the offer
     meta_bytes: int = 2048
     error_bytes: int = 512
 
@@ -80,6 +81,7 @@ class QueueLayout:
             ("mall_ids", np.dtype(np.int64), (n, self.max_mall_tokens)),
             ("title_grams", np.dtype(np.int64), (n, self.max_title_grams)),
             ("exclusion", np.dtype(np.bool_), (n, self.num_classes)),
+            ("lexical", np.dtype(np.float32), (n, self.num_classes if self.lexical else 0)),
             ("meta", np.dtype(np.uint8), (n, self.meta_bytes)),
             ("error", np.dtype(np.uint8), (n, self.error_bytes)),
             ("worker_stats", np.dtype(np.int64), (self.workers, len(WORKER_COUNTERS))),
@@ -111,6 +113,7 @@ class SlotBatch:
     mall_ids: np.ndarray
     title_grams: np.ndarray
     exclusion: np.ndarray
+    lexical: np.ndarray
     metas: list[dict[str, Any]]
     enqueued_ns: np.ndarray
 
@@ -161,7 +164,7 @@ class FeatureQueue:
 
     def put(
         self, slot: int, *, image, has_image: bool, title_ids, mall_ids, exclusion, meta: dict, mall_weight: float = 1.0,
-        title_grams=None,
+        title_grams=None, lexical=None,
     ) -> None:
         """Fill a FREE slot owned by the caller and publish it as READY.
 
@@ -178,6 +181,8 @@ class FeatureQueue:
         if self.layout.max_title_grams:
             self.title_grams[slot] = title_grams
         self.exclusion[slot] = exclusion
+        if self.layout.lexical:
+            self.lexical[slot] = lexical
         self.meta[slot, : len(encoded)] = np.frombuffer(encoded, dtype=np.uint8)
         self.meta_len[slot] = len(encoded)
         self.retries[slot] = 0
@@ -219,6 +224,7 @@ class FeatureQueue:
             mall_ids=self.mall_ids[slots],
             title_grams=self.title_grams[slots],
             exclusion=self.exclusion[slots],
+            lexical=self.lexical[slots],
             metas=metas,
             enqueued_ns=self.enqueued_ns[slots],
         )

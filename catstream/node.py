@@ -61,6 +61,7 @@ class Node:
             max_title_tokens=self.bundle.max_title_tokens,
             max_mall_tokens=self.bundle.max_mall_tokens,
             max_title_grams=self.bundle.max_title_grams,
+            lexical=self.bundle.has_lexical,
             num_classes=len(self.bundle.labels),
         )
         queue = FeatureQueue.create(layout, directory=self.settings.queue_dir)

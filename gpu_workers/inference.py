@@ -30,7 +30,8 @@ def choose_providers(requested: list[str] | None = None) -> list[str]:
 
 
 class OnnxClassifier:
-    """An ONNX Runtime session over the bundle's model; returns logits ``(N, K)``."""
+    """An ONNX Runtime session over the bundle's network; returns its logits ``(N, K)`` plus the
+    lexical model's scores when the bundle has one (computed by the preprocess workers)."""
 
     def __init__(self, bundle: ModelBundle, *, providers: list[str] | None = None, intra_op_threads: int = 1):
         options = ort.SessionOptions()
@@ -47,6 +48,7 @@ class OnnxClassifier:
                                "(CUDA or cuDNN libraries not loadable; see the log above)")
         self.input_names = [item.name for item in self.session.get_inputs()]
         self.uses_title_grams = "title_grams" in self.input_names
+        self.uses_lexical = bundle.has_lexical
         log.info("ONNX Runtime session on %s", self.session.get_providers())
 
     def logits(
@@ -57,11 +59,13 @@ class OnnxClassifier:
         mall_ids: np.ndarray,
         mall_weight: np.ndarray | None = None,
         title_grams: np.ndarray | None = None,
+        lexical: np.ndarray | None = None,
     ) -> np.ndarray:
         """``(N, K)`` logits; ``mall_weight`` ``(N,)`` defaults to full trust in the shop's category.
 
         ``title_grams`` ``(N, G)`` is required by models with the character n-gram input and
-        ignored by the others (bundles trained before it existed).
+        ignored by the others (bundles trained before it existed). ``lexical`` ``(N, K)``, the
+        lexical model's scores, is required when the bundle has a lexical model.
         """
         if mall_weight is None:
             mall_weight = np.ones(len(image), dtype=np.float32)
@@ -71,8 +75,10 @@ class OnnxClassifier:
             if title_grams is None or title_grams.shape[1] == 0:
                 raise ValueError("this model needs the title's character n-grams (title_grams)")
             feeds["title_grams"] = title_grams
+        if self.uses_lexical and (lexical is None or lexical.shape[1] == 0):
+            raise ValueError("this model needs the lexical model's scores (lexical)")
         (logits,) = self.session.run(None, feeds)
-        return logits
+        return logits + lexical if self.uses_lexical else logits
 
 
 @dataclass(frozen=True, slots=True)

@@ -87,7 +87,8 @@ class InferenceWorker:
         started = time.perf_counter()
         try:
             logits = self.classifier.logits(
-                batch.image, batch.has_image, batch.title_ids, batch.mall_ids, batch.mall_weight, batch.title_grams
+                batch.image, batch.has_image, batch.title_ids, batch.mall_ids, batch.mall_weight, batch.title_grams,
+                batch.lexical,
             )
             if logits.shape[0] != len(slots):
                 raise RuntimeError(f"model returned {logits.shape[0]} rows for {len(slots)} inputs")

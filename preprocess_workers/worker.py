@@ -194,6 +194,7 @@ class PreprocessWorker:
                 meta=meta,
                 mall_weight=features.mall_weight,
                 title_grams=features.title_grams,
+                lexical=features.lexical,
             )
         except ValueError as error:
             self.free_slots.appendleft(slot)

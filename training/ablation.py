@@ -1,7 +1,7 @@
 """``catstream ablation``: each ingredient of the model measured by adding it, on held-out offers.
 
 Rows (cumulative, as the design claims them): title only → + mall category → + image →
-+ season-balanced history → + label cleaning → + exclusion dictionary; optionally the full
++ season-balanced history → + label cleaning → + exclusion dictionary → + lexical model; optionally the full
 model at other image sizes, without ImageNet weights and without the character n-grams. Every row is trained and scored here,
 on the same split and the same test offers; temperature and threshold are chosen per row on
 validation data. Scoring uses the PyTorch model (the ONNX export of the same weights agrees to
@@ -19,7 +19,8 @@ from pathlib import Path
 
 from catstream.decision import apply_exclusions, softmax
 from training.evaluate import score
-from training.train import Prepared, TrainOptions, calibrate, fit_model, predict_logits, prepare, training_rows
+from training.train import (Prepared, TrainOptions, calibrate, fit_model, lexical_scores, predict_logits, prepare,
+                            training_rows)
 
 __all__ = ["ABLATION_ROWS", "run_ablation", "render_ablation", "score_configuration"]
 
@@ -28,12 +29,15 @@ log = logging.getLogger(__name__)
 CLEANED = "cleaned"  # the run's --cleaning mode, or drop when it is off (the default)
 
 ABLATION_ROWS: tuple[tuple[str, dict], ...] = (
-    ("title only", dict(inputs=("title",), season_balance=False, cleaning="off", use_exclusions=False)),
-    ("+ mall category", dict(inputs=("title", "mall"), season_balance=False, cleaning="off", use_exclusions=False)),
-    ("+ image", dict(inputs=("title", "mall", "image"), season_balance=False, cleaning="off", use_exclusions=False)),
-    ("+ season-balanced history", dict(season_balance=True, cleaning="off", use_exclusions=False)),
-    ("+ label cleaning", dict(season_balance=True, cleaning=CLEANED, use_exclusions=False)),
-    ("+ exclusion dictionary", dict(season_balance=True, cleaning=CLEANED, use_exclusions=True)),
+    ("title only", dict(inputs=("title",), season_balance=False, cleaning="off", use_exclusions=False, lexical=False)),
+    ("+ mall category", dict(inputs=("title", "mall"), season_balance=False, cleaning="off", use_exclusions=False,
+                             lexical=False)),
+    ("+ image", dict(inputs=("title", "mall", "image"), season_balance=False, cleaning="off", use_exclusions=False,
+                     lexical=False)),
+    ("+ season-balanced history", dict(season_balance=True, cleaning="off", use_exclusions=False, lexical=False)),
+    ("+ label cleaning", dict(season_balance=True, cleaning=CLEANED, use_exclusions=False, lexical=False)),
+    ("+ exclusion dictionary", dict(season_balance=True, cleaning=CLEANED, use_exclusions=True, lexical=False)),
+    ("+ lexical model", dict(season_balance=True, cleaning=CLEANED, use_exclusions=True, lexical=True)),
 )
 
 
@@ -44,13 +48,17 @@ def score_configuration(prepared: Prepared, options: TrainOptions, *, progress: 
     model, history = fit_model(prepared, options, train_rows=rows, targets=targets, progress=progress,
                                description="ablation row")
     test = prepared.split.test
-    calibration = calibrate(model, prepared, options)
+    lexical, calibration = calibrate(model, prepared, options, train_rows=rows, targets=targets)
     logits = predict_logits(model, prepared, test, inputs=options.inputs)
+    if lexical is not None:
+        logits = logits + lexical_scores(lexical, prepared, test, inputs=options.inputs)
     probabilities, _ = apply_exclusions(softmax(logits, calibration["temperature"]),
                                         prepared.exclusion[test] if options.use_exclusions else None)
     result = score(prepared.labels, prepared.targets[test], probabilities.argmax(1), confidence=probabilities.max(1),
                    threshold=calibration["threshold"], listed_at=prepared.frame["listed_at"].iloc[test])
     result["training_offers"] = int(len(rows))
+    if "lexical" in calibration:
+        result["lexical_weight"] = calibration["lexical"]["weight"]
     result["seconds"] = round(time.monotonic() - started, 1)
     if "cleaning" in report:
         result["cleaning"] = {k: v for k, v in report["cleaning"].items() if k != "examples"}

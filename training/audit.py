@@ -90,7 +90,8 @@ class Explanation:
 
 
 class OfferExplainer:
-    """Permutation SHAP over words, the shop category and image cells, on the served ONNX model."""
+    """Permutation SHAP over words, the shop category and image cells, on the model as served (the ONNX
+    network plus the lexical model)."""
 
     def __init__(self, bundle: ModelBundle, *, image_grid: int = 4, max_evals: int = 300, threads: int = 2,
                  seed: int = 0):
@@ -122,10 +123,11 @@ class OfferExplainer:
                         ys, xs = layout["cells"][r][c]
                         images[row, :, ys, xs] = layout["fill"]
         ids = [self.featurizer.text_ids(t, m) for t, m in zip(titles, malls)]
+        lexical = np.stack([self.featurizer.lexical_scores(t, m, features.mall_weight) for t, m in zip(titles, malls)])
         logits = self.classifier.logits(
             images, np.full(len(coalitions), features.has_image, np.float32),
             np.stack([i[0] for i in ids]), np.stack([i[1] for i in ids]),
-            np.full(len(coalitions), features.mall_weight, np.float32), np.stack([i[2] for i in ids]),
+            np.full(len(coalitions), features.mall_weight, np.float32), np.stack([i[2] for i in ids]), lexical,
         )
         return softmax(logits, self.bundle.temperature)[:, outputs]
 

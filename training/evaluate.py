@@ -229,6 +229,7 @@ def served_probabilities(bundle: ModelBundle, frame: pd.DataFrame, *, batch_size
             np.stack([f.image for f in chunk]), np.array([f.has_image for f in chunk], np.float32),
             np.stack([f.title_ids for f in chunk]), np.stack([f.mall_ids for f in chunk]),
             np.array([f.mall_weight for f in chunk], np.float32), np.stack([f.title_grams for f in chunk]),
+            np.stack([f.lexical for f in chunk]),
         )
         probabilities[start : start + len(chunk)] = softmax(logits, bundle.temperature)
         exclusion[start : start + len(chunk)] = np.stack([f.exclusion_mask for f in chunk])

@@ -6,8 +6,9 @@ label set from data (min count; rarer leaves excluded or rolled up to their pare
 SentencePiece on the training text → per-shop trust in the mall category → featurise → frozen
 MobileNetV2 features (cached on disk per image size) → optional cleanlab label cleaning on K-fold
 out-of-sample probabilities → text branches + head trained on season-balanced samples →
-temperature and "uncertain" threshold on held-out predictions → ONNX export with a parity check →
-bundle.
+lexical model (TF-IDF n-grams + linear SVM) whose scores are added to the network's logits, with
+its weight chosen on held-out predictions → temperature and "uncertain" threshold on held-out
+predictions → ONNX export with a parity check → bundle.
 
 Calibration (``--calibration``): ``crossfit`` (the default on a random split) trains K models, each
 without one fold of the training + validation offers, and chooses temperature and threshold on all
@@ -15,6 +16,8 @@ their out-of-fold predictions — ten times as many offers as the validation par
 threshold no longer swings with a handful of validation errors — then trains the served model on
 every one of those offers. ``validation`` (the default on a time split, where the newest
 training offers are the best stand-in for the future) calibrates on the validation part only.
+The lexical model is fitted alongside every fold model, so its weight, the temperature and the
+threshold are all chosen on predictions of offers neither model saw.
 
 The same code runs the ablation table and ``catstream tune``: :func:`prepare` does the expensive
 part once, :func:`fit_model` trains one configuration on it.
@@ -43,6 +46,7 @@ from tqdm import tqdm
 from catstream.bundle import BUNDLE_FORMAT, SHOPS_FILE, TRAINING_OFFERS_FILE
 from catstream.dictionaries import PATH_SEPARATOR, Dictionaries
 from catstream.features import Featurizer
+from catstream.lexical import LEXICAL_DIR, LexicalModel
 from catstream.model import BACKBONE_BLOCKS, FusionConfig, FusionModel, find_pretrained_weights
 from catstream.offer_files import LABEL, offers_from_frame, read_offer_file
 from catstream.tokenizer import train_tokenizer
@@ -50,13 +54,14 @@ from training.calibration import choose_threshold, fit_temperature
 from training.cleaning import CLEANING_MODES, find_issues, out_of_sample_probabilities
 from training.export import check_parity, export_onnx
 from training.history import HistoryStore, season_balanced_weights
+from training.lexical import choose_lexical_weight, fit_lexical
 from training.shops import estimate_shop_weights
 from training.splits import Split, SplitSpec, split_offers
 
 __all__ = [
     "CALIBRATION_MODES", "DEFAULT_DICTIONARIES", "INPUTS", "RARE_LEAF_POLICIES", "Prepared", "TrainOptions",
-    "calibrate", "calibrate_logits", "cross_fitted", "fit_model", "load_labeled", "predict_logits", "prepare",
-    "progress_bar", "train_bundle",
+    "calibrate", "calibrate_logits", "cross_fitted", "fit_lexical_model", "fit_model", "lexical_scores", "load_labeled",
+    "predict_logits", "prepare", "progress_bar", "train_bundle",
 ]
 
 log = logging.getLogger(__name__)
@@ -97,6 +102,9 @@ class TrainOptions:
     cleaning: str = "off"  # off, drop, relabel; measured: dropping cost 0.1 points on Myntra (README)
     cleaning_folds: int = 4
     use_exclusions: bool = True  # drop contradicted examples in training; the mask at inference
+    lexical: bool = True  # TF-IDF + linear SVM scores added to the logits; measured +0.1-0.2 points (README)
+    lexical_c: float = 0.5  # the SVM's C
+    lexical_weight: float | None = None  # None: chosen on held-out predictions
     shop_min_offers: int = 30
     target_precision: float = 0.995
     threshold_confidence: float = 0.95  # the target must hold at this confidence (Clopper-Pearson), 0: observed
@@ -152,6 +160,7 @@ class Prepared:
     targets: np.ndarray  # (N,) class index
     split: Split
     inputs: dict[str, torch.Tensor]  # title_ids (N, T), mall_ids (N, M), has_image (N,), mall_weight (N,)
+    texts: pd.DataFrame  # title, mall: the strings the text branches and the lexical model read (N rows)
     trunk: torch.Tensor  # (N, C, h, w) float16 output of the frozen backbone blocks, (N, 1280) pooled when all are frozen
     trunk_layer: int  # blocks before it; the blocks from here on are fine-tuned
     config: FusionConfig
@@ -244,14 +253,14 @@ def prepare(data: str | Path, out_dir: Path, options: TrainOptions, *, progress:
         log.warning("no ImageNet MobileNetV2 weights%s: the image branch is randomly initialised "
                     "(see README, 'Pretrained weights'); text branches still learn",
                     "" if options.use_pretrained else " (--no-pretrained)")
-    inputs, images = _featurize(frame, featurizer, progress=progress)
+    inputs, images, texts = _featurize(frame, featurizer, progress=progress)
     inputs["mall_weight"] = torch.tensor([shop_weights.get(m, 1.0) for m in frame["mall_id"]], dtype=torch.float32)
     trunk_layer = BACKBONE_BLOCKS - options.finetune_blocks
     trunk = _cached_image_trunk(frame, images, config, weights, trunk_layer, options, device, progress=progress)
     report["offers_without_usable_image"] = int((inputs["has_image"] == 0).sum())
     return Prepared(
-        frame=frame, labels=labels, targets=targets, split=split, inputs=inputs, trunk=trunk, trunk_layer=trunk_layer,
-        config=config,
+        frame=frame, labels=labels, targets=targets, split=split, inputs=inputs, texts=texts, trunk=trunk,
+        trunk_layer=trunk_layer, config=config,
         tokenizer_path=tokenizer_path, dictionaries=dictionaries, exclusion=exclusion, contradicted=contradicted,
         shop_weights=shop_weights, shop_table=shop_table, report=report, pretrained_weights=weights, device=device,
     )
@@ -389,6 +398,26 @@ def predict_logits(model: FusionModel, prepared: Prepared, rows: np.ndarray, *, 
     return np.concatenate(out) if out else np.zeros((0, len(prepared.labels)), dtype=np.float32)
 
 
+def fit_lexical_model(prepared: Prepared, options: TrainOptions, *, rows: np.ndarray, targets: np.ndarray,
+                      ) -> LexicalModel:
+    """The lexical model on ``rows`` (with ``targets`` ``(N_all,)``), reading what ``options.inputs`` allows."""
+    titles, malls, weights = _lexical_inputs(prepared, rows, options.inputs)
+    return fit_lexical(titles, malls, targets[rows], num_classes=len(prepared.labels), c=options.lexical_c,
+                       mall_weights=weights, seed=options.seed)
+
+
+def lexical_scores(lexical: LexicalModel, prepared: Prepared, rows: np.ndarray, *, inputs=INPUTS) -> np.ndarray:
+    """``(len(rows), K)`` lexical scores of ``rows``, reading what ``inputs`` allows."""
+    return lexical.scores(*_lexical_inputs(prepared, rows, inputs))
+
+
+def _lexical_inputs(prepared: Prepared, rows: np.ndarray, inputs) -> tuple[list[str], list[str], np.ndarray]:
+    titles = prepared.texts["title"].iloc[rows].tolist()
+    if "mall" not in inputs:
+        return titles, [""] * len(rows), np.zeros(len(rows), dtype=np.float32)
+    return titles, prepared.texts["mall"].iloc[rows].tolist(), prepared.inputs["mall_weight"][rows].numpy()
+
+
 def training_rows(prepared: Prepared, options: TrainOptions, *, progress: bool = True) -> tuple[np.ndarray, np.ndarray, dict]:
     """The training rows and their targets after the exclusion dictionary and label cleaning."""
     rows = prepared.split.train
@@ -434,11 +463,32 @@ def training_rows(prepared: Prepared, options: TrainOptions, *, progress: bool =
     return rows, targets, report
 
 
-def calibrate(model: FusionModel, prepared: Prepared, options: TrainOptions) -> dict:
-    """Temperature and "uncertain" threshold on the validation rows, with the mask as served."""
+def calibrate(model: FusionModel, prepared: Prepared, options: TrainOptions, *, train_rows: np.ndarray,
+              targets: np.ndarray) -> tuple[LexicalModel | None, dict]:
+    """Lexical model on ``train_rows`` (``options.lexical``), then its weight, the temperature and
+    the "uncertain" threshold on the validation rows, with the mask as served."""
     validation = prepared.split.validation
     logits = predict_logits(model, prepared, validation, inputs=options.inputs)
-    return calibrate_logits(logits, prepared, validation, options)
+    lexical, report = None, None
+    if options.lexical:
+        lexical = fit_lexical_model(prepared, options, rows=train_rows, targets=targets)
+        scores = lexical_scores(lexical, prepared, validation, inputs=options.inputs)
+        weight, report = _lexical_weight(logits, scores, prepared, validation, options)
+        logits = logits + weight * scores
+        lexical = lexical.reweighted(weight) if weight else None
+    calibration = calibrate_logits(logits, prepared, validation, options)
+    return lexical, calibration | ({"lexical": report} if report else {})
+
+
+def _lexical_weight(logits: np.ndarray, scores: np.ndarray, prepared: Prepared, rows: np.ndarray,
+                    options: TrainOptions) -> tuple[float, dict]:
+    """``options.lexical_weight``, or the weight most accurate on these held-out ``rows``."""
+    exclusion = prepared.exclusion[rows] if options.use_exclusions else None
+    chosen, accuracy = choose_lexical_weight(logits, scores, prepared.targets[rows], exclusion=exclusion)
+    weight = chosen if options.lexical_weight is None else float(options.lexical_weight)
+    log.info("lexical model weight %.2f (held-out accuracy by weight: %s)", weight,
+             ", ".join(f"{w:g}: {a:.4f}" for w, a in accuracy.items()))
+    return weight, {"weight": weight, "chosen": options.lexical_weight is None, "accuracy_by_weight": accuracy}
 
 
 def calibrate_logits(logits: np.ndarray, prepared: Prepared, rows: np.ndarray, options: TrainOptions) -> dict:
@@ -456,15 +506,17 @@ def calibrate_logits(logits: np.ndarray, prepared: Prepared, rows: np.ndarray, o
 
 def cross_fitted(
     prepared: Prepared, options: TrainOptions, *, train_rows: np.ndarray, targets: np.ndarray, progress: bool = True,
-) -> tuple[FusionModel, list[dict], dict]:
+) -> tuple[FusionModel, LexicalModel | None, list[dict], dict]:
     """Cross-fitted calibration, then the served model on every training and validation offer.
 
     ``train_rows``/``targets`` are the training rows after the dictionary and cleaning; the
     validation rows join them for fitting (minus those the dictionary contradicts, as for any
     training row) and are never cleaned. Every training and validation offer is predicted once by
     the fold model that did not see it; temperature and threshold are chosen on those predictions
-    with the labels as given. The history holds the final model's loss and, per epoch, the
-    out-of-fold accuracy averaged over the folds.
+    with the labels as given. With ``options.lexical`` each fold also fits a lexical model, and its
+    weight is chosen on the same out-of-fold predictions before temperature and threshold. The
+    history holds the final model's loss and, per epoch, the out-of-fold accuracy averaged over
+    the folds.
     """
     validation = prepared.split.validation
     if options.use_exclusions:
@@ -474,21 +526,34 @@ def cross_fitted(
     fold_of = np.full(len(prepared.targets), -1)
     fold_of[held_rows] = np.random.default_rng(options.seed).permutation(len(held_rows)) % options.calibration_folds
     logits = np.zeros((len(held_rows), len(prepared.labels)), dtype=np.float32)
+    scores = np.zeros_like(logits)
     fold_histories = []
     for fold in range(options.calibration_folds):
         held = held_rows[fold_of[held_rows] == fold]
+        fold_rows = fit_rows[fold_of[fit_rows] != fold]
         model, fold_history = fit_model(
-            prepared, options, train_rows=fit_rows[fold_of[fit_rows] != fold], validation_rows=held, targets=targets,
+            prepared, options, train_rows=fold_rows, validation_rows=held, targets=targets,
             progress=progress, description=f"calibration fold {fold + 1}/{options.calibration_folds}",
         )
         logits[fold_of[held_rows] == fold] = predict_logits(model, prepared, held, inputs=options.inputs)
         fold_histories.append(fold_history)
+        if options.lexical:
+            lexical = fit_lexical_model(prepared, options, rows=fold_rows, targets=targets)
+            scores[fold_of[held_rows] == fold] = lexical_scores(lexical, prepared, held, inputs=options.inputs)
+    lexical_report, weight = None, 0.0
+    if options.lexical:
+        weight, lexical_report = _lexical_weight(logits, scores, prepared, held_rows, options)
+        logits = logits + weight * scores
     calibration = calibrate_logits(logits, prepared, held_rows, options) | {"folds": options.calibration_folds}
+    if lexical_report:
+        calibration["lexical"] = lexical_report
     model, history = fit_model(prepared, options, train_rows=fit_rows, targets=targets, progress=progress,
                                description="training on all folds")
     for epoch, record in enumerate(history):
         record["val_accuracy"] = float(np.mean([fold[epoch]["val_accuracy"] for fold in fold_histories]))
-    return model, history, calibration
+    lexical = (fit_lexical_model(prepared, options, rows=fit_rows, targets=targets).reweighted(weight)
+               if options.lexical and weight else None)
+    return model, lexical, history, calibration
 
 
 def train_bundle(data: str | Path, out_dir: str | Path, options: TrainOptions, *, progress: bool = True) -> dict:
@@ -508,12 +573,12 @@ def train_bundle(data: str | Path, out_dir: str | Path, options: TrainOptions, *
     clock = time.monotonic()
     mode = options.calibration_mode
     if mode == "crossfit":
-        model, history, calibration = cross_fitted(prepared, options, train_rows=rows, targets=targets,
-                                                   progress=progress)
+        model, lexical, history, calibration = cross_fitted(prepared, options, train_rows=rows, targets=targets,
+                                                            progress=progress)
     else:
         model, history = fit_model(prepared, options, train_rows=rows, validation_rows=prepared.split.validation,
                                    targets=targets, progress=progress)
-        calibration = calibrate(model, prepared, options)
+        lexical, calibration = calibrate(model, prepared, options, train_rows=rows, targets=targets)
     stages["fit"] = time.monotonic() - clock
     temperature, threshold = calibration["temperature"], calibration["threshold"]
     log.info("%s accuracy %.4f on %d offers; temperature %.2f; threshold %.3f → coverage %.3f at precision %.4f "
@@ -526,6 +591,9 @@ def train_bundle(data: str | Path, out_dir: str | Path, options: TrainOptions, *
     parity = check_parity(model, out_dir / "model.onnx")
     stages["export"] = time.monotonic() - clock
     torch.save(model.state_dict(), out_dir / "model.pt")
+    shutil.rmtree(out_dir / LEXICAL_DIR, ignore_errors=True)  # a stale one from an earlier run must not serve
+    if lexical is not None:
+        lexical.save(out_dir / LEXICAL_DIR)
     if options.use_exclusions:
         shutil.copytree(options.dictionaries, out_dir / "dictionaries", dirs_exist_ok=True)
     else:  # the ablation without the dictionary must serve without its mask too
@@ -559,6 +627,8 @@ def train_bundle(data: str | Path, out_dir: str | Path, options: TrainOptions, *
             "validation": {k: calibration[k] for k in ("accuracy", "coverage", "precision", "precision_bound")},
             "calibration": {"mode": mode, "offers": calibration["offers"], "folds": calibration.get("folds"),
                             "threshold_confidence": options.threshold_confidence},
+            "lexical": (calibration.get("lexical", {}) | {"features": lexical.num_features if lexical else 0}
+                        if options.lexical else None),
             "onnx_parity_max_abs_diff": parity,
             "stage_seconds": {k: round(v, 1) for k, v in stages.items()},
             "seconds": round(time.monotonic() - started, 1),
@@ -599,16 +669,19 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
     return exp / exp.sum(axis=1, keepdims=True)
 
 
-def _featurize(frame: pd.DataFrame, featurizer: Featurizer, *, progress: bool) -> tuple[dict[str, torch.Tensor], np.ndarray]:
+def _featurize(frame: pd.DataFrame, featurizer: Featurizer, *,
+               progress: bool) -> tuple[dict[str, torch.Tensor], np.ndarray, pd.DataFrame]:
     n, size = len(frame), featurizer.image_size
     images = np.zeros((n, 3, size, size), dtype=np.uint8)
     has_image = np.zeros(n, dtype=np.float32)
     titles = np.zeros((n, featurizer.max_title_tokens), dtype=np.int64)
     malls = np.zeros((n, featurizer.max_mall_tokens), dtype=np.int64)
     grams = np.zeros((n, featurizer.max_title_grams), dtype=np.int64)
+    texts = []
     offers = offers_from_frame(frame)
     for i, offer in enumerate(progress_bar(offers, total=n, desc="featurising", unit="offer", disable=not progress)):
         titles[i], malls[i], grams[i] = featurizer.text_ids(offer.title, offer.mall_category)
+        texts.append(featurizer.texts(offer.title, offer.mall_category))
         images[i], used, _ = featurizer.image(offer)
         has_image[i] = used
     inputs = {
@@ -617,7 +690,7 @@ def _featurize(frame: pd.DataFrame, featurizer: Featurizer, *, progress: bool) -
         "mall_ids": torch.from_numpy(malls),
         "title_grams": torch.from_numpy(grams),
     }
-    return inputs, images
+    return inputs, images, pd.DataFrame(texts, columns=["title", "mall"], index=frame.index)
 
 
 def _cached_image_trunk(

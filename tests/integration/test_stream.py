@@ -14,11 +14,13 @@ import pytest
 from confluent_kafka import Consumer, TopicPartition
 from PIL import Image
 
+from catstream.bundle import ModelBundle
 from catstream.kafka import client_config, read_topic
 from catstream.offer_files import offers_from_frame, read_offer_file
 from catstream.schemas import SCHEMA_VERSION, UNCERTAIN, Offer
 from producers.publish import publish_offers, publish_raw
 from tests.conftest import read_predictions
+from training.evaluate import served_probabilities
 
 pytestmark = pytest.mark.integration
 
@@ -37,7 +39,7 @@ def committed_offsets(settings) -> dict[int, int]:
         consumer.close()
 
 
-def test_n_offers_in_n_distinct_offer_ids_out(marketplace, stream_settings, start_node):
+def test_n_offers_in_n_distinct_offer_ids_out(marketplace, bundle, stream_settings, start_node):
     offers = stream_offers(marketplace, 300)
     png = io.BytesIO()
     Image.new("RGB", (20, 20), (200, 80, 140)).save(png, format="PNG")
@@ -70,6 +72,11 @@ def test_n_offers_in_n_distinct_offer_ids_out(marketplace, stream_settings, star
     truth = dict(zip(*[read_offer_file(marketplace, label_columns=["true_category"])[c] for c in ("offer_id", "label")]))
     right = sum(by_id[i]["top3"][0]["category"] == truth[i] for i in truth if i in by_id)
     assert right / 300 > 0.85
+    # The stream serves exactly the offline model: network logits + the lexical model's scores,
+    # which travel from the preprocess workers through the queue.
+    _, masked = served_probabilities(ModelBundle.load(bundle), read_offer_file(marketplace).head(300), progress=False)
+    streamed = [by_id[o.offer_id]["confidence"] for o in offers[:300]]
+    assert streamed == pytest.approx(masked.max(1).tolist(), abs=1e-4)
     # Every offset was committed past.
     assert sum(committed_offsets(stream_settings).values()) == len(offers)
 

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from catstream.bundle import ModelBundle
@@ -127,6 +128,34 @@ def test_unreliable_shop_is_down_weighted_in_the_bundle_and_at_inference(bundle,
     assert featurizer.featurize(offer).mall_weight == pytest.approx(weights("mall-net"))
 
 
+def test_bundle_carries_the_lexical_model_with_its_held_out_weight_and_serving_requires_its_scores(
+        champion_run, marketplace):
+    from gpu_workers.inference import OnnxClassifier
+
+    first, _ = champion_run
+    lexical = first.config["training"]["lexical"]
+    assert lexical["chosen"] and lexical["weight"] in lexical["accuracy_by_weight"]
+    # the weight is the most accurate on the out-of-fold predictions, and beats the network alone there
+    assert lexical["accuracy_by_weight"][lexical["weight"]] == max(lexical["accuracy_by_weight"].values())
+    assert lexical["accuracy_by_weight"][lexical["weight"]] > lexical["accuracy_by_weight"][0.0]
+    bundle = ModelBundle.load(first.report["model"])
+    model = bundle.lexical()
+    assert model.weight == lexical["weight"] and model.num_classes == len(bundle.labels)
+    assert model.num_features == lexical["features"] > 0
+
+    featurizer = Featurizer.from_bundle(bundle)
+    offer = featurizer.featurize(next(offers_from_frame(read_offer_file(marketplace).head(1))))
+    network_inputs = (offer.image[None], np.array([offer.has_image], np.float32), offer.title_ids[None],
+                      offer.mall_ids[None], np.array([offer.mall_weight], np.float32), offer.title_grams[None])
+    classifier = OnnxClassifier(bundle)
+    with pytest.raises(ValueError, match="lexical"):
+        classifier.logits(*network_inputs)
+    network = classifier.session.run(None, dict(zip(classifier.input_names, network_inputs)))[0][0]
+    served = classifier.logits(*network_inputs, offer.lexical[None])[0]
+    assert np.abs(offer.lexical).max() > 0.1  # the scores move the logits
+    np.testing.assert_allclose(served, network + offer.lexical, atol=1e-5)
+
+
 def test_ablation_measures_every_row(marketplace, tmp_path):
     from training.ablation import ABLATION_ROWS, render_ablation, run_ablation
 
@@ -138,7 +167,8 @@ def test_ablation_measures_every_row(marketplace, tmp_path):
     # each row was trained: different configurations give different training sets or scores
     assert report["rows"][4]["training_offers"] < report["rows"][3]["training_offers"]  # cleaning dropped labels
     assert report["rows"][4]["cleaning"]["flagged"] > 0 and report["rows"][5]["cleaning"]["mode"] == "drop"
-    assert "cleaning" not in report["rows"][6]  # the extra rows are the run's own configuration
+    assert "lexical_weight" in report["rows"][6] and not any("lexical_weight" in row for row in report["rows"][:6])
+    assert "cleaning" not in report["rows"][7]  # the extra rows are the run's own configuration
     assert len({round(row["accuracy"], 6) for row in report["rows"]}) >= 3
     assert "| + exclusion dictionary |" in render_ablation(report)
 

@@ -4,7 +4,7 @@ import pytest
 from catstream.feature_queue import CLAIMED, DONE, FAILED, FREE, READY, FeatureQueue, QueueLayout
 
 LAYOUT = QueueLayout(workers=2, slots_per_worker=3, image_size=8, max_title_tokens=4, max_mall_tokens=2,
-                     num_classes=5, max_title_grams=6, meta_bytes=128)
+                     num_classes=5, max_title_grams=6, lexical=True, meta_bytes=128)
 
 
 @pytest.fixture()
@@ -17,7 +17,8 @@ def queue(tmp_path):
 def put(queue, slot, value):
     queue.put(slot, image=np.full((3, 8, 8), value, np.uint8), has_image=True,
               title_ids=np.arange(4) + value, mall_ids=np.zeros(2, np.int64), title_grams=np.arange(6) * value,
-              exclusion=np.eye(5, dtype=bool)[value % 5], meta={"offer_id": f"o{value}", "t": "한글"})
+              exclusion=np.eye(5, dtype=bool)[value % 5], lexical=np.linspace(-1, 1, 5, dtype=np.float32) * value,
+              meta={"offer_id": f"o{value}", "t": "한글"})
 
 
 def test_slots_start_free_and_are_owned_per_worker(queue):
@@ -36,6 +37,7 @@ def test_put_claim_complete_cycle_across_two_mappings(queue, tmp_path):
     assert batch.image.shape == (2, 3, 8, 8) and batch.image[0, 0, 0, 0] == 7
     assert batch.title_ids[1].tolist() == [9, 10, 11, 12]
     assert batch.title_grams[0].tolist() == [0, 7, 14, 21, 28, 35]
+    np.testing.assert_allclose(batch.lexical[1], [-9, -4.5, 0, 4.5, 9])
     assert (queue.state[[4, 0]] == CLAIMED).all()
     other.complete(4)
     other.fail(0, "inference failed: boom")
@@ -63,3 +65,15 @@ def test_close_removes_file(tmp_path):
     path = q.path
     q.close()
     assert not path.exists()
+
+
+def test_a_layout_without_the_lexical_model_carries_no_scores(tmp_path):
+    layout = QueueLayout(workers=1, slots_per_worker=2, image_size=8, max_title_tokens=4, max_mall_tokens=2,
+                         num_classes=5)
+    q = FeatureQueue.create(layout, directory=tmp_path)
+    try:
+        q.put(0, image=np.zeros((3, 8, 8), np.uint8), has_image=False, title_ids=np.ones(4, np.int64),
+              mall_ids=np.zeros(2, np.int64), exclusion=np.zeros(5, bool), meta={"offer_id": "o"})
+        assert q.claim(np.array([0])).lexical.shape == (1, 0)
+    finally:
+        q.close()
