@@ -21,7 +21,7 @@ multiplied by the weight).
 from __future__ import annotations
 
 import json
-from collections import Counter
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,18 +58,28 @@ class LexicalField:
     idf: np.ndarray  # (len(terms),)
 
     def __post_init__(self):
-        object.__setattr__(self, "_index", {term: i for i, term in enumerate(self.terms)})
+        # term → (column, idf): one dict lookup per term on the workers' per-offer path
+        object.__setattr__(self, "_index", {term: (i, float(w)) for i, (term, w) in enumerate(zip(self.terms, self.idf))})
         object.__setattr__(self, "_analyze", _vectorizer(self.analyzer, self.ngram_range).build_analyzer())
 
-    def columns(self, text: str) -> tuple[np.ndarray, np.ndarray]:
-        """Column indices and L2-normalised TF-IDF values of ``text`` (empty arrays for no known term)."""
+    def columns(self, text: str) -> tuple[list[int], list[float]]:
+        """Column indices and L2-normalised TF-IDF values of ``text`` (empty for no known term).
+
+        Plain Python on purpose: a title has a few hundred terms, where numpy's per-call cost
+        would dominate.
+        """
         index = self._index
-        counts = Counter(term for term in self._analyze(text) if term in index)
-        if not counts:
-            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
-        columns = np.fromiter((index[term] for term in counts), dtype=np.int64, count=len(counts))
-        values = (1.0 + np.log(np.fromiter(counts.values(), dtype=np.float64, count=len(counts)))) * self.idf[columns]
-        return columns, (values / np.linalg.norm(values)).astype(np.float32)
+        counts: dict[str, int] = {}
+        for term in self._analyze(text):
+            if term in index:
+                counts[term] = counts.get(term, 0) + 1
+        columns, values = [], []
+        for term, count in counts.items():
+            column, idf = index[term]
+            columns.append(column)
+            values.append((1.0 + math.log(count)) * idf)
+        norm = math.sqrt(sum(v * v for v in values)) or 1.0
+        return columns, [v / norm for v in values]
 
     @classmethod
     def fit(cls, name: str, source: str, analyzer: str, ngram_range: tuple[int, int], min_df: int,
@@ -119,8 +129,8 @@ class LexicalModel:
                 if not text or (field.source == "mall" and trust == 0.0):
                     continue
                 columns, values = field.columns(text)
-                indices.append(columns + offset)
-                data.append(values if field.source == "title" else values * trust)
+                indices.append(np.asarray(columns, dtype=np.int64) + offset)
+                data.append(np.asarray(values, dtype=np.float32) * (1.0 if field.source == "title" else trust))
                 nnz += len(columns)
             indptr.append(nnz)
         return sparse.csr_matrix(
@@ -137,16 +147,19 @@ class LexicalModel:
 
     def score(self, title: str, mall: str, mall_weight: float = 1.0) -> np.ndarray:
         """``(K,)`` scores of one offer (the preprocess workers' path: no sparse matrix built)."""
-        out = self.intercept.copy()
+        rows: list[int] = []
+        weights: list[float] = []
         for field, offset in zip(self.fields, self.offsets):
             text = title if field.source == "title" else mall
             trust = 1.0 if field.source == "title" else mall_weight
             if not text or trust == 0.0:
                 continue
             columns, values = field.columns(text)
-            if len(columns):
-                out += (values * trust) @ self.coef[columns + offset]
-        return out
+            rows.extend(column + int(offset) for column in columns)
+            weights.extend(value * trust for value in values)
+        if not rows:
+            return self.intercept.copy()
+        return np.asarray(weights, dtype=np.float32) @ self.coef[rows] + self.intercept
 
     def reweighted(self, weight: float) -> "LexicalModel":
         """The same model with its scores scaled to ``weight`` (instead of the current weight)."""
