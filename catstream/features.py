@@ -92,7 +92,10 @@ class Featurizer:
 
     def text_ids(self, title: str, mall_category: str | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Token ids of the filtered title and of the mall category, and the title's n-gram ids."""
-        title, mall = self.texts(title, mall_category)
+        return self._ids(*self.texts(title, mall_category))
+
+    def _ids(self, title: str, mall: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """:meth:`text_ids` of texts already filtered by :meth:`texts`."""
         title_ids = self.tokenizer.encode(title, self.max_title_tokens)
         mall_ids = self.tokenizer.encode(mall, self.max_mall_tokens)
         title_grams = (char_ngram_ids(title, self.char_buckets, self.max_title_grams) if self.char_buckets
@@ -101,9 +104,13 @@ class Featurizer:
 
     def lexical_scores(self, title: str, mall_category: str | None, mall_weight: float = 1.0) -> np.ndarray:
         """``(K,)`` lexical scores of the filtered texts; ``(0,)`` when the model has no lexical model."""
+        return self._lexical(*self.texts(title, mall_category), mall_weight)
+
+    def _lexical(self, title: str, mall: str, mall_weight: float) -> np.ndarray:
+        """:meth:`lexical_scores` of texts already filtered by :meth:`texts`."""
         if self.lexical is None:
             return np.zeros(0, dtype=np.float32)
-        return self.lexical.score(*self.texts(title, mall_category), mall_weight)
+        return self.lexical.score(title, mall, mall_weight)
 
     def image(self, offer: Offer, *, base_dir: Path | None = None) -> tuple[np.ndarray, bool, str]:
         """``(image, has_image, status)``; a blank image when it cannot be used, with the reason."""
@@ -121,7 +128,8 @@ class Featurizer:
             return blank, False, error.status
 
     def featurize(self, offer: Offer, *, base_dir: Path | None = None) -> OfferFeatures:
-        title_ids, mall_ids, title_grams = self.text_ids(offer.title, offer.mall_category)
+        title, mall = self.texts(offer.title, offer.mall_category)  # filtered once for both text paths
+        title_ids, mall_ids, title_grams = self._ids(title, mall)
         image, has_image, status = self.image(offer, base_dir=base_dir)
         mall_weight = self.shop_weights(offer.mall_id)
         return OfferFeatures(
@@ -133,5 +141,5 @@ class Featurizer:
             title_grams=title_grams,
             exclusion_mask=self.dictionaries.exclusion_mask(offer.title, self.labels),
             image_status=status,
-            lexical=self.lexical_scores(offer.title, offer.mall_category, mall_weight),
+            lexical=self._lexical(title, mall, mall_weight),
         )
