@@ -11,7 +11,9 @@ its own as scikit-learn's ``TfidfVectorizer`` does:
 
 with sublinear term frequency ``1 + log(tf)`` and the idf learnt on the training offers. The
 analyzers are scikit-learn's own, so the strings are cut exactly as at fitting time; the rest is
-a dot product with the stored coefficients, cheap enough for every preprocess worker.
+a dot product with the stored coefficients, cheap enough for every preprocess worker. Character
+n-grams never cross a word boundary, so a worker cuts each distinct word once and remembers its
+known n-grams (a bounded cache): marketplace titles reuse a small set of words.
 
 Stored in a bundle's ``lexical/`` directory: ``fields.json`` (analyzers, vocabularies, the weight)
 and ``weights.npz`` (idf per field, coefficients ``(F, K)``, intercept ``(K,)``, both already
@@ -20,8 +22,10 @@ multiplied by the weight).
 
 from __future__ import annotations
 
+import functools
 import json
 import math
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +33,7 @@ import numpy as np
 from scipy import sparse
 from sklearn.feature_extraction.text import TfidfVectorizer
 
-__all__ = ["FIELD_SPECS", "LEXICAL_DIR", "LexicalField", "LexicalModel"]
+__all__ = ["FIELD_SPECS", "LEXICAL_DIR", "WORD_CACHE", "LexicalField", "LexicalModel"]
 
 LEXICAL_DIR = "lexical"
 # (name, source text, analyzer, n-gram range, min_df): the tuned TF-IDF baseline's title and mall fields
@@ -39,6 +43,7 @@ FIELD_SPECS: tuple[tuple[str, str, str, tuple[int, int], int], ...] = (
     ("mall_word", "mall", "word", (1, 2), 1),
     ("mall_char", "mall", "char_wb", (2, 5), 2),
 )
+WORD_CACHE = 1 << 16  # distinct words whose character n-grams a field remembers (a few MB at most)
 
 
 def _vectorizer(analyzer: str, ngram_range: tuple[int, int], min_df: int = 1, vocabulary=None) -> TfidfVectorizer:
@@ -56,30 +61,35 @@ class LexicalField:
     ngram_range: tuple[int, int]
     terms: tuple[str, ...]  # index = column within the field
     idf: np.ndarray  # (len(terms),)
+    word_cache: int = WORD_CACHE  # words remembered by a char_wb field; 0 cuts every word anew
 
     def __post_init__(self):
-        # term → (column, idf): one dict lookup per term on the workers' per-offer path
-        object.__setattr__(self, "_index", {term: (i, float(w)) for i, (term, w) in enumerate(zip(self.terms, self.idf))})
+        # term → column: one dict lookup per term on the workers' per-offer path
+        object.__setattr__(self, "_index", {term: i for i, term in enumerate(self.terms)})
         object.__setattr__(self, "_analyze", _vectorizer(self.analyzer, self.ngram_range).build_analyzer())
+        object.__setattr__(self, "_word_columns", functools.lru_cache(maxsize=self.word_cache)(self._known_columns))
 
-    def columns(self, text: str) -> tuple[list[int], list[float]]:
-        """Column indices and L2-normalised TF-IDF values of ``text`` (empty for no known term).
-
-        Plain Python on purpose: a title has a few hundred terms, where numpy's per-call cost
-        would dominate.
-        """
+    def _known_columns(self, text: str) -> tuple[int, ...]:
+        """Columns of the known terms of ``text``, one per occurrence."""
         index = self._index
-        counts: dict[str, int] = {}
-        for term in self._analyze(text):
-            if term in index:
-                counts[term] = counts.get(term, 0) + 1
-        columns, values = [], []
-        for term, count in counts.items():
-            column, idf = index[term]
-            columns.append(column)
-            values.append((1.0 + math.log(count)) * idf)
-        norm = math.sqrt(sum(v * v for v in values)) or 1.0
-        return columns, [v / norm for v in values]
+        return tuple(index[term] for term in self._analyze(text) if term in index)
+
+    def columns(self, text: str) -> tuple[np.ndarray, np.ndarray]:
+        """Column indices ``(T,)`` int64 and L2-normalised TF-IDF values ``(T,)`` of ``text``'s known terms."""
+        if self.analyzer == "char_wb":
+            # scikit-learn lowercases, then pads and cuts each whitespace-separated word on its own
+            occurrences: list[int] = []
+            for word in text.lower().split():
+                occurrences.extend(self._word_columns(word))
+        else:
+            occurrences = self._known_columns(text)
+        counts = Counter(occurrences)
+        if not counts:
+            return np.zeros(0, np.int64), np.zeros(0, np.float64)
+        columns = np.fromiter(counts.keys(), np.int64, len(counts))
+        values = (1.0 + np.log(np.fromiter(counts.values(), np.float64, len(counts)))) * self.idf[columns]
+        norm = math.sqrt(values @ values) or 1.0
+        return columns, values / norm
 
     @classmethod
     def fit(cls, name: str, source: str, analyzer: str, ngram_range: tuple[int, int], min_df: int,
@@ -129,8 +139,8 @@ class LexicalModel:
                 if not text or (field.source == "mall" and trust == 0.0):
                     continue
                 columns, values = field.columns(text)
-                indices.append(np.asarray(columns, dtype=np.int64) + offset)
-                data.append(np.asarray(values, dtype=np.float32) * (1.0 if field.source == "title" else trust))
+                indices.append(columns + offset)
+                data.append((values * (1.0 if field.source == "title" else trust)).astype(np.float32))
                 nnz += len(columns)
             indptr.append(nnz)
         return sparse.csr_matrix(
@@ -147,19 +157,19 @@ class LexicalModel:
 
     def score(self, title: str, mall: str, mall_weight: float = 1.0) -> np.ndarray:
         """``(K,)`` scores of one offer (the preprocess workers' path: no sparse matrix built)."""
-        rows: list[int] = []
-        weights: list[float] = []
+        rows: list[np.ndarray] = []
+        weights: list[np.ndarray] = []
         for field, offset in zip(self.fields, self.offsets):
             text = title if field.source == "title" else mall
             trust = 1.0 if field.source == "title" else mall_weight
             if not text or trust == 0.0:
                 continue
             columns, values = field.columns(text)
-            rows.extend(column + int(offset) for column in columns)
-            weights.extend(value * trust for value in values)
+            rows.append(columns + offset)
+            weights.append(values * trust)
         if not rows:
             return self.intercept.copy()
-        return np.asarray(weights, dtype=np.float32) @ self.coef[rows] + self.intercept
+        return (np.concatenate(weights).astype(np.float32) @ self.coef[np.concatenate(rows)]) + self.intercept
 
     def reweighted(self, weight: float) -> "LexicalModel":
         """The same model with its scores scaled to ``weight`` (instead of the current weight)."""
@@ -178,10 +188,11 @@ class LexicalModel:
         return directory
 
     @classmethod
-    def load(cls, directory: str | Path) -> "LexicalModel":
+    def load(cls, directory: str | Path, *, word_cache: int = WORD_CACHE) -> "LexicalModel":
+        """The model saved in ``directory``; ``word_cache`` words remembered per character field."""
         directory = Path(directory)
         meta = json.loads((directory / "fields.json").read_text())
         with np.load(directory / "weights.npz") as arrays:
             fields = [LexicalField(f["name"], f["source"], f["analyzer"], tuple(f["ngram_range"]), tuple(f["terms"]),
-                                   arrays[f"idf_{f['name']}"]) for f in meta["fields"]]
+                                   arrays[f"idf_{f['name']}"], word_cache) for f in meta["fields"]]
             return cls(fields, arrays["coef"], arrays["intercept"], weight=meta["weight"])

@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+from hypothesis import given, settings, strategies as st
 from scipy import sparse
 from sklearn.feature_extraction.text import TfidfVectorizer
 
@@ -23,6 +24,30 @@ def test_features_are_scikit_learn_tfidf_of_each_field_side_by_side():
     expected = sparse.hstack(expected).toarray()
     # scikit-learn orders each vocabulary alphabetically, as the stored terms are
     np.testing.assert_allclose(model.features(TITLES, MALLS).toarray(), expected, atol=1e-6)
+
+
+_FITTED = fit_lexical(TITLES, MALLS, TARGETS, num_classes=3)
+_REFERENCE = [TfidfVectorizer(analyzer=field.analyzer, ngram_range=field.ngram_range, sublinear_tf=True,
+                              vocabulary={term: i for i, term in enumerate(field.terms)}) for field in _FITTED.fields]
+for _vectorizer, _field in zip(_REFERENCE, _FITTED.fields):
+    _vectorizer.fit(TITLES)  # sets up idf_, replaced by the fitted one below
+    _vectorizer.idf_ = _field.idf
+# Words of the fitted vocabulary in any case, with other letters, digits and all kinds of whitespace.
+_texts = st.lists(st.sampled_from([w for t in TITLES for w in t.split()] + ["NIKE", "shoes", "Ünïcode", "ß", "İ", "42"])
+                  | st.text(max_size=6), max_size=12).flatmap(
+    lambda words: st.lists(st.sampled_from([" ", "  ", "\t", "\n", "\u00a0", "-"]), min_size=len(words),
+                           max_size=len(words)).map(lambda gaps: "".join(w + g for w, g in zip(words, gaps))))
+
+
+@settings(max_examples=200, deadline=None)
+@given(_texts)
+def test_one_text_cut_with_the_word_cache_is_exactly_scikit_learns_tfidf_row(text):
+    for field, vectorizer in zip(_FITTED.fields, _REFERENCE):
+        for _ in range(2):  # the second time every word comes from the cache
+            columns, values = field.columns(text)
+            row = np.zeros(len(field.terms))
+            row[columns] = values
+            np.testing.assert_allclose(row, vectorizer.transform([text]).toarray()[0], atol=1e-12)
 
 
 def test_one_offer_scores_equal_the_batch_scores_and_the_mall_weight_scales_the_mall_fields():
