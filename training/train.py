@@ -488,7 +488,9 @@ def _lexical_weight(logits: np.ndarray, scores: np.ndarray, prepared: Prepared, 
     weight = chosen if options.lexical_weight is None else float(options.lexical_weight)
     log.info("lexical model weight %.2f (held-out accuracy by weight: %s)", weight,
              ", ".join(f"{w:g}: {a:.4f}" for w, a in accuracy.items()))
-    return weight, {"weight": weight, "chosen": options.lexical_weight is None, "accuracy_by_weight": accuracy}
+    # a list, not a dict: JSON would turn the float keys into strings
+    by_weight = [{"weight": w, "accuracy": a} for w, a in accuracy.items()]
+    return weight, {"weight": weight, "chosen": options.lexical_weight is None, "accuracy_by_weight": by_weight}
 
 
 def calibrate_logits(logits: np.ndarray, prepared: Prepared, rows: np.ndarray, options: TrainOptions) -> dict:

@@ -133,12 +133,13 @@ def test_bundle_carries_the_lexical_model_with_its_held_out_weight_and_serving_r
     from gpu_workers.inference import OnnxClassifier
 
     first, _ = champion_run
-    lexical = first.config["training"]["lexical"]
-    assert lexical["chosen"] and lexical["weight"] in lexical["accuracy_by_weight"]
-    # the weight is the most accurate on the out-of-fold predictions, and beats the network alone there
-    assert lexical["accuracy_by_weight"][lexical["weight"]] == max(lexical["accuracy_by_weight"].values())
-    assert lexical["accuracy_by_weight"][lexical["weight"]] > lexical["accuracy_by_weight"][0.0]
     bundle = ModelBundle.load(first.report["model"])
+    lexical = bundle.config["training"]["lexical"]  # as read back from config.json
+    accuracy = {row["weight"]: row["accuracy"] for row in lexical["accuracy_by_weight"]}
+    assert lexical["chosen"] and lexical["weight"] in accuracy
+    # the weight is the most accurate on the out-of-fold predictions, and beats the network alone there
+    assert accuracy[lexical["weight"]] == max(accuracy.values())
+    assert accuracy[lexical["weight"]] > accuracy[0.0]
     model = bundle.lexical()
     assert model.weight == lexical["weight"] and model.num_classes == len(bundle.labels)
     assert model.num_features == lexical["features"] > 0
