@@ -46,9 +46,9 @@ FIELD_SPECS: tuple[tuple[str, str, str, tuple[int, int], int], ...] = (
 WORD_CACHE = 1 << 16  # distinct words whose character n-grams a field remembers (a few MB at most)
 
 
-def _vectorizer(analyzer: str, ngram_range: tuple[int, int], min_df: int = 1, vocabulary=None) -> TfidfVectorizer:
+def _vectorizer(analyzer: str, ngram_range: tuple[int, int], min_df: int = 1) -> TfidfVectorizer:
     return TfidfVectorizer(analyzer=analyzer, ngram_range=tuple(ngram_range), min_df=min_df, sublinear_tf=True,
-                           lowercase=True, vocabulary=vocabulary)
+                           lowercase=True)
 
 
 @dataclass(frozen=True)
