@@ -31,7 +31,6 @@ from pathlib import Path
 
 import numpy as np
 from scipy import sparse
-from sklearn.feature_extraction.text import TfidfVectorizer
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -46,13 +45,7 @@ MYNTRA = REPO.parent / "shared" / "datasets" / "myntra-fashion" / "offers.csv"
 
 def scikit_learn_scorer(model: LexicalModel):
     """One offer's ``(K,)`` scores through scikit-learn's vectorisers with the model's vocabulary and idf."""
-    vectorizers = []
-    for field in model.fields:
-        vectorizer = TfidfVectorizer(analyzer=field.analyzer, ngram_range=field.ngram_range, sublinear_tf=True,
-                                     vocabulary={term: i for i, term in enumerate(field.terms)})
-        vectorizer.fit(list(field.terms[:1]))  # sets up idf_, replaced by the model's own
-        vectorizer.idf_ = field.idf
-        vectorizers.append(vectorizer)
+    vectorizers = [field.vectorizer() for field in model.fields]
 
     def score(title: str, mall: str) -> np.ndarray:
         rows = [vectorizer.transform([title if field.source == "title" else mall])

@@ -46,9 +46,9 @@ FIELD_SPECS: tuple[tuple[str, str, str, tuple[int, int], int], ...] = (
 WORD_CACHE = 1 << 16  # distinct words whose character n-grams a field remembers (a few MB at most)
 
 
-def _vectorizer(analyzer: str, ngram_range: tuple[int, int], min_df: int = 1) -> TfidfVectorizer:
+def _vectorizer(analyzer: str, ngram_range: tuple[int, int], min_df: int = 1, vocabulary=None) -> TfidfVectorizer:
     return TfidfVectorizer(analyzer=analyzer, ngram_range=tuple(ngram_range), min_df=min_df, sublinear_tf=True,
-                           lowercase=True)
+                           lowercase=True, vocabulary=vocabulary)
 
 
 @dataclass(frozen=True)
@@ -90,6 +90,13 @@ class LexicalField:
         values = (1.0 + np.log(np.fromiter(counts.values(), np.float64, len(counts)))) * self.idf[columns]
         norm = math.sqrt(values @ values) or 1.0
         return columns, values / norm
+
+    def vectorizer(self) -> TfidfVectorizer:
+        """scikit-learn's vectoriser with this field's vocabulary and idf: the reference :meth:`columns` matches."""
+        vectorizer = _vectorizer(self.analyzer, self.ngram_range, vocabulary=self._index)
+        vectorizer.fit(self.terms[:1])  # sets up idf_, replaced by the field's own
+        vectorizer.idf_ = self.idf
+        return vectorizer
 
     @classmethod
     def fit(cls, name: str, source: str, analyzer: str, ngram_range: tuple[int, int], min_df: int,
