@@ -4,7 +4,9 @@ Rows (cumulative, as the design claims them): title only → + mall category →
 + season-balanced history → + label cleaning → + exclusion dictionary → + lexical model; optionally the full
 model at other image sizes, without ImageNet weights and without the character n-grams. Every row is trained and scored here,
 on the same split and the same test offers; temperature and threshold are chosen per row on
-validation data. Scoring uses the PyTorch model (the ONNX export of the same weights agrees to
+validation data. Each row is compared offer by offer with the row it builds on (the extra rows
+with the full model): the exact McNemar p-value says whether its step is more than the noise of
+one test set. Scoring uses the PyTorch model (the ONNX export of the same weights agrees to
 about 1e-6, see the export parity check).
 """
 
@@ -16,9 +18,11 @@ import logging
 import time
 from pathlib import Path
 
+import numpy as np
 
 from catstream.decision import apply_exclusions, softmax
 from training.evaluate import score
+from training.significance import paired_comparison
 from training.train import (Prepared, TrainOptions, calibrate, fit_model, lexical_scores, predict_logits, prepare,
                             training_rows)
 
@@ -41,8 +45,11 @@ ABLATION_ROWS: tuple[tuple[str, dict], ...] = (
 )
 
 
-def score_configuration(prepared: Prepared, options: TrainOptions, *, progress: bool = False) -> dict:
-    """Train ``options`` on ``prepared`` and score it on the test rows (threshold from validation)."""
+def score_configuration(prepared: Prepared, options: TrainOptions, *, progress: bool = False) -> tuple[dict, np.ndarray]:
+    """Train ``options`` on ``prepared`` and score it on the test rows (threshold from validation).
+
+    Returns the :func:`~training.evaluate.score` report and which test offers ``(N,)`` it got right.
+    """
     started = time.monotonic()
     rows, targets, report = training_rows(prepared, options, progress=progress)
     model, history = fit_model(prepared, options, train_rows=rows, targets=targets, progress=progress,
@@ -54,7 +61,8 @@ def score_configuration(prepared: Prepared, options: TrainOptions, *, progress: 
         logits = logits + lexical_scores(lexical, prepared, test, inputs=options.inputs)
     probabilities, _ = apply_exclusions(softmax(logits, calibration["temperature"]),
                                         prepared.exclusion[test] if options.use_exclusions else None)
-    result = score(prepared.labels, prepared.targets[test], probabilities.argmax(1), confidence=probabilities.max(1),
+    predicted = probabilities.argmax(1)
+    result = score(prepared.labels, prepared.targets[test], predicted, confidence=probabilities.max(1),
                    threshold=calibration["threshold"], listed_at=prepared.frame["listed_at"].iloc[test])
     result["training_offers"] = int(len(rows))
     if "lexical" in calibration:
@@ -62,7 +70,7 @@ def score_configuration(prepared: Prepared, options: TrainOptions, *, progress: 
     result["seconds"] = round(time.monotonic() - started, 1)
     if "cleaning" in report:
         result["cleaning"] = {k: v for k, v in report["cleaning"].items() if k != "examples"}
-    return result
+    return result, predicted == prepared.targets[test]
 
 
 def run_ablation(data: str | Path, work_dir: str | Path, options: TrainOptions, *, image_sizes: list[int] = (),
@@ -74,13 +82,18 @@ def run_ablation(data: str | Path, work_dir: str | Path, options: TrainOptions, 
     report = {"data": str(Path(data).resolve()), "protocol": options.split, "image_size": options.image_size,
               "test_offers": int(len(prepared.split.test)), "categories": len(prepared.labels), "rows": []}
     cleaning = options.cleaning if options.cleaning != "off" else "drop"
+    previous = None
     for name, overrides in ABLATION_ROWS:
         log.info("ablation row: %s", name)
         if overrides.get("cleaning") == CLEANED:
             overrides = overrides | {"cleaning": cleaning}
-        result = score_configuration(prepared, dataclasses.replace(options, **overrides), progress=progress)
+        result, correct = score_configuration(prepared, dataclasses.replace(options, **overrides), progress=progress)
+        if previous is not None:
+            result["paired"] = {"against": previous[0]} | paired_comparison(correct, previous[1])
         report["rows"].append({"row": name} | result)
         log.info("%s: accuracy %.4f, macro-F1 %.4f", name, result["accuracy"], result["macro_f1"])
+        previous = name, correct
+    full_model = previous
     extra = [(f"full model at {size} px", dataclasses.replace(options, image_size=size)) for size in image_sizes
              if size != options.image_size]
     if without_pretrained:
@@ -90,7 +103,11 @@ def run_ablation(data: str | Path, work_dir: str | Path, options: TrainOptions, 
     for name, variant in extra:
         log.info("ablation row: %s", name)
         variant_prepared = prepare(data, work_dir / name.replace(" ", "-"), variant, progress=progress)
-        result = score_configuration(variant_prepared, variant, progress=progress)
+        if not np.array_equal(variant_prepared.frame["offer_id"].iloc[variant_prepared.split.test],
+                              prepared.frame["offer_id"].iloc[prepared.split.test]):
+            raise RuntimeError(f"{name}: the test offers differ from the other rows'; the rows cannot be compared")
+        result, correct = score_configuration(variant_prepared, variant, progress=progress)
+        result["paired"] = {"against": full_model[0]} | paired_comparison(correct, full_model[1])
         report["rows"].append({"row": name} | result)
     return report
 
@@ -103,16 +120,23 @@ def render_ablation(report: dict) -> str:
         f"# Ablation ({report['protocol']} split, {report['test_offers']} held-out offers, "
         f"{report['categories']} categories, {report['image_size']} px)",
         "",
-        "| configuration | accuracy | macro-F1 | coverage at threshold | precision at threshold | worst month | training offers |",
-        "|---|---|---|---|---|---|---|",
+        "| configuration | accuracy | macro-F1 | coverage at threshold | precision at threshold | worst month | "
+        "training offers | against the row it builds on | p-value |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in report["rows"]:
         at = row.get("at_threshold", {})
         months = row.get("per_month", {})
         worst = min(months.items(), key=lambda item: item[1]["accuracy"]) if months else None
         worst_text = f"{worst[0]} {pct(worst[1]['accuracy'])}" if worst else "–"
+        paired = row.get("paired")
+        versus, p_value = "–", "–"
+        if paired:
+            versus = (f"{100 * paired['difference']:+.2f} points ({paired['only_this']} offers right only here, "
+                      f"{paired['only_other']} only in '{paired['against']}')")
+            p_value = f"{paired['p_value']:.2g}"
         lines.append(f"| {row['row']} | {pct(row['accuracy'])} | {row['macro_f1']:.4f} | {pct(at.get('coverage'))} | "
-                     f"{pct(at.get('precision'))} | {worst_text} | {row['training_offers']} |")
+                     f"{pct(at.get('precision'))} | {worst_text} | {row['training_offers']} | {versus} | {p_value} |")
     months = list(report["rows"][0].get("per_month", {}))
     if months:
         lines += ["", "## Accuracy per listing month", "", "| configuration | " + " | ".join(months) + " |",

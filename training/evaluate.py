@@ -24,6 +24,7 @@ from catstream.decision import apply_exclusions, softmax
 from catstream.features import Featurizer
 from catstream.offer_files import LABEL, offers_from_frame
 from training.baselines import BASELINES, decision_scores, fit_baseline
+from training.significance import INTERVAL_LEVEL, accuracy_interval, paired_comparison
 from training.splits import SplitSpec, split_offers
 from training.train import data_fingerprint, load_labeled, progress_bar, select_labels
 
@@ -59,6 +60,7 @@ def score(
     result: dict = {
         "offers": int(len(targets)),
         "accuracy": float(correct.mean()) if len(targets) else float("nan"),
+        "accuracy_interval": accuracy_interval(int(correct.sum()), len(targets)),
         "macro_f1": float(f1_score(targets, predicted, labels=np.unique(targets), average="macro", zero_division=0)),
         "per_category": sorted(
             [{"category": labels[k], "precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
@@ -191,6 +193,7 @@ def evaluate_bundle(
         "test_offers": int(len(test)),
         "train_offers_for_baselines": int(len(train)),
         "categories": len(labels),
+        "interval_level": INTERVAL_LEVEL,
         "results": {
             "catstream": model_result,
         },
@@ -205,6 +208,9 @@ def evaluate_bundle(
             predicted = np.array([labels.index(classes[k]) for k in scores.argmax(1)])
             report["results"][name] = score(labels, targets, predicted, confidence=scores.max(1),
                                             listed_at=test["listed_at"]) | {"seconds": round(time.monotonic() - clock, 1)}
+            # Same offers, so the lead over each baseline is judged paired (see paired_comparison).
+            report.setdefault("paired", {})[name] = paired_comparison(served.masked.argmax(1) == targets,
+                                                                      predicted == targets)
     elif baselines:
         report["baselines_skipped"] = "no training rows: the evaluation data is not the model's training data"
     report["seconds"] = round(time.monotonic() - started, 1)
@@ -261,6 +267,18 @@ def _pct(value: float) -> str:
     return "–" if value is None or value != value else f"{100 * value:.2f}%"
 
 
+def _interval(bounds: list[float] | None) -> str:
+    return "–" if not bounds or bounds[0] != bounds[0] else f"{100 * bounds[0]:.2f}–{100 * bounds[1]:.2f}%"
+
+
+def _points(value: float) -> str:
+    return f"{100 * value:+.2f} points"
+
+
+def _level(report: dict) -> str:
+    return f"{100 * report.get('interval_level', INTERVAL_LEVEL):.0f}%"
+
+
 def render_markdown(report: dict) -> str:
     """The report as Markdown: summary, per-month accuracy, confusions, coverage curve, worst categories."""
     results = report["results"]
@@ -271,15 +289,26 @@ def render_markdown(report: dict) -> str:
         f"Data `{report['data']}`, protocol **{report['protocol']}**: {report['test_offers']} held-out offers, "
         f"{report['categories']} categories.",
         "",
-        "| system | accuracy | macro-F1 | coverage at threshold | precision at threshold |",
-        "|---|---|---|---|---|",
+        f"| system | accuracy | {_level(report)} interval | macro-F1 | coverage at threshold | precision at threshold |",
+        "|---|---|---|---|---|---|",
     ]
     for name, result in results.items():
         at = result.get("at_threshold", {})
-        lines.append(f"| {name} | {_pct(result['accuracy'])} | {result['macro_f1']:.4f} | "
-                     f"{_pct(at.get('coverage'))} | {_pct(at.get('precision'))} |")
+        lines.append(f"| {name} | {_pct(result['accuracy'])} | {_interval(result.get('accuracy_interval'))} | "
+                     f"{result['macro_f1']:.4f} | {_pct(at.get('coverage'))} | {_pct(at.get('precision'))} |")
     if "baselines_skipped" in report:
         lines += ["", f"Baselines skipped: {report['baselines_skipped']}."]
+    if report.get("paired"):
+        lines += ["", "## catstream against each baseline, offer by offer", "",
+                  "Only the offers on which the two disagree tell them apart; the p-value is the exact McNemar "
+                  "test, the interval bounds the accuracy difference given that many disagreements.", "",
+                  "| baseline | right by catstream only | right by the baseline only | difference | "
+                  f"{_level(report)} interval | p-value |", "|---|---|---|---|---|---|"]
+        for name, paired in report["paired"].items():
+            low, high = paired["difference_interval"]
+            lines.append(f"| {name} | {paired['only_this']} | {paired['only_other']} | "
+                         f"{_points(paired['difference'])} | {_points(low)} to {_points(high)} | "
+                         f"{paired['p_value']:.2g} |")
     if "per_month" in model:
         months = list(model["per_month"])
         lines += ["", "## Accuracy per listing month", "", "| system | " + " | ".join(months) + " |",

@@ -56,6 +56,11 @@ class TrainResult:
             at = result.get("at_threshold")
             extra = (f"; precision {at['precision']:.4f} at coverage {at['coverage']:.4f}" if at else "")
             lines.append(f"  {name:16s} accuracy {result['accuracy']:.4f}  macro-F1 {result['macro_f1']:.4f}{extra}")
+        for name, paired in self.report.get("paired", {}).items():
+            low, high = paired["difference_interval"]
+            lines.append(f"  catstream vs {name}: {100 * paired['difference']:+.2f} points "
+                         f"({100 * low:+.2f} to {100 * high:+.2f}), right only by one or the other "
+                         f"{paired['only_this']} vs {paired['only_other']}, McNemar p {paired['p_value']:.2g}")
         return "\n".join(lines)
 
 

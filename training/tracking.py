@@ -83,6 +83,9 @@ class Tracking:
                     client.log_metric(run_id, f"test_{system}_macro_f1", result["macro_f1"])
                     for key, value in result.get("at_threshold", {}).items():
                         client.log_metric(run_id, f"test_{system}_{key}_at_threshold", float(value))
+                for baseline, paired in report.get("paired", {}).items():
+                    client.log_metric(run_id, f"test_lead_over_{baseline}", paired["difference"])
+                    client.log_metric(run_id, f"test_lead_over_{baseline}_p_value", paired["p_value"])
             for path in report_files:
                 client.log_artifact(run_id, str(path), artifact_path="evaluation")
             client.log_dict(run_id, config, "config.json")

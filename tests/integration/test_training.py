@@ -114,6 +114,16 @@ def test_cli_evaluates_the_champion_from_the_registry(champion_run, marketplace,
     report = json.loads((tmp_path / "evaluation.json").read_text())
     assert report["model_version"] == champion_run[0].config["model_version"]
     assert report["results"]["catstream"]["accuracy"] == pytest.approx(champion_run[0].report["results"]["catstream"]["accuracy"])
+    # the lead over each baseline is judged on the same offers, and printed with its p-value
+    results = report["results"]
+    low, high = results["catstream"]["accuracy_interval"]
+    assert low < results["catstream"]["accuracy"] < high or results["catstream"]["accuracy"] == 1.0
+    for name in ("tfidf-word", "tfidf-word-char"):
+        paired = report["paired"][name]
+        assert paired["offers"] == report["test_offers"]
+        assert paired["difference"] == pytest.approx(results["catstream"]["accuracy"] - results[name]["accuracy"])
+        assert paired["difference_interval"][0] <= paired["difference"] <= paired["difference_interval"][1]
+    assert "catstream against each baseline" in result.stdout and "p-value" in result.stdout
 
 
 def test_unreliable_shop_is_down_weighted_in_the_bundle_and_at_inference(bundle, marketplace):
@@ -171,6 +181,14 @@ def test_ablation_measures_every_row(marketplace, tmp_path):
     assert "lexical_weight" in report["rows"][6] and not any("lexical_weight" in row for row in report["rows"][:6])
     assert "cleaning" not in report["rows"][7]  # the extra rows are the run's own configuration
     assert len({round(row["accuracy"], 6) for row in report["rows"]}) >= 3
+    # each row is compared offer by offer with the one it builds on; same offers, so the paired
+    # difference is exactly the difference of the two accuracies
+    assert "paired" not in report["rows"][0]
+    for row, against in zip(report["rows"][1:], [r["row"] for r in report["rows"][:6]] + ["+ lexical model"]):
+        builds_on = next(r for r in report["rows"] if r["row"] == against)
+        assert row["paired"]["against"] == against
+        assert row["paired"]["difference"] == pytest.approx(row["accuracy"] - builds_on["accuracy"])
+        assert 0 <= row["paired"]["p_value"] <= 1
     assert "| + exclusion dictionary |" in render_ablation(report)
 
 

@@ -1,0 +1,80 @@
+import numpy as np
+import pytest
+
+from training.significance import accuracy_interval, paired_comparison
+
+
+def test_accuracy_interval_brackets_the_observed_rate_and_narrows_with_more_offers():
+    low, high = accuracy_interval(7016, 7144)
+    assert low < 7016 / 7144 < high
+    assert 0.978 < low and high < 0.986
+    wide = accuracy_interval(982, 1000)
+    assert wide[1] - wide[0] > high - low
+    assert accuracy_interval(0, 50)[0] == 0.0
+    assert accuracy_interval(50, 50)[1] == 1.0
+
+
+def test_accuracy_interval_covers_the_true_rate():
+    rng = np.random.default_rng(0)
+    right = rng.binomial(7144, 0.982, 2000)
+    missed = [not (low <= 0.982 <= high) for low, high in (accuracy_interval(int(r), 7144) for r in right)]
+    assert np.mean(missed) <= 0.05
+    assert np.mean(missed) > 0.005  # not vacuously wide
+
+
+def test_paired_comparison_counts_only_the_offers_the_two_disagree_on():
+    this = np.array([1, 1, 1, 0, 0, 1, 1], bool)
+    other = np.array([1, 0, 0, 0, 1, 1, 1], bool)
+    paired = paired_comparison(this, other)
+    assert (paired["only_this"], paired["only_other"], paired["offers"]) == (2, 1, 7)
+    assert paired["difference"] == pytest.approx(1 / 7)
+    # The difference can move only as far as the 3 disagreements allow.
+    low, high = paired["difference_interval"]
+    assert -3 / 7 <= low < 1 / 7 < high <= 3 / 7
+    swapped = paired_comparison(other, this)
+    assert swapped["difference"] == pytest.approx(-1 / 7)
+    assert swapped["p_value"] == pytest.approx(paired["p_value"])
+    assert swapped["difference_interval"] == pytest.approx([-paired["difference_interval"][1],
+                                                            -paired["difference_interval"][0]])
+
+
+def test_identical_systems_are_not_told_apart():
+    correct = np.random.default_rng(1).random(500) < 0.9
+    paired = paired_comparison(correct, correct)
+    assert paired["p_value"] == 1.0 and paired["difference_interval"] == [0.0, 0.0]
+
+
+def test_a_real_lead_is_found_where_unpaired_intervals_overlap():
+    # Both right on most offers; the first alone right on 40, the second alone on 10.
+    shared = np.ones(7144, bool)
+    shared[:100] = False
+    this, other = shared.copy(), shared.copy()
+    this[100:110] = False
+    other[110:150] = False
+    paired = paired_comparison(this, other)
+    assert paired["p_value"] < 0.001
+    assert paired["difference_interval"][0] > 0
+    this_low, _ = accuracy_interval(int(this.sum()), 7144)
+    _, other_high = accuracy_interval(int(other.sum()), 7144)
+    assert this_low < other_high  # the unpaired intervals could not have said it
+
+
+def test_equally_good_systems_are_called_different_at_the_nominal_rate():
+    rng = np.random.default_rng(2)
+    rejected, covered = 0, 0
+    for _ in range(400):
+        base = rng.random(3000) < 0.97
+        # Each system flips 2% of the offers on its own: same accuracy, different mistakes.
+        this = base ^ (rng.random(3000) < 0.02)
+        other = base ^ (rng.random(3000) < 0.02)
+        paired = paired_comparison(this, other)
+        rejected += paired["p_value"] < 0.05
+        low, high = paired["difference_interval"]
+        covered += low <= 0.0 <= high
+    assert rejected / 400 <= 0.06
+    assert covered / 400 >= 0.94
+
+
+def test_systems_scored_on_different_offers_are_refused():
+    with pytest.raises(ValueError, match="different offers"):
+        paired_comparison(np.ones(3, bool), np.ones(4, bool))
