@@ -307,7 +307,7 @@ def render_markdown(report: dict) -> str:
         for name, paired in report["paired"].items():
             low, high = paired["difference_interval"]
             lines.append(f"| {name} | {paired['only_this']} | {paired['only_other']} | "
-                         f"{_points(paired['difference'])} | {_points(low)} to {_points(high)} | "
+                         f"{_points(paired['difference'])} | {100 * low:+.2f} to {100 * high:+.2f} | "
                          f"{paired['p_value']:.2g} |")
     if "per_month" in model:
         months = list(model["per_month"])
