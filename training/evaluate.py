@@ -28,7 +28,7 @@ from training.significance import INTERVAL_LEVEL, accuracy_interval, paired_comp
 from training.splits import SplitSpec, split_offers
 from training.train import data_fingerprint, load_labeled, progress_bar, select_labels
 
-__all__ = ["COVERAGE_LEVELS", "Served", "evaluate_bundle", "held_out", "render_markdown", "score", "score_model",
+__all__ = ["COVERAGE_LEVELS", "Served", "evaluate_bundle", "held_out", "render_markdown", "score", "serve",
            "serve_held_out", "served_probabilities", "write_report"]
 
 log = logging.getLogger(__name__)
@@ -150,6 +150,11 @@ class Served:
     targets: np.ndarray  # (N,) indices into the bundle's labels
     masked: np.ndarray  # (N, K) after temperature and exclusion mask
 
+    @property
+    def correct(self) -> np.ndarray:
+        """``(N,)`` which offers the served answer files under their labeled category."""
+        return self.masked.argmax(1) == self.targets
+
     def score(self, rows: np.ndarray | None = None) -> dict:
         """:func:`score` of the served answers on ``rows`` of ``test`` (all by default)."""
         rows = np.arange(len(self.test)) if rows is None else rows
@@ -164,11 +169,17 @@ def serve_held_out(bundle: ModelBundle, data: str | Path, *, split: str = "auto"
     frame, test_rows, train_rows, protocol = held_out(bundle, data, split=split)
     if not len(test_rows):
         raise ValueError("no labeled offers to evaluate")
-    test = frame.iloc[test_rows].reset_index(drop=True)
+    return serve(bundle, frame.iloc[test_rows].reset_index(drop=True), train=frame.iloc[train_rows], protocol=protocol,
+                 batch_size=batch_size, threads=threads, progress=progress)
+
+
+def serve(bundle: ModelBundle, test: pd.DataFrame, *, train: pd.DataFrame | None = None, protocol: str = "all",
+          batch_size: int = 256, threads: int = 2, progress: bool = True) -> Served:
+    """The labeled ``test`` offers (categories all in the bundle's label set) served as in production."""
     targets = np.array([bundle.labels.index(label) for label in test[LABEL]])
     _, masked = served_probabilities(bundle, test, batch_size=batch_size, threads=threads, progress=progress)
-    return Served(bundle=bundle, test=test, train=frame.iloc[train_rows], protocol=protocol, targets=targets,
-                  masked=masked)
+    return Served(bundle=bundle, test=test, train=test.iloc[:0] if train is None else train, protocol=protocol,
+                  targets=targets, masked=masked)
 
 
 def evaluate_bundle(
@@ -209,8 +220,7 @@ def evaluate_bundle(
             report["results"][name] = score(labels, targets, predicted, confidence=scores.max(1),
                                             listed_at=test["listed_at"]) | {"seconds": round(time.monotonic() - clock, 1)}
             # Same offers, so the lead over each baseline is judged paired (see paired_comparison).
-            report.setdefault("paired", {})[name] = paired_comparison(served.masked.argmax(1) == targets,
-                                                                      predicted == targets)
+            report.setdefault("paired", {})[name] = paired_comparison(served.correct, predicted == targets)
     elif baselines:
         report["baselines_skipped"] = "no training rows: the evaluation data is not the model's training data"
     report["seconds"] = round(time.monotonic() - started, 1)
@@ -241,16 +251,6 @@ def served_probabilities(bundle: ModelBundle, frame: pd.DataFrame, *, batch_size
         exclusion[start : start + len(chunk)] = np.stack([f.exclusion_mask for f in chunk])
     masked, _ = apply_exclusions(probabilities, exclusion)
     return probabilities, masked
-
-
-def score_model(bundle: ModelBundle, test: pd.DataFrame, *, batch_size: int = 256, threads: int = 2,
-                progress: bool = True) -> dict:
-    """:func:`score` of the bundle served as in production (ONNX Runtime, temperature, mask, threshold)."""
-    labels = bundle.labels
-    targets = np.array([labels.index(label) for label in test[LABEL]])
-    _, masked = served_probabilities(bundle, test, batch_size=batch_size, threads=threads, progress=progress)
-    return score(labels, targets, masked.argmax(1), confidence=masked.max(1), threshold=bundle.threshold,
-                 listed_at=test["listed_at"])
 
 
 def write_report(report: dict, out_dir: str | Path, *, name: str = "evaluation") -> tuple[Path, Path]:

@@ -19,7 +19,8 @@ import numpy as np
 
 from catstream.bundle import ModelBundle
 from catstream.offer_files import LABEL
-from training.evaluate import Served, evaluate_bundle, score_model, serve_held_out, write_report
+from training.evaluate import Served, evaluate_bundle, serve, serve_held_out, write_report
+from training.significance import paired_comparison
 from training.tracking import CHAMPION, MODEL_NAME, Tracking
 from training.train import TrainOptions, train_bundle
 
@@ -123,13 +124,20 @@ def compare_with_champion(tracking: Tracking, version: str, bundle_dir: Path, da
         else:
             contender = _summary(served.score(np.flatnonzero(unseen)))
             known = common[LABEL].isin(champion_bundle.labels).to_numpy()
-            champion = _summary(score_model(champion_bundle, common[known].reset_index(drop=True), progress=False))
+            champion_served = serve(champion_bundle, common[known].reset_index(drop=True), progress=False)
+            champion = _summary(champion_served.score())
             # offers in categories the champion does not know count as its errors
             champion["accuracy"] *= known.mean()
+            champion_right = np.zeros(len(common), dtype=bool)
+            champion_right[known] = champion_served.correct
+            # The rule stays "better on the same offers"; the paired test records how sure that is.
+            paired = paired_comparison(served.correct[unseen], champion_right)
             better = (contender["accuracy"], contender["macro_f1"]) > (champion["accuracy"], champion["macro_f1"])
             reason = (f"accuracy {contender['accuracy']:.4f} vs champion v{current.version} {champion['accuracy']:.4f} "
                       f"on the same {len(common)} held-out offers ({protocol} split"
-                      + (")" if len(common) == len(test) else f"; {len(test) - len(common)} the champion saw left out)"))
+                      + ("" if len(common) == len(test) else f"; {len(test) - len(common)} the champion saw left out")
+                      + f"; right only by the new version {paired['only_this']}, only by the champion "
+                        f"{paired['only_other']}, McNemar p {paired['p_value']:.2g})")
             if better:
                 tracking.set_champion(version)
             promotion = Promotion(version, better, reason, contender, champion, str(current.version))

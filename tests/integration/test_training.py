@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -95,6 +96,11 @@ def test_worse_model_does_not_take_the_champion_alias(champion_run, marketplace,
     unseen_by_both = set(frame["offer_id"].iloc[v2_test]) - v1.training_offer_ids()
     assert 0 < len(unseen_by_both) < len(v2_test)
     assert f"on the same {len(unseen_by_both)} held-out offers" in worse.registered.reason
+    # the paired counts in the reason agree with the two accuracies on those offers
+    only_new, only_champion = map(int, re.search(r"right only by the new version (\d+), only by the champion (\d+), "
+                                                 r"McNemar p [0-9.e+-]+", worse.registered.reason).groups())
+    assert (only_new - only_champion) / len(unseen_by_both) == pytest.approx(
+        worse.registered.challenger["accuracy"] - worse.registered.champion["accuracy"])
     assert str(registry.champion().version) == "1"
     served = resolve_model_uri("models:/catstream@champion", tracking=registry)
     assert ModelBundle.load(served).version == first.config["model_version"]
