@@ -4,7 +4,9 @@ The held-out rows are rebuilt from the bundle's own record of how it was trained
 label-set rule, split protocol and seed) and checked against the data's fingerprint, so the test
 rows are exactly the ones training never saw. The model runs as it is served: the bundle's ONNX
 graph in ONNX Runtime, softmax at the bundle's temperature, the exclusion mask, the threshold.
-Both TF-IDF + LinearSVC baselines are trained in the same run on the same non-test rows.
+Both TF-IDF + LinearSVC baselines are trained in the same run on the same non-test rows, and
+the model is compared with each offer by offer (:func:`training.significance.paired_comparison`):
+on a few thousand offers, a lead of a few tenths of a point may be one test set's luck.
 """
 
 from __future__ import annotations
