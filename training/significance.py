@@ -8,7 +8,9 @@ with an interval, and every "beats the baseline" with a paired test on the same 
 from __future__ import annotations
 
 import numpy as np
-from scipy.stats import beta, binomtest
+from scipy.stats import binomtest
+
+from training.calibration import precision_lower_bound
 
 __all__ = ["INTERVAL_LEVEL", "accuracy_interval", "paired_comparison"]
 
@@ -23,9 +25,10 @@ def accuracy_interval(right: int, offers: int, *, level: float = INTERVAL_LEVEL)
     """
     if offers <= 0:
         return [float("nan"), float("nan")]
-    tail = (1.0 - level) / 2
-    low = beta.ppf(tail, right, offers - right + 1) if right > 0 else 0.0
-    high = beta.ppf(1.0 - tail, right + 1, offers - right) if right < offers else 1.0
+    one_sided = 1.0 - (1.0 - level) / 2
+    # The upper end is the lower bound on the error rate, turned round.
+    low = precision_lower_bound(right, offers, one_sided)
+    high = 1.0 - precision_lower_bound(offers - right, offers, one_sided)
     return [float(low), float(high)]
 
 
