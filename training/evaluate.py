@@ -212,6 +212,7 @@ def evaluate_bundle(
         },
     }
     if baselines and len(train):
+        model_correct = served.correct
         for name in BASELINES:
             clock = time.monotonic()
             log.info("training baseline %s on %d offers", name, len(train))
@@ -222,7 +223,7 @@ def evaluate_bundle(
             report["results"][name] = score(labels, targets, predicted, confidence=scores.max(1),
                                             listed_at=test["listed_at"]) | {"seconds": round(time.monotonic() - clock, 1)}
             # Same offers, so the lead over each baseline is judged paired (see paired_comparison).
-            report.setdefault("paired", {})[name] = paired_comparison(served.correct, predicted == targets)
+            report.setdefault("paired", {})[name] = paired_comparison(model_correct, predicted == targets)
     elif baselines:
         report["baselines_skipped"] = "no training rows: the evaluation data is not the model's training data"
     report["seconds"] = round(time.monotonic() - started, 1)
@@ -273,10 +274,6 @@ def _interval(bounds: list[float] | None) -> str:
     return "–" if not bounds or bounds[0] != bounds[0] else f"{100 * bounds[0]:.2f}–{100 * bounds[1]:.2f}%"
 
 
-def _points(value: float) -> str:
-    return f"{100 * value:+.2f} points"
-
-
 def _level(report: dict) -> str:
     return f"{100 * report.get('interval_level', INTERVAL_LEVEL):.0f}%"
 
@@ -309,7 +306,7 @@ def render_markdown(report: dict) -> str:
         for name, paired in report["paired"].items():
             low, high = paired["difference_interval"]
             lines.append(f"| {name} | {paired['only_this']} | {paired['only_other']} | "
-                         f"{_points(paired['difference'])} | {100 * low:+.2f} to {100 * high:+.2f} | "
+                         f"{100 * paired['difference']:+.2f} points | {100 * low:+.2f} to {100 * high:+.2f} | "
                          f"{paired['p_value']:.2g} |")
     if "per_month" in model:
         months = list(model["per_month"])
