@@ -21,6 +21,9 @@ __all__ = ["main"]
 
 log = logging.getLogger("catstream")
 
+# training.splits.PROTOCOLS, spelt out so that parsing arguments does not import the training stack
+PROTOCOLS = ("random", "time", "group")
+
 
 def _env(name: str) -> str:
     return f"(env {ENV_PREFIX}{name.upper()})"
@@ -64,7 +67,7 @@ def _build_parser() -> argparse.ArgumentParser:
                                    "(JSON + Markdown)")
     evaluate.add_argument("--model", required=True, help="bundle directory or models:/NAME@ALIAS")
     evaluate.add_argument("--data", required=True, type=Path, help="labeled offer file or history store")
-    evaluate.add_argument("--split", choices=("auto", "random", "time", "all"), default="auto",
+    evaluate.add_argument("--split", choices=("auto", *PROTOCOLS, "all"), default="auto",
                           help="auto: the model's own held-out split when DATA is its training data, else every "
                           "offer (default auto)")
     evaluate.add_argument("--out", type=Path, help="report directory (default: <model>/evaluation)")
@@ -78,7 +81,7 @@ def _build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--data", required=True, type=Path, help="labeled offer file or history store")
     audit.add_argument("--out", required=True, type=Path, help="report directory (audit.html, audit.json, "
                        "candidates/category_exclusions.tsv)")
-    audit.add_argument("--split", choices=("auto", "random", "time", "all"), default="auto",
+    audit.add_argument("--split", choices=("auto", *PROTOCOLS, "all"), default="auto",
                        help="auto: the model's own held-out offers when DATA is its training data, else every "
                        "labeled offer (default auto)")
     audit.add_argument("--worst", type=int, default=10, help="categories explained in detail, worst first (default 10)")
@@ -179,8 +182,9 @@ def _add_labels(parser: argparse.ArgumentParser) -> None:
 
 def _add_training_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("training")
-    group.add_argument("--split", choices=("random", "time"), default="random",
-                       help="held-out protocol: random rows, or the newest rows by listed_at (default random)")
+    group.add_argument("--split", choices=PROTOCOLS, default="random",
+                       help="held-out protocol: random rows; the newest rows by listed_at; or random title groups, "
+                       "colour variants of a product kept on one side (default random)")
     group.add_argument("--test-share", type=float, default=0.2, help="share of offers held out for testing (default 0.2)")
     group.add_argument("--image-size", type=int, default=96, help="model image input size in pixels (default 96)")
     group.add_argument("--vocab-size", type=int, default=20_000, help="SentencePiece pieces (default 20000)")
@@ -225,7 +229,7 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--calibration", choices=("auto", "crossfit", "validation"), default="auto",
                        help="where temperature and threshold come from: out-of-fold predictions of K models over the "
                        "training and validation offers (crossfit; the served model then trains on all of them), or "
-                       "the validation offers alone; auto = crossfit on a random split, validation on a time split")
+                       "the validation offers alone; auto = validation on a time split, else crossfit")
     group.add_argument("--calibration-folds", type=int, default=4, help="folds for --calibration crossfit (default 4)")
     group.add_argument("--dictionaries", type=Path, help="dictionary directory (default: the repo's dictionaries/)")
     group.add_argument("--pretrained", type=Path, help="ImageNet MobileNetV2 weights file (default: torch hub cache)")

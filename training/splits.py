@@ -3,22 +3,40 @@
 * ``random`` — a seeded permutation; the test rows are a random ``test_share`` of the data.
 * ``time``   — rows ordered by ``listed_at``; the newest ``test_share`` is the test set, so the
   model is judged on offers listed after everything it learned from.
+* ``group``  — like ``random``, but offers whose titles differ only in colour words (the colour
+  variants of one product: "Rocia Women Black Flats", "Rocia Women Beige Flats") travel
+  together, so no test offer has a near-twin among the training offers. It measures how the
+  model does on products it has never seen, which a random split overstates.
 
-In both, validation rows (temperature, threshold, early choices) come out of the training part:
-at random for ``random``, the newest training rows for ``time``. Test rows are never used for
-training, tuning or the threshold. The same spec on the same file always gives the same split.
+In all three, validation rows (temperature, threshold, early choices) come out of the training
+part: at random for ``random``, whole title groups for ``group``, the newest training rows for
+``time``. Test rows are never used for training, tuning or the threshold. The same spec on the
+same file always gives the same split.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import pandas as pd
 
-__all__ = ["PROTOCOLS", "Split", "SplitSpec", "split_offers"]
+from catstream.text import words
 
-PROTOCOLS = ("random", "time")
+__all__ = ["COLOUR_WORDS", "PROTOCOLS", "Split", "SplitSpec", "assign_folds", "split_offers", "title_groups"]
+
+PROTOCOLS = ("random", "time", "group")
+
+# Dropped from titles before grouping. A word missing here only leaves some colour variants in
+# different groups (a milder split), it never merges different products.
+COLOUR_WORDS = frozenset("""
+    aqua beige black blue bronze brown burgundy charcoal coffee copper coral cream fluorescent fuchsia gold
+    golden green grey gray indigo ivory khaki lavender lemon lilac lime magenta maroon mauve melange metallic
+    multi multicolor multicolour multicoloured mushroom mustard navy neon nude off olive orange peach pink plum
+    purple red rose rust sea silver skin steel tan taupe teal turquoise violet white wine yellow
+    light dark
+""".split())
 
 
 @dataclass(frozen=True)
@@ -49,12 +67,54 @@ class Split:
     test: np.ndarray
 
 
+def title_groups(titles: Iterable[str]) -> np.ndarray:
+    """``(n,)`` int64 group of each title: its normalised words without colour words.
+
+    A title with no word left (empty, or colours only) is a group of its own.
+    """
+    keys = pd.Series([" ".join(w for w in words(title) if w not in COLOUR_WORDS) for title in titles], dtype=object)
+    groups = pd.factorize(keys)[0].astype(np.int64)
+    alone = (keys == "").to_numpy()
+    groups[alone] = groups.max(initial=-1) + 1 + np.arange(alone.sum())
+    return groups
+
+
+def assign_folds(count: int, folds: int, *, seed: int, groups: np.ndarray | None = None) -> np.ndarray:
+    """``(count,)`` fold of each row, seeded; with ``groups`` ``(count,)`` a group's rows share a fold."""
+    rng = np.random.default_rng(seed)
+    if groups is None:
+        return rng.permutation(count) % folds
+    _, dense = np.unique(groups, return_inverse=True)
+    return rng.permutation(dense.max(initial=-1) + 1)[dense] % folds
+
+
+def _grouped_order(groups: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Row positions, each group's rows next to each other, the groups in a seeded random order."""
+    _, dense = np.unique(groups, return_inverse=True)
+    rank = rng.permutation(dense.max(initial=-1) + 1)
+    return np.lexsort((np.arange(len(groups)), rank[dense]))
+
+
+def _group_boundary(ordered_groups: np.ndarray | None, index: int) -> int:
+    """``index`` moved to the nearest position inside the rows where a new group starts, so both
+    sides keep at least one group (unchanged without groups, or at either end)."""
+    if ordered_groups is None or index <= 0 or index >= len(ordered_groups):
+        return index
+    starts = np.flatnonzero(np.diff(ordered_groups)) + 1
+    return int(starts[np.argmin(np.abs(starts - index))]) if len(starts) else index
+
+
 def split_offers(frame: pd.DataFrame, spec: SplitSpec) -> Split:
-    """Split ``frame`` (with a ``listed_at`` column for ``time``) by ``spec``."""
+    """Split ``frame`` (with ``listed_at`` for ``time``, ``title`` for ``group``) by ``spec``."""
     n = len(frame)
     rng = np.random.default_rng(spec.seed)
+    ordered_groups = None
     if spec.protocol == "random":
         order = rng.permutation(n)
+    elif spec.protocol == "group":
+        groups = title_groups(frame["title"].fillna("").astype(str))
+        order = _grouped_order(groups, rng)
+        ordered_groups = groups[order]
     else:
         listed = pd.to_datetime(frame["listed_at"], errors="coerce")
         if listed.isna().all():
@@ -63,10 +123,12 @@ def split_offers(frame: pd.DataFrame, spec: SplitSpec) -> Split:
         keys = listed.fillna(pd.Timestamp.min).to_numpy()
         order = np.lexsort((rng.permutation(n), keys))
     n_test = int(round(n * spec.test_share))
-    rest, test = order[: n - n_test], order[n - n_test :]
+    cut = _group_boundary(ordered_groups, n - n_test)
+    rest, test = order[:cut], order[cut:]
     n_val = max(1, int(round(len(rest) * spec.validation_share)))
-    if spec.protocol == "random":
-        validation, train = rest[:n_val], rest[n_val:]
-    else:
+    if spec.protocol == "time":
         train, validation = rest[: len(rest) - n_val], rest[len(rest) - n_val :]
+    else:
+        n_val = _group_boundary(None if ordered_groups is None else ordered_groups[:cut], n_val)
+        validation, train = rest[:n_val], rest[n_val:]
     return Split(train=np.sort(train), validation=np.sort(validation), test=np.sort(test))

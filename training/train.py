@@ -2,7 +2,7 @@
 
 Stages (each logged, the long ones with progress bars and an ETA):
 label set from data (min count; rarer leaves excluded or rolled up to their parent) → split
-(random or time; test rows held out) → exclusion dictionary drops contradicted examples →
+(random, time or title group; test rows held out) → exclusion dictionary drops contradicted examples →
 SentencePiece on the training text → per-shop trust in the mall category → featurise → frozen
 MobileNetV2 features (cached on disk per image size) → optional cleanlab label cleaning on K-fold
 out-of-sample probabilities → text branches + head trained on season-balanced samples →
@@ -10,8 +10,9 @@ lexical model (TF-IDF n-grams + linear SVM) whose scores are added to the networ
 its weight chosen on held-out predictions → temperature and "uncertain" threshold on held-out
 predictions → ONNX export with a parity check → bundle.
 
-Calibration (``--calibration``): ``crossfit`` (the default on a random split) trains K models, each
-without one fold of the training + validation offers, and chooses temperature and threshold on all
+Calibration (``--calibration``): ``crossfit`` (the default on a random or group split) trains K
+models, each without one fold of the training + validation offers (whole title groups on a group
+split), and chooses temperature and threshold on all
 their out-of-fold predictions — ten times as many offers as the validation part alone, so the
 threshold no longer swings with a handful of validation errors — then trains the served model on
 every one of those offers. ``validation`` (the default on a time split, where the newest
@@ -56,7 +57,7 @@ from training.export import check_parity, export_onnx
 from training.history import HistoryStore, season_balanced_weights
 from training.lexical import choose_lexical_weight, fit_lexical
 from training.shops import estimate_shop_weights
-from training.splits import Split, SplitSpec, split_offers
+from training.splits import Split, SplitSpec, assign_folds, split_offers, title_groups
 
 __all__ = [
     "CALIBRATION_MODES", "DEFAULT_DICTIONARIES", "INPUTS", "RARE_LEAF_POLICIES", "Prepared", "TrainOptions",
@@ -141,7 +142,7 @@ class TrainOptions:
         """``crossfit`` or ``validation``: what ``auto`` means for this split."""
         if self.calibration != "auto":
             return self.calibration
-        return "crossfit" if self.split == "random" else "validation"
+        return "validation" if self.split == "time" else "crossfit"
 
     @property
     def split_spec(self) -> SplitSpec:
@@ -526,7 +527,9 @@ def cross_fitted(
     fit_rows = np.concatenate([train_rows, validation])
     held_rows = np.sort(np.concatenate([prepared.split.train, prepared.split.validation]))
     fold_of = np.full(len(prepared.targets), -1)
-    fold_of[held_rows] = np.random.default_rng(options.seed).permutation(len(held_rows)) % options.calibration_folds
+    # On a group split a fold holds whole title groups, or colour twins would flatter the out-of-fold predictions
+    groups = title_groups(prepared.frame["title"].iloc[held_rows]) if options.split == "group" else None
+    fold_of[held_rows] = assign_folds(len(held_rows), options.calibration_folds, seed=options.seed, groups=groups)
     logits = np.zeros((len(held_rows), len(prepared.labels)), dtype=np.float32)
     scores = np.zeros_like(logits)
     fold_histories = []
@@ -547,6 +550,8 @@ def cross_fitted(
         weight, lexical_report = _lexical_weight(logits, scores, prepared, held_rows, options)
         logits = logits + weight * scores
     calibration = calibrate_logits(logits, prepared, held_rows, options) | {"folds": options.calibration_folds}
+    if groups is not None:
+        calibration["fold_title_groups"] = int(len(np.unique(groups)))
     if lexical_report:
         calibration["lexical"] = lexical_report
     model, history = fit_model(prepared, options, train_rows=fit_rows, targets=targets, progress=progress,
@@ -628,7 +633,8 @@ def train_bundle(data: str | Path, out_dir: str | Path, options: TrainOptions, *
             "history": history,
             "validation": {k: calibration[k] for k in ("accuracy", "coverage", "precision", "precision_bound")},
             "calibration": {"mode": mode, "offers": calibration["offers"], "folds": calibration.get("folds"),
-                            "threshold_confidence": options.threshold_confidence},
+                            "threshold_confidence": options.threshold_confidence}
+                           | {k: calibration[k] for k in ("fold_title_groups",) if k in calibration},
             "lexical": (calibration.get("lexical", {}) | {"features": lexical.num_features if lexical else 0}
                         if options.lexical else None),
             "onnx_parity_max_abs_diff": parity,

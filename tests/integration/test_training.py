@@ -132,6 +132,29 @@ def test_cli_evaluates_the_champion_from_the_registry(champion_run, marketplace,
     assert "catstream against each baseline" in result.stdout and "p-value" in result.stdout
 
 
+def test_group_split_holds_out_whole_title_groups_and_cross_fits_on_them(champion_run, marketplace, tmp_path):
+    from training.evaluate import evaluate_bundle, held_out
+    from training.splits import title_groups
+    from training.train import train_bundle
+
+    options = small_training_options(champion_run[1], split="group", epochs=3, cleaning="off", season_balance=False)
+    config = train_bundle(marketplace, tmp_path / "model", options, progress=False)
+    training = config["training"]
+    assert training["split"]["protocol"] == "group" and training["calibration"]["mode"] == "crossfit"
+    assert training["calibration"]["offers"] == training["data_report"]["train_offers"] + training[
+        "data_report"]["validation_offers"]
+    # evaluation rebuilds the split from the bundle: no test title shares a group with a training title
+    frame, test_rows, train_rows, protocol = held_out(ModelBundle.load(tmp_path / "model"), marketplace)
+    assert protocol == "group" and len(test_rows) == training["data_report"]["test_offers"]
+    groups = title_groups(frame["title"])
+    assert not set(groups[test_rows]) & set(groups[train_rows])
+    assert len(set(groups[test_rows])) > 20  # many products held out, not one big group
+    # the calibration folds hold whole groups too
+    assert training["calibration"]["fold_title_groups"] == len(set(groups[train_rows]))
+    report = evaluate_bundle(tmp_path / "model", marketplace, progress=False)
+    assert report["protocol"] == "group" and report["results"]["catstream"]["accuracy"] > 0.8
+
+
 def test_unreliable_shop_is_down_weighted_in_the_bundle_and_at_inference(bundle, marketplace):
     loaded = ModelBundle.load(bundle)
     weights = loaded.shop_weights()
