@@ -27,7 +27,7 @@ from catstream.features import Featurizer
 from catstream.offer_files import LABEL, offers_from_frame
 from training.baselines import BASELINES, decision_scores, fit_baseline
 from training.significance import INTERVAL_LEVEL, accuracy_interval, paired_comparison
-from training.splits import SplitSpec, split_offers
+from training.splits import SplitSpec, split_offers, title_groups
 from training.train import data_fingerprint, load_labeled, progress_bar, select_labels
 
 __all__ = ["COVERAGE_LEVELS", "Served", "evaluate_bundle", "held_out", "render_markdown", "score", "serve",
@@ -213,6 +213,7 @@ def evaluate_bundle(
     }
     if baselines and len(train):
         model_correct = served.correct
+        groups = title_groups(test["title"].fillna("").astype(str))
         for name in BASELINES:
             clock = time.monotonic()
             log.info("training baseline %s on %d offers", name, len(train))
@@ -223,7 +224,8 @@ def evaluate_bundle(
             report["results"][name] = score(labels, targets, predicted, confidence=scores.max(1),
                                             listed_at=test["listed_at"]) | {"seconds": round(time.monotonic() - clock, 1)}
             # Same offers, so the lead over each baseline is judged paired (see paired_comparison).
-            report.setdefault("paired", {})[name] = paired_comparison(model_correct, predicted == targets)
+            report.setdefault("paired", {})[name] = paired_comparison(model_correct, predicted == targets,
+                                                                      groups=groups)
     elif baselines:
         report["baselines_skipped"] = "no training rows: the evaluation data is not the model's training data"
     report["seconds"] = round(time.monotonic() - started, 1)
@@ -300,14 +302,21 @@ def render_markdown(report: dict) -> str:
     if report.get("paired"):
         lines += ["", "## catstream against each baseline, offer by offer", "",
                   "Only the offers on which the two disagree tell them apart; the p-value is the exact McNemar "
-                  "test, the interval bounds the accuracy difference given that many disagreements.", "",
+                  "test, the interval bounds the accuracy difference given that many disagreements. Both take "
+                  "the offers as independent; the colour variants of one product are not, so the test is "
+                  "repeated with the product (title group) as the unit: the groups in which one system is right "
+                  "on more offers than the other, and the exact sign test between the two counts.", "",
                   "| baseline | right by catstream only | right by the baseline only | difference | "
-                  f"{_level(report)} interval | p-value |", "|---|---|---|---|---|---|"]
+                  f"{_level(report)} interval | p-value | products better by catstream / by the baseline | "
+                  "p-value by product |", "|---|---|---|---|---|---|---|---|"]
         for name, paired in report["paired"].items():
             low, high = paired["difference_interval"]
+            by_group = paired.get("by_group")
             lines.append(f"| {name} | {paired['only_this']} | {paired['only_other']} | "
                          f"{100 * paired['difference']:+.2f} points | {100 * low:+.2f} to {100 * high:+.2f} | "
-                         f"{paired['p_value']:.2g} |")
+                         f"{paired['p_value']:.2g} | "
+                         + (f"{by_group['groups_this']} / {by_group['groups_other']} | {by_group['p_value']:.2g} |"
+                            if by_group else "– | – |"))
     if "per_month" in model:
         months = list(model["per_month"])
         lines += ["", "## Accuracy per listing month", "", "| system | " + " | ".join(months) + " |",

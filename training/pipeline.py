@@ -61,7 +61,9 @@ class TrainResult:
             low, high = paired["difference_interval"]
             lines.append(f"  catstream vs {name}: {100 * paired['difference']:+.2f} points "
                          f"({100 * low:+.2f} to {100 * high:+.2f}), right only by one or the other "
-                         f"{paired['only_this']} vs {paired['only_other']}, McNemar p {paired['p_value']:.2g}")
+                         f"{paired['only_this']} vs {paired['only_other']}, McNemar p {paired['p_value']:.2g}"
+                         + (f"; products {paired['by_group']['groups_this']} vs {paired['by_group']['groups_other']}, "
+                            f"p {paired['by_group']['p_value']:.2g}" if "by_group" in paired else ""))
         return "\n".join(lines)
 
 

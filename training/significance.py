@@ -32,7 +32,8 @@ def accuracy_interval(right: int, offers: int, *, level: float = INTERVAL_LEVEL)
     return [float(low), float(high)]
 
 
-def paired_comparison(correct: np.ndarray, other_correct: np.ndarray, *, level: float = INTERVAL_LEVEL) -> dict:
+def paired_comparison(correct: np.ndarray, other_correct: np.ndarray, *, groups: np.ndarray | None = None,
+                      level: float = INTERVAL_LEVEL) -> dict:
     """Two systems judged on the same offers: is the first one's lead more than chance?
 
     ``correct`` and ``other_correct`` ``(N,)`` say which offers each system got right. Only the
@@ -43,6 +44,12 @@ def paired_comparison(correct: np.ndarray, other_correct: np.ndarray, *, level: 
     disagreements: a Clopper-Pearson interval on the first system's share of them. Paired, these
     are much tighter than two independent accuracy intervals, which overlap even when one system
     is reliably better.
+
+    Both tests take the offers as independent, and colour variants of one product are not: a
+    system that gets one wrong tends to get all of them wrong. With ``groups`` ``(N,)`` (the title
+    group of each offer, :func:`training.splits.title_groups`) ``by_group`` repeats the test with
+    the product as the unit: ``groups_this`` groups in which the first system is right on more
+    offers than the second, ``groups_other`` the reverse, and the exact sign test between them.
     """
     correct = np.asarray(correct, dtype=bool)
     other_correct = np.asarray(other_correct, dtype=bool)
@@ -54,9 +61,21 @@ def paired_comparison(correct: np.ndarray, other_correct: np.ndarray, *, level: 
     disagreements = only_this + only_other
     result = {"offers": offers, "only_this": only_this, "only_other": only_other,
               "difference": (only_this - only_other) / offers if offers else float("nan")}
+    if groups is not None:
+        result["by_group"] = _sign_test_by_group(correct, other_correct, np.asarray(groups))
     if disagreements == 0:
         return result | {"difference_interval": [0.0, 0.0], "p_value": 1.0}
     low, high = accuracy_interval(only_this, disagreements, level=level)
     scale = disagreements / offers
     return result | {"difference_interval": [scale * (2 * low - 1), scale * (2 * high - 1)],
                      "p_value": float(binomtest(only_this, disagreements, 0.5).pvalue)}
+
+
+def _sign_test_by_group(correct: np.ndarray, other_correct: np.ndarray, groups: np.ndarray) -> dict:
+    if groups.shape != correct.shape:
+        raise ValueError(f"one group per offer expected: {groups.shape} groups for {correct.shape} offers")
+    _, dense = np.unique(groups, return_inverse=True)
+    net = np.bincount(dense, correct.astype(np.int64) - other_correct.astype(np.int64))
+    groups_this, groups_other = int((net > 0).sum()), int((net < 0).sum())
+    p_value = float(binomtest(groups_this, groups_this + groups_other, 0.5).pvalue) if groups_this + groups_other else 1.0
+    return {"groups": len(net), "groups_this": groups_this, "groups_other": groups_other, "p_value": p_value}

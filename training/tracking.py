@@ -86,6 +86,9 @@ class Tracking:
                 for baseline, paired in report.get("paired", {}).items():
                     client.log_metric(run_id, f"test_lead_over_{baseline}", paired["difference"])
                     client.log_metric(run_id, f"test_lead_over_{baseline}_p_value", paired["p_value"])
+                    if "by_group" in paired:
+                        client.log_metric(run_id, f"test_lead_over_{baseline}_p_value_by_product",
+                                          paired["by_group"]["p_value"])
             for path in report_files:
                 client.log_artifact(run_id, str(path), artifact_path="evaluation")
             client.log_dict(run_id, config, "config.json")

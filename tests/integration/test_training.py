@@ -153,6 +153,11 @@ def test_group_split_holds_out_whole_title_groups_and_cross_fits_on_them(champio
     assert training["calibration"]["fold_title_groups"] == len(set(groups[train_rows]))
     report = evaluate_bundle(tmp_path / "model", marketplace, progress=False)
     assert report["protocol"] == "group" and report["results"]["catstream"]["accuracy"] > 0.8
+    # the lead over each baseline is also tested with the product, not the offer, as the unit
+    for paired in report["paired"].values():
+        by_group = paired["by_group"]
+        assert by_group["groups"] == len(set(groups[test_rows]))
+        assert by_group["groups_this"] + by_group["groups_other"] <= paired["only_this"] + paired["only_other"]
 
 
 def test_unreliable_shop_is_down_weighted_in_the_bundle_and_at_inference(bundle, marketplace):

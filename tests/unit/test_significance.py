@@ -78,3 +78,22 @@ def test_equally_good_systems_are_called_different_at_the_nominal_rate():
 def test_systems_scored_on_different_offers_are_refused():
     with pytest.raises(ValueError, match="different offers"):
         paired_comparison(np.ones(3, bool), np.ones(4, bool))
+
+
+def test_a_lead_from_one_product_is_not_mistaken_for_a_lead_over_many():
+    # The first system is right on all 60 colour variants of one product the second gets wrong.
+    groups = np.repeat(np.arange(1000), 3)
+    groups[:60] = -1
+    this, other = np.ones(len(groups), bool), np.ones(len(groups), bool)
+    other[:60] = False
+    other[60:63] = this[63:66] = False  # and one product each way elsewhere
+    paired = paired_comparison(this, other, groups=groups)
+    assert paired["p_value"] < 1e-10  # offer by offer it looks overwhelming
+    assert paired["by_group"] == {"groups": 981, "groups_this": 2, "groups_other": 1, "p_value": 1.0}
+    # The same 60-offer lead spread over 60 products is found by product too.
+    spread = np.ones(len(groups), bool)
+    spread[np.arange(60) * 3 + 100] = False
+    by_group = paired_comparison(np.ones(len(groups), bool), spread, groups=np.repeat(np.arange(1000), 3))["by_group"]
+    assert (by_group["groups_this"], by_group["groups_other"]) == (60, 0) and by_group["p_value"] < 1e-10
+    with pytest.raises(ValueError, match="one group per offer"):
+        paired_comparison(this, other, groups=groups[:-1])
