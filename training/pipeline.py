@@ -56,14 +56,19 @@ class TrainResult:
         for name, result in self.report["results"].items():
             at = result.get("at_threshold")
             extra = (f"; precision {at['precision']:.4f} at coverage {at['coverage']:.4f}" if at else "")
-            lines.append(f"  {name:16s} accuracy {result['accuracy']:.4f}  macro-F1 {result['macro_f1']:.4f}{extra}")
+            by_product = result.get("accuracy_interval_by_product")
+            spread = f" ({by_product[0]:.4f}-{by_product[1]:.4f} by product)" if by_product else ""
+            lines.append(f"  {name:16s} accuracy {result['accuracy']:.4f}{spread}  macro-F1 {result['macro_f1']:.4f}{extra}")
         for name, paired in self.report.get("paired", {}).items():
-            low, high = paired["difference_interval"]
-            lines.append(f"  catstream vs {name}: {100 * paired['difference']:+.2f} points "
-                         f"({100 * low:+.2f} to {100 * high:+.2f}), right only by one or the other "
-                         f"{paired['only_this']} vs {paired['only_other']}, McNemar p {paired['p_value']:.2g}"
-                         + (f"; products {paired['by_group']['groups_this']} vs {paired['by_group']['groups_other']}, "
-                            f"p {paired['by_group']['p_value']:.2g}" if "by_group" in paired else ""))
+            low, high = 100 * np.asarray(paired["difference_interval"])
+            line = (f"  catstream vs {name}: {100 * paired['difference']:+.2f} points ({low:+.2f} to {high:+.2f}), "
+                    f"right only by one or the other {paired['only_this']} vs {paired['only_other']}, "
+                    f"McNemar p {paired['p_value']:.2g}")
+            if by_group := paired.get("by_group"):
+                low, high = 100 * np.asarray(by_group["difference_interval"])
+                line += (f"; products {by_group['groups_this']} vs {by_group['groups_other']}, "
+                         f"p {by_group['p_value']:.2g}, {low:+.2f} to {high:+.2f}")
+            lines.append(line)
         return "\n".join(lines)
 
 

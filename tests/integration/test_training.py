@@ -130,6 +130,7 @@ def test_cli_evaluates_the_champion_from_the_registry(champion_run, marketplace,
         assert paired["difference"] == pytest.approx(results["catstream"]["accuracy"] - results[name]["accuracy"])
         assert paired["difference_interval"][0] <= paired["difference"] <= paired["difference_interval"][1]
     assert "catstream against each baseline" in result.stdout and "p-value" in result.stdout
+    assert "interval by product" in result.stdout
 
 
 def test_group_split_holds_out_whole_title_groups_and_cross_fits_on_them(champion_run, marketplace, tmp_path):
@@ -158,6 +159,10 @@ def test_group_split_holds_out_whole_title_groups_and_cross_fits_on_them(champio
         by_group = paired["by_group"]
         assert by_group["groups"] == len(set(groups[test_rows]))
         assert by_group["groups_this"] + by_group["groups_other"] <= paired["only_this"] + paired["only_other"]
+        assert by_group["difference_interval"][0] <= paired["difference"] <= by_group["difference_interval"][1]
+    for result in report["results"].values():  # and every accuracy has an interval by product beside the exact one
+        low, high = result["accuracy_interval_by_product"]
+        assert low <= result["accuracy"] <= high
 
 
 def test_unreliable_shop_is_down_weighted_in_the_bundle_and_at_inference(bundle, marketplace):

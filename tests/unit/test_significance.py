@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from training.significance import accuracy_interval, paired_comparison
+from training.significance import accuracy_interval, accuracy_interval_by_group, paired_comparison
 
 
 def test_accuracy_interval_brackets_the_observed_rate_and_narrows_with_more_offers():
@@ -89,7 +89,10 @@ def test_a_lead_from_one_product_is_not_mistaken_for_a_lead_over_many():
     other[60:63] = this[63:66] = False  # and one product each way elsewhere
     paired = paired_comparison(this, other, groups=groups)
     assert paired["p_value"] < 1e-10  # offer by offer it looks overwhelming
-    assert paired["by_group"] == {"groups": 981, "groups_this": 2, "groups_other": 1, "p_value": 1.0}
+    by_group = paired["by_group"]
+    assert (by_group["groups"], by_group["groups_this"], by_group["groups_other"], by_group["p_value"]) == (981, 2, 1, 1.0)
+    # Its interval spans what one product can do: drawn or not, the lead is 60 offers or none.
+    assert by_group["difference_interval"][0] <= 0.0 < paired["difference_interval"][0]
     # The same 60-offer lead spread over 60 products is found by product too.
     spread = np.ones(len(groups), bool)
     spread[np.arange(60) * 3 + 100] = False
@@ -97,3 +100,33 @@ def test_a_lead_from_one_product_is_not_mistaken_for_a_lead_over_many():
     assert (by_group["groups_this"], by_group["groups_other"]) == (60, 0) and by_group["p_value"] < 1e-10
     with pytest.raises(ValueError, match="one group per offer"):
         paired_comparison(this, other, groups=groups[:-1])
+
+
+def _clustered_test_set(rng, accuracy=0.9, products=400):
+    """Products of 1-10 colour variants that a system gets right or wrong all together."""
+    sizes = rng.integers(1, 11, products)
+    right = rng.random(products) < accuracy
+    return np.repeat(right, sizes), np.repeat(np.arange(products), sizes)
+
+
+def test_interval_by_product_covers_the_true_rate_where_the_per_offer_interval_does_not():
+    rng = np.random.default_rng(1)
+    missed_by_offer, missed_by_product = [], []
+    for draw in range(200):
+        correct, groups = _clustered_test_set(rng)
+        low, high = accuracy_interval(int(correct.sum()), len(correct))
+        missed_by_offer.append(not low <= 0.9 <= high)
+        low, high = accuracy_interval_by_group(correct, groups, draws=500, seed=draw)
+        missed_by_product.append(not low <= 0.9 <= high)
+    assert np.mean(missed_by_offer) > 0.25  # ~2,200 offers, but only 400 pieces of evidence
+    assert np.mean(missed_by_product) <= 0.09  # nominal 5%, give or take the bootstrap's own error
+
+
+def test_interval_by_product_is_the_per_offer_interval_when_every_product_is_one_offer():
+    correct = np.random.default_rng(2).random(7144) < 0.982
+    by_offer = accuracy_interval(int(correct.sum()), len(correct))
+    by_product = accuracy_interval_by_group(correct, np.arange(len(correct)))
+    assert by_product == pytest.approx(by_offer, abs=0.001)
+    assert accuracy_interval_by_group(correct, np.arange(len(correct))) == by_product  # seeded
+    with pytest.raises(ValueError, match="one group per offer"):
+        accuracy_interval_by_group(correct, np.arange(3))
