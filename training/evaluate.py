@@ -223,13 +223,13 @@ def evaluate_bundle(
             scores = decision_scores(fitted, test)
             classes = list(fitted.classes_)
             predicted = np.array([labels.index(classes[k]) for k in scores.argmax(1)])
+            baseline_correct = predicted == targets
             report["results"][name] = score(labels, targets, predicted, confidence=scores.max(1),
                                             listed_at=test["listed_at"]) | {
-                "accuracy_interval_by_product": accuracy_interval_by_group(predicted == targets, groups),
+                "accuracy_interval_by_product": accuracy_interval_by_group(baseline_correct, groups),
                 "seconds": round(time.monotonic() - clock, 1)}
             # Same offers, so the lead over each baseline is judged paired (see paired_comparison).
-            report.setdefault("paired", {})[name] = paired_comparison(model_correct, predicted == targets,
-                                                                      groups=groups)
+            report.setdefault("paired", {})[name] = paired_comparison(model_correct, baseline_correct, groups=groups)
     elif baselines:
         report["baselines_skipped"] = "no training rows: the evaluation data is not the model's training data"
     report["seconds"] = round(time.monotonic() - started, 1)
