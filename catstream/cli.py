@@ -226,6 +226,9 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--threshold-confidence", type=float, default=0.95,
                        help="confidence with which the held-out precision must reach the target (one-sided "
                        "Clopper-Pearson lower bound; 0 = the observed precision; default 0.95)")
+    group.add_argument("--threshold-by", choices=("product", "offer"), default="product",
+                       help="what the precision bound counts as independent evidence: products (title groups; a "
+                       "product's colour variants are right or wrong together) or single offers (default product)")
     group.add_argument("--calibration", choices=("auto", "crossfit", "validation"), default="auto",
                        help="where temperature and threshold come from: out-of-fold predictions of K models over the "
                        "training and validation offers (crossfit; the served model then trains on all of them), or "
@@ -266,6 +269,7 @@ def _training_options(args: argparse.Namespace, **overrides):
         lexical_weight=args.lexical_weight,
         target_precision=args.target_precision,
         threshold_confidence=args.threshold_confidence,
+        threshold_by=args.threshold_by,
         calibration=args.calibration,
         calibration_folds=args.calibration_folds,
         dictionaries=str(args.dictionaries or DEFAULT_DICTIONARIES),

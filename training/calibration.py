@@ -5,11 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 from scipy.stats import beta
 
 from catstream.decision import apply_exclusions, softmax as _softmax
 
-__all__ = ["Threshold", "choose_threshold", "fit_temperature", "precision_lower_bound"]
+__all__ = ["Threshold", "choose_threshold", "effective_counts", "fit_temperature", "precision_lower_bound"]
 
 
 def fit_temperature(logits: np.ndarray, targets: np.ndarray) -> float:
@@ -34,12 +35,45 @@ def precision_lower_bound(correct: np.ndarray, accepted: np.ndarray, confidence:
     return np.where(correct > 0, bound, 0.0)
 
 
+def effective_counts(correct: np.ndarray, groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(right, offers)`` effective counts of every prefix of ``correct`` ``(N,)`` whose rows fall in ``groups`` ``(N,)``.
+
+    Colour variants of one product are right or wrong together, so ``k`` offers from few products
+    carry less evidence than ``k`` independent ones. Each prefix's count is divided by its design
+    effect: the cluster-robust variance of its precision (a ratio over groups) over the variance the
+    same precision would have on independent offers, floored at 1 (Korn and Graubard's effective
+    sample size for Clopper-Pearson intervals on clustered samples). Where the prefix is all right
+    or all wrong the variance carries no clustering information and the counts stay as they are.
+    One pass: each group's running sums are updated as its offers arrive.
+    """
+    x = np.asarray(correct, dtype=float)
+    g = pd.Series(np.asarray(groups))
+    before = g.groupby(g).cumcount().to_numpy(dtype=float)  # the group's offers earlier in the prefix
+    right_before = pd.Series(x).groupby(g).cumsum().to_numpy() - x
+    offers = np.arange(1, len(x) + 1, dtype=float)
+    right = np.cumsum(x)
+    # Sums over groups of n_g², c_g² and c_g·n_g, grown by one offer at a time
+    s_nn = np.cumsum(2 * before + 1)
+    s_cc = np.cumsum(2 * right_before * x + x)
+    s_cn = np.cumsum(right_before + x * before + x)
+    clusters = np.cumsum(before == 0)
+    p = right / offers
+    spread = np.maximum(s_cc - 2 * p * s_cn + p * p * s_nn, 0.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        clustered = clusters / (clusters - 1) * spread / offers**2
+        independent = p * (1 - p) / offers
+        design_effect = np.where((clusters > 1) & (independent > 0), clustered / independent, 1.0)
+    design_effect = np.maximum(np.nan_to_num(design_effect, nan=1.0), 1.0)
+    return right / design_effect, offers / design_effect
+
+
 @dataclass(frozen=True)
 class Threshold:
     threshold: float
     coverage: float  # on the data it was chosen on
     precision: float  # observed there
     precision_bound: float  # the lower confidence bound the choice was held to
+    design_effect: float = 1.0  # of the accepted offers, when the bound counted them by product
 
 
 def choose_threshold(
@@ -50,6 +84,7 @@ def choose_threshold(
     target_precision: float,
     confidence: float = 0.0,
     exclusion: np.ndarray | None = None,
+    groups: np.ndarray | None = None,
 ) -> Threshold:
     """Lowest confidence threshold whose accepted offers reach ``target_precision``.
 
@@ -58,6 +93,9 @@ def choose_threshold(
     Clopper-Pearson lower bound on precision at that confidence, not by the observed precision:
     a threshold chosen on the observed precision lands below the target on new offers about half
     the time. The bound holds per threshold; the scan over thresholds is not corrected for.
+    With ``groups`` ``(N,)`` (title groups: one product's colour variants) the bound counts
+    evidence by product (:func:`effective_counts`), so many variants of a few products cannot
+    carry a threshold that new products will miss.
 
     If no threshold reaches the target, the one with the best bound is returned.
     """
@@ -65,14 +103,19 @@ def choose_threshold(
     confidences = probabilities.max(axis=1)
     correct = probabilities.argmax(axis=1) == targets
     order = np.argsort(-confidences, kind="stable")
+    offers = np.arange(1, len(order) + 1, dtype=float)
     right = np.cumsum(correct[order])
-    bound = precision_lower_bound(right, np.arange(1, len(order) + 1), confidence)
-    reaching = np.flatnonzero(bound >= target_precision)
+    if groups is not None:
+        right, offers = effective_counts(correct[order], np.asarray(groups)[order])
+    bound = precision_lower_bound(right, offers, confidence)
+    # A threshold accepts every offer at least as confident, so only prefixes that end where the
+    # confidence drops can be accepted (colour variants often tie).
+    ordered = confidences[order]
+    ends = np.append(ordered[1:] < ordered[:-1], True)
+    reaching = np.flatnonzero(ends & (bound >= target_precision))
     # Accept the longest prefix (most offers) that still meets the target.
-    cut = int(reaching.max()) if len(reaching) else int(np.argmax(bound))
-    # Ties: a threshold equal to this confidence also accepts equally confident offers after it.
-    threshold = float(confidences[order[cut]])
-    accepted = confidences >= threshold
-    hits = int(correct[accepted].sum())
-    return Threshold(threshold=threshold, coverage=float(accepted.mean()), precision=hits / int(accepted.sum()),
-                     precision_bound=float(precision_lower_bound(hits, accepted.sum(), confidence)))
+    cut = int(reaching.max()) if len(reaching) else int(np.argmax(np.where(ends, bound, -1.0)))
+    accepted = order[: cut + 1]
+    return Threshold(threshold=float(ordered[cut]), coverage=(cut + 1) / len(order),
+                     precision=float(correct[accepted].mean()), precision_bound=float(bound[cut]),
+                     design_effect=float((cut + 1) / offers[cut]))

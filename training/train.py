@@ -70,6 +70,7 @@ log = logging.getLogger(__name__)
 DEFAULT_DICTIONARIES = Path(__file__).resolve().parents[1] / "dictionaries"
 INPUTS = ("title", "mall", "image")
 RARE_LEAF_POLICIES = ("exclude", "parent")
+THRESHOLD_UNITS = ("product", "offer")
 CALIBRATION_MODES = ("auto", "crossfit", "validation")
 
 
@@ -109,6 +110,7 @@ class TrainOptions:
     shop_min_offers: int = 30
     target_precision: float = 0.995
     threshold_confidence: float = 0.95  # the target must hold at this confidence (Clopper-Pearson), 0: observed
+    threshold_by: str = "product"  # the bound counts evidence by title group (colour variants share their fate), or "offer"
     calibration: str = "auto"  # crossfit on a random split, validation on a time split (module docstring)
     calibration_folds: int = 4
     seed: int = 0
@@ -129,6 +131,8 @@ class TrainOptions:
             raise ValueError(f"calibration must be one of {', '.join(CALIBRATION_MODES)}")
         if not 0.0 <= self.threshold_confidence < 1.0:
             raise ValueError("threshold_confidence must be in [0, 1)")
+        if self.threshold_by not in THRESHOLD_UNITS:
+            raise ValueError(f"threshold_by must be one of {', '.join(THRESHOLD_UNITS)}")
         if self.calibration_folds < 2:
             raise ValueError("calibration_folds must be at least 2")
         unknown = set(self.inputs) - set(INPUTS)
@@ -498,12 +502,15 @@ def calibrate_logits(logits: np.ndarray, prepared: Prepared, rows: np.ndarray, o
     """Temperature and threshold from held-out ``logits`` of ``rows`` (their given labels, the mask as served)."""
     targets = prepared.targets[rows]
     temperature = fit_temperature(logits, targets)
+    groups = title_groups(prepared.frame["title"].iloc[rows]) if options.threshold_by == "product" else None
     chosen = choose_threshold(
         logits, targets, temperature=temperature, target_precision=options.target_precision,
         confidence=options.threshold_confidence, exclusion=prepared.exclusion[rows] if options.use_exclusions else None,
+        groups=groups,
     )
     return {"temperature": temperature, "threshold": chosen.threshold, "coverage": chosen.coverage,
             "precision": chosen.precision, "precision_bound": chosen.precision_bound,
+            "design_effect": chosen.design_effect,
             "accuracy": float((logits.argmax(1) == targets).mean()), "offers": int(len(rows))}
 
 
@@ -589,9 +596,11 @@ def train_bundle(data: str | Path, out_dir: str | Path, options: TrainOptions, *
     stages["fit"] = time.monotonic() - clock
     temperature, threshold = calibration["temperature"], calibration["threshold"]
     log.info("%s accuracy %.4f on %d offers; temperature %.2f; threshold %.3f → coverage %.3f at precision %.4f "
-             "(%.0f%% lower bound %.4f)", "out-of-fold" if mode == "crossfit" else "validation",
+             "(%.0f%% lower bound %.4f counted by %s; design effect %.1f)",
+             "out-of-fold" if mode == "crossfit" else "validation",
              calibration["accuracy"], calibration["offers"], temperature, threshold, calibration["coverage"],
-             calibration["precision"], 100 * options.threshold_confidence, calibration["precision_bound"])
+             calibration["precision"], 100 * options.threshold_confidence, calibration["precision_bound"],
+             options.threshold_by, calibration["design_effect"])
 
     clock = time.monotonic()
     export_onnx(model, out_dir / "model.onnx")
@@ -631,9 +640,10 @@ def train_bundle(data: str | Path, out_dir: str | Path, options: TrainOptions, *
             "split": options.split_spec.to_dict(),
             "data_report": prepared.report | cleaning_report,
             "history": history,
-            "validation": {k: calibration[k] for k in ("accuracy", "coverage", "precision", "precision_bound")},
+            "validation": {k: calibration[k]
+                           for k in ("accuracy", "coverage", "precision", "precision_bound", "design_effect")},
             "calibration": {"mode": mode, "offers": calibration["offers"], "folds": calibration.get("folds"),
-                            "threshold_confidence": options.threshold_confidence}
+                            "threshold_confidence": options.threshold_confidence, "threshold_by": options.threshold_by}
                            | {k: calibration[k] for k in ("fold_title_groups",) if k in calibration},
             "lexical": (calibration.get("lexical", {}) | {"features": lexical.num_features if lexical else 0}
                         if options.lexical else None),

@@ -56,7 +56,9 @@ def test_random_split_calibrates_on_out_of_fold_predictions_of_every_training_of
     training = first.config["training"]
     report = training["data_report"]
     assert training["calibration"] == {"mode": "crossfit", "folds": 4, "threshold_confidence": 0.95,
+                                       "threshold_by": "product",
                                        "offers": report["train_offers"] + report["validation_offers"]}
+    assert training["validation"]["design_effect"] >= 1.0  # the bound counted colour variants by product
     # the threshold is held to the lower confidence bound, which sits below the observed precision
     assert 0.0 < training["validation"]["precision_bound"] < training["validation"]["precision"]
     assert 0.8 < training["validation"]["accuracy"] < 1.0  # fold models, not the final model on its own training data
