@@ -23,6 +23,7 @@ import numpy as np
 from catstream.decision import apply_exclusions, softmax
 from training.evaluate import score
 from training.significance import paired_comparison
+from training.splits import title_groups
 from training.train import (Prepared, TrainOptions, calibrate, fit_model, lexical_scores, predict_logits, prepare,
                             training_rows)
 
@@ -82,6 +83,8 @@ def run_ablation(data: str | Path, work_dir: str | Path, options: TrainOptions, 
     report = {"data": str(Path(data).resolve()), "protocol": options.split, "image_size": options.image_size,
               "test_offers": int(len(prepared.split.test)), "categories": len(prepared.labels), "rows": []}
     cleaning = options.cleaning if options.cleaning != "off" else "drop"
+    # Rows are also compared product by product: colour variants are right or wrong together
+    groups = title_groups(prepared.frame["title"].iloc[prepared.split.test])
     previous = None
     for name, overrides in ABLATION_ROWS:
         log.info("ablation row: %s", name)
@@ -89,7 +92,7 @@ def run_ablation(data: str | Path, work_dir: str | Path, options: TrainOptions, 
             overrides = overrides | {"cleaning": cleaning}
         result, correct = score_configuration(prepared, dataclasses.replace(options, **overrides), progress=progress)
         if previous is not None:
-            result["paired"] = {"against": previous[0]} | paired_comparison(correct, previous[1])
+            result["paired"] = {"against": previous[0]} | paired_comparison(correct, previous[1], groups=groups)
         report["rows"].append({"row": name} | result)
         log.info("%s: accuracy %.4f, macro-F1 %.4f", name, result["accuracy"], result["macro_f1"])
         previous = name, correct
@@ -107,7 +110,7 @@ def run_ablation(data: str | Path, work_dir: str | Path, options: TrainOptions, 
                               prepared.frame["offer_id"].iloc[prepared.split.test]):
             raise RuntimeError(f"{name}: the test offers differ from the other rows'; the rows cannot be compared")
         result, correct = score_configuration(variant_prepared, variant, progress=progress)
-        result["paired"] = {"against": full_model[0]} | paired_comparison(correct, full_model[1])
+        result["paired"] = {"against": full_model[0]} | paired_comparison(correct, full_model[1], groups=groups)
         report["rows"].append({"row": name} | result)
     return report
 
@@ -121,8 +124,8 @@ def render_ablation(report: dict) -> str:
         f"{report['categories']} categories, {report['image_size']} px)",
         "",
         "| configuration | accuracy | macro-F1 | coverage at threshold | precision at threshold | worst month | "
-        "training offers | against the row it builds on | p-value |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "training offers | against the row it builds on | p-value | products better here / there | p by product |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in report["rows"]:
         at = row.get("at_threshold", {})
@@ -130,13 +133,18 @@ def render_ablation(report: dict) -> str:
         worst = min(months.items(), key=lambda item: item[1]["accuracy"]) if months else None
         worst_text = f"{worst[0]} {pct(worst[1]['accuracy'])}" if worst else "–"
         paired = row.get("paired")
-        versus, p_value = "–", "–"
+        versus, p_value, products, p_products = "–", "–", "–", "–"
         if paired:
             versus = (f"{100 * paired['difference']:+.2f} points ({paired['only_this']} offers right only here, "
                       f"{paired['only_other']} only in '{paired['against']}')")
             p_value = f"{paired['p_value']:.2g}"
+        if paired and "by_group" in paired:
+            by_group = paired["by_group"]
+            products = f"{by_group['groups_this']} / {by_group['groups_other']}"
+            p_products = f"{by_group['p_value']:.2g}"
         lines.append(f"| {row['row']} | {pct(row['accuracy'])} | {row['macro_f1']:.4f} | {pct(at.get('coverage'))} | "
-                     f"{pct(at.get('precision'))} | {worst_text} | {row['training_offers']} | {versus} | {p_value} |")
+                     f"{pct(at.get('precision'))} | {worst_text} | {row['training_offers']} | {versus} | {p_value} | "
+                     f"{products} | {p_products} |")
     months = list(report["rows"][0].get("per_month", {}))
     if months:
         lines += ["", "## Accuracy per listing month", "", "| configuration | " + " | ".join(months) + " |",

@@ -230,7 +230,13 @@ def test_ablation_measures_every_row(marketplace, tmp_path):
         assert row["paired"]["against"] == against
         assert row["paired"]["difference"] == pytest.approx(row["accuracy"] - builds_on["accuracy"])
         assert 0 <= row["paired"]["p_value"] <= 1
+        # and product by product, over the title groups of the test offers
+        by_group = row["paired"]["by_group"]
+        assert by_group["groups_this"] + by_group["groups_other"] <= row["paired"]["only_this"] + row["paired"]["only_other"]
+        assert by_group["difference_interval"][0] <= row["paired"]["difference"] <= by_group["difference_interval"][1]
+    assert len({row["paired"]["by_group"]["groups"] for row in report["rows"][1:]}) == 1
     assert "| + exclusion dictionary |" in render_ablation(report)
+    assert "p by product" in render_ablation(report)
 
 
 def test_tune_tracks_every_trial(marketplace, registry, tmp_path):
