@@ -36,7 +36,7 @@ def precision_lower_bound(correct: np.ndarray, accepted: np.ndarray, confidence:
 
 
 def effective_counts(correct: np.ndarray, groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(right, offers)`` effective counts of every prefix of ``correct`` ``(N,)`` whose rows fall in ``groups`` ``(N,)``.
+    """``(right, offers)`` ``(N,)``: effective counts of every prefix of ``correct`` ``(N,)``, rows in ``groups`` ``(N,)``.
 
     Colour variants of one product are right or wrong together, so ``k`` offers from few products
     carry less evidence than ``k`` independent ones. Each prefix's count is divided by its design
@@ -103,9 +103,9 @@ def choose_threshold(
     confidences = probabilities.max(axis=1)
     correct = probabilities.argmax(axis=1) == targets
     order = np.argsort(-confidences, kind="stable")
-    offers = np.arange(1, len(order) + 1, dtype=float)
-    right = np.cumsum(correct[order])
-    if groups is not None:
+    if groups is None:
+        right, offers = np.cumsum(correct[order]), np.arange(1, len(order) + 1, dtype=float)
+    else:
         right, offers = effective_counts(correct[order], np.asarray(groups)[order])
     bound = precision_lower_bound(right, offers, confidence)
     # A threshold accepts every offer at least as confident, so only prefixes that end where the
