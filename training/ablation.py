@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from catstream.decision import apply_exclusions, softmax
-from training.evaluate import score
+from training.evaluate import points_interval, score
 from training.significance import paired_comparison
 from training.splits import title_groups
 from training.train import (Prepared, TrainOptions, calibrate, fit_model, lexical_scores, predict_logits, prepare,
@@ -124,8 +124,9 @@ def render_ablation(report: dict) -> str:
         f"{report['categories']} categories, {report['image_size']} px)",
         "",
         "| configuration | accuracy | macro-F1 | coverage at threshold | precision at threshold | worst month | "
-        "training offers | against the row it builds on | p-value | products better here / there | p by product |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "training offers | against the row it builds on | p-value | products better here / there | p by product | "
+        "interval by product |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in report["rows"]:
         at = row.get("at_threshold", {})
@@ -133,7 +134,7 @@ def render_ablation(report: dict) -> str:
         worst = min(months.items(), key=lambda item: item[1]["accuracy"]) if months else None
         worst_text = f"{worst[0]} {pct(worst[1]['accuracy'])}" if worst else "–"
         paired = row.get("paired")
-        versus, p_value, products, p_products = "–", "–", "–", "–"
+        versus, p_value, products, p_products, interval = "–", "–", "–", "–", "–"
         if paired:
             versus = (f"{100 * paired['difference']:+.2f} points ({paired['only_this']} offers right only here, "
                       f"{paired['only_other']} only in '{paired['against']}')")
@@ -142,9 +143,10 @@ def render_ablation(report: dict) -> str:
             by_group = paired["by_group"]
             products = f"{by_group['groups_this']} / {by_group['groups_other']}"
             p_products = f"{by_group['p_value']:.2g}"
+            interval = points_interval(by_group.get("difference_interval"))
         lines.append(f"| {row['row']} | {pct(row['accuracy'])} | {row['macro_f1']:.4f} | {pct(at.get('coverage'))} | "
                      f"{pct(at.get('precision'))} | {worst_text} | {row['training_offers']} | {versus} | {p_value} | "
-                     f"{products} | {p_products} |")
+                     f"{products} | {p_products} | {interval} |")
     months = list(report["rows"][0].get("per_month", {}))
     if months:
         lines += ["", "## Accuracy per listing month", "", "| configuration | " + " | ".join(months) + " |",

@@ -32,8 +32,8 @@ from training.significance import INTERVAL_LEVEL, accuracy_interval, accuracy_in
 from training.splits import SplitSpec, split_offers, title_groups
 from training.train import data_fingerprint, load_labeled, progress_bar, select_labels
 
-__all__ = ["COVERAGE_LEVELS", "Served", "evaluate_bundle", "held_out", "render_markdown", "score", "serve",
-           "serve_held_out", "served_probabilities", "write_report"]
+__all__ = ["COVERAGE_LEVELS", "Served", "evaluate_bundle", "held_out", "points_interval", "render_markdown", "score",
+           "serve", "serve_held_out", "served_probabilities", "write_report"]
 
 log = logging.getLogger(__name__)
 
@@ -280,7 +280,8 @@ def _interval(bounds: list[float] | None) -> str:
     return "–" if not bounds or bounds[0] != bounds[0] else f"{100 * bounds[0]:.2f}–{100 * bounds[1]:.2f}%"
 
 
-def _points(bounds: list[float] | None) -> str:
+def points_interval(bounds: list[float] | None) -> str:
+    """``[low, high]`` difference of two accuracies as "+0.11 to +0.60" points; "–" when absent."""
     return "–" if not bounds or bounds[0] != bounds[0] else f"{100 * bounds[0]:+.2f} to {100 * bounds[1]:+.2f}"
 
 
@@ -326,10 +327,10 @@ def render_markdown(report: dict) -> str:
         for name, paired in report["paired"].items():
             by_group = paired.get("by_group")
             lines.append(f"| {name} | {paired['only_this']} | {paired['only_other']} | "
-                         f"{100 * paired['difference']:+.2f} points | {_points(paired['difference_interval'])} | "
+                         f"{100 * paired['difference']:+.2f} points | {points_interval(paired['difference_interval'])} | "
                          f"{paired['p_value']:.2g} | "
                          + (f"{by_group['groups_this']} / {by_group['groups_other']} | {by_group['p_value']:.2g} | "
-                            f"{_points(by_group.get('difference_interval'))} |" if by_group else "– | – | – |"))
+                            f"{points_interval(by_group.get('difference_interval'))} |" if by_group else "– | – | – |"))
     if "per_month" in model:
         months = list(model["per_month"])
         lines += ["", "## Accuracy per listing month", "", "| system | " + " | ".join(months) + " |",

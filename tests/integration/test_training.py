@@ -236,7 +236,7 @@ def test_ablation_measures_every_row(marketplace, tmp_path):
         assert by_group["difference_interval"][0] <= row["paired"]["difference"] <= by_group["difference_interval"][1]
     assert len({row["paired"]["by_group"]["groups"] for row in report["rows"][1:]}) == 1
     assert "| + exclusion dictionary |" in render_ablation(report)
-    assert "p by product" in render_ablation(report)
+    assert "p by product" in render_ablation(report) and "interval by product" in render_ablation(report)
 
 
 def test_tune_tracks_every_trial(marketplace, registry, tmp_path):
