@@ -229,10 +229,11 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--threshold-by", choices=("product", "offer"), default="product",
                        help="what the precision bound counts as independent evidence: products (title groups; a "
                        "product's colour variants are right or wrong together) or single offers (default product)")
-    group.add_argument("--calibration", choices=("auto", "crossfit", "validation"), default="auto",
+    group.add_argument("--calibration", choices=("crossfit", "validation"), default="crossfit",
                        help="where temperature and threshold come from: out-of-fold predictions of K models over the "
                        "training and validation offers (crossfit; the served model then trains on all of them), or "
-                       "the validation offers alone; auto = validation on a time split, else crossfit")
+                       "the validation offers alone (validation; the served model trains without them) "
+                       "(default crossfit)")
     group.add_argument("--calibration-folds", type=int, default=4, help="folds for --calibration crossfit (default 4)")
     group.add_argument("--dictionaries", type=Path, help="dictionary directory (default: the repo's dictionaries/)")
     group.add_argument("--pretrained", type=Path, help="ImageNet MobileNetV2 weights file (default: torch hub cache)")
