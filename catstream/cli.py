@@ -232,8 +232,8 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--calibration", choices=("crossfit", "validation"), default="crossfit",
                        help="where temperature and threshold come from: out-of-fold predictions of K models over the "
                        "training and validation offers (crossfit; the served model then trains on all of them), or "
-                       "the validation offers alone (validation; the served model trains without them) "
-                       "(default crossfit)")
+                       "the validation offers alone (validation; the served model then trains without them; "
+                       "default crossfit)")
     group.add_argument("--calibration-folds", type=int, default=4, help="folds for --calibration crossfit (default 4)")
     group.add_argument("--dictionaries", type=Path, help="dictionary directory (default: the repo's dictionaries/)")
     group.add_argument("--pretrained", type=Path, help="ImageNet MobileNetV2 weights file (default: torch hub cache)")

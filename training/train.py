@@ -580,8 +580,7 @@ def train_bundle(data: str | Path, out_dir: str | Path, options: TrainOptions, *
     rows, targets, cleaning_report = training_rows(prepared, options, progress=progress)
     stages["clean"] = time.monotonic() - clock
     clock = time.monotonic()
-    mode = options.calibration
-    if mode == "crossfit":
+    if options.calibration == "crossfit":
         model, lexical, history, calibration = cross_fitted(prepared, options, train_rows=rows, targets=targets,
                                                             progress=progress)
     else:
@@ -592,7 +591,7 @@ def train_bundle(data: str | Path, out_dir: str | Path, options: TrainOptions, *
     temperature, threshold = calibration["temperature"], calibration["threshold"]
     log.info("%s accuracy %.4f on %d offers; temperature %.2f; threshold %.3f → coverage %.3f at precision %.4f "
              "(%.0f%% lower bound %.4f counted by %s; design effect %.1f)",
-             "out-of-fold" if mode == "crossfit" else "validation",
+             "out-of-fold" if options.calibration == "crossfit" else "validation",
              calibration["accuracy"], calibration["offers"], temperature, threshold, calibration["coverage"],
              calibration["precision"], 100 * options.threshold_confidence, calibration["precision_bound"],
              options.threshold_by, calibration["design_effect"])
@@ -637,7 +636,7 @@ def train_bundle(data: str | Path, out_dir: str | Path, options: TrainOptions, *
             "history": history,
             "validation": {k: calibration[k]
                            for k in ("accuracy", "coverage", "precision", "precision_bound", "design_effect")},
-            "calibration": {"mode": mode, "offers": calibration["offers"], "folds": calibration.get("folds"),
+            "calibration": {"mode": options.calibration, "offers": calibration["offers"], "folds": calibration.get("folds"),
                             "threshold_confidence": options.threshold_confidence, "threshold_by": options.threshold_by}
                            | {k: calibration[k] for k in ("fold_title_groups",) if k in calibration},
             "lexical": (calibration.get("lexical", {}) | {"features": lexical.num_features if lexical else 0}
