@@ -6,10 +6,11 @@ the preprocess budget. Same model, same offers:
 
 (a) scikit-learn: ``TfidfVectorizer.transform`` of one offer per field, the fields side by side,
     times the coefficients — what the fitting code would do for one offer;
-(b) catstream, no word cache: ``LexicalModel.score`` cutting every word anew;
-(c) catstream, cold: ``LexicalModel.score`` on a freshly loaded model (an empty word cache);
-(d) catstream, warm: the same after the worker has scored other offers (``--warm-offers``),
-    as in a running worker.
+(b) catstream, no caches: ``LexicalModel.score`` cutting every word and mall category anew;
+(c) catstream, cold: ``LexicalModel.score`` on a freshly loaded model (empty caches);
+(d) catstream, warm, word cache only: after the worker has scored other offers
+    (``--warm-offers``), remembering words' n-grams but not mall categories' scores;
+(e) catstream, warm: both caches warm, as in a running worker.
 
 All must give the same scores (checked). Prints µs per offer and writes JSON to
 bench/results/.
@@ -36,7 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from catstream.bundle import ModelBundle  # noqa: E402
-from catstream.lexical import LexicalModel  # noqa: E402
+from catstream.lexical import MALL_CACHE, LexicalModel  # noqa: E402
 from catstream.offer_files import OfferFileError, read_offer_file  # noqa: E402
 from training.lexical import fit_lexical  # noqa: E402
 
@@ -101,12 +102,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         saved = model.save(Path(tmp) / "lexical")
         results = {"scikit-learn": timed(scikit_learn_scorer(model), timed_texts)}
-        results["catstream, no word cache"] = timed(LexicalModel.load(saved, word_cache=0).score, timed_texts)
-        results["catstream, cold cache"] = timed(LexicalModel.load(saved).score, timed_texts)
-        warm = LexicalModel.load(saved)
-        for title, mall in warm_texts:
-            warm.score(title, mall)
-        results["catstream, warm cache"] = timed(warm.score, timed_texts)
+        results["catstream, no caches"] = timed(LexicalModel.load(saved, word_cache=0, mall_cache=0).score,
+                                                timed_texts)
+        results["catstream, cold caches"] = timed(LexicalModel.load(saved).score, timed_texts)
+        for name, mall_cache in (("catstream, warm, word cache only", 0), ("catstream, warm caches", MALL_CACHE)):
+            warm = LexicalModel.load(saved, mall_cache=mall_cache)
+            for title, mall in warm_texts:
+                warm.score(title, mall)
+            results[name] = timed(warm.score, timed_texts)
 
     reference = results["scikit-learn"][1]
     for name, (_, scores) in results.items():
@@ -123,9 +126,9 @@ def main() -> None:
     path = args.out / f"lexical-{dt.datetime.now():%Y%m%dT%H%M%S}.json"
     path.write_text(json.dumps(report, indent=2))
     print(f"\n{model.num_features:,} features, {model.num_classes} categories, {len(timed_texts):,} offers")
-    print(f"{'path':<28}{'µs/offer':>10}{'speed-up':>10}")
+    print(f"{'path':<34}{'µs/offer':>10}{'speed-up':>10}")
     for name, (us, _) in results.items():
-        print(f"{name:<28}{us:>10.1f}{baseline / us:>9.1f}x")
+        print(f"{name:<34}{us:>10.1f}{baseline / us:>9.1f}x")
     print(f"\nwrote {path}")
 
 

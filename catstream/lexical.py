@@ -13,7 +13,9 @@ with sublinear term frequency ``1 + log(tf)`` and the idf learnt on the training
 analyzers are scikit-learn's own, so the strings are cut exactly as at fitting time; the rest is
 a dot product with the stored coefficients, cheap enough for every preprocess worker. Character
 n-grams never cross a word boundary, so a worker cuts each distinct word once and remembers its
-known n-grams (a bounded cache): marketplace titles reuse a small set of words.
+known n-grams (a bounded cache): marketplace titles reuse a small set of words. A shop files its
+offers under a few dozen mall categories, so a worker also remembers the scores of each distinct
+mall category (another bounded cache); the shop's trust scales them afterwards.
 
 Stored in a bundle's ``lexical/`` directory: ``fields.json`` (analyzers, vocabularies, the weight)
 and ``weights.npz`` (idf per field, coefficients ``(F, K)``, intercept ``(K,)``, both already
@@ -33,7 +35,7 @@ import numpy as np
 from scipy import sparse
 from sklearn.feature_extraction.text import TfidfVectorizer
 
-__all__ = ["FIELD_SPECS", "LEXICAL_DIR", "WORD_CACHE", "LexicalField", "LexicalModel"]
+__all__ = ["FIELD_SPECS", "LEXICAL_DIR", "MALL_CACHE", "WORD_CACHE", "LexicalField", "LexicalModel"]
 
 LEXICAL_DIR = "lexical"
 # (name, source text, analyzer, n-gram range, min_df): the tuned TF-IDF baseline's title and mall fields
@@ -44,6 +46,7 @@ FIELD_SPECS: tuple[tuple[str, str, str, tuple[int, int], int], ...] = (
     ("mall_char", "mall", "char_wb", (2, 5), 2),
 )
 WORD_CACHE = 1 << 16  # distinct words whose character n-grams a field remembers (a few MB at most)
+MALL_CACHE = 1 << 12  # distinct mall categories whose (K,) scores a model remembers (under 2 MB for 100 categories)
 
 
 def _vectorizer(analyzer: str, ngram_range: tuple[int, int], min_df: int = 1, vocabulary=None) -> TfidfVectorizer:
@@ -116,7 +119,8 @@ class LexicalField:
 class LexicalModel:
     """TF-IDF fields → ``(N, K)`` scores added to the network's logits."""
 
-    def __init__(self, fields: list[LexicalField], coef: np.ndarray, intercept: np.ndarray, *, weight: float = 1.0):
+    def __init__(self, fields: list[LexicalField], coef: np.ndarray, intercept: np.ndarray, *, weight: float = 1.0,
+                 mall_cache: int = MALL_CACHE):
         widths = [len(field.terms) for field in fields]
         if coef.shape[0] != sum(widths) or coef.shape[1] != intercept.shape[0]:
             raise ValueError(f"coefficients {coef.shape} do not match {sum(widths)} features and "
@@ -126,6 +130,8 @@ class LexicalModel:
         self.coef = np.ascontiguousarray(coef, dtype=np.float32)  # (F, K), times weight
         self.intercept = np.asarray(intercept, dtype=np.float32)  # (K,), times weight
         self.weight = float(weight)
+        self.mall_cache = mall_cache
+        self._mall_scores = functools.lru_cache(maxsize=mall_cache)(functools.partial(self._source_scores, "mall"))
 
     @property
     def num_classes(self) -> int:
@@ -164,24 +170,33 @@ class LexicalModel:
 
     def score(self, title: str, mall: str, mall_weight: float = 1.0) -> np.ndarray:
         """``(K,)`` scores of one offer (the preprocess workers' path: no sparse matrix built)."""
+        scores = self.intercept + self._source_scores("title", title)
+        if mall and mall_weight != 0.0:
+            scores += np.float32(mall_weight) * self._mall_scores(mall)
+        return scores
+
+    def _source_scores(self, source: str, text: str) -> np.ndarray:
+        """``(K,)`` float32, read-only: TF-IDF of ``text`` in the fields reading ``source`` · coefficients."""
         rows: list[np.ndarray] = []
-        weights: list[np.ndarray] = []
-        for field, offset in zip(self.fields, self.offsets):
-            text = title if field.source == "title" else mall
-            trust = 1.0 if field.source == "title" else mall_weight
-            if not text or trust == 0.0:
-                continue
-            columns, values = field.columns(text)
-            rows.append(columns + offset)
-            weights.append(values * trust)
-        if not rows:
-            return self.intercept.copy()
-        return (np.concatenate(weights).astype(np.float32) @ self.coef[np.concatenate(rows)]) + self.intercept
+        values: list[np.ndarray] = []
+        if text:
+            for field, offset in zip(self.fields, self.offsets):
+                if field.source == source:
+                    columns, field_values = field.columns(text)
+                    rows.append(columns + offset)
+                    values.append(field_values)
+        if rows:
+            scores = np.concatenate(values).astype(np.float32) @ self.coef[np.concatenate(rows)]
+        else:
+            scores = np.zeros(self.num_classes, dtype=np.float32)
+        scores.flags.writeable = False  # a mall category's scores are cached and shared
+        return scores
 
     def reweighted(self, weight: float) -> "LexicalModel":
         """The same model with its scores scaled to ``weight`` (instead of the current weight)."""
         factor = weight / self.weight if self.weight else 0.0
-        return LexicalModel(self.fields, self.coef * factor, self.intercept * factor, weight=weight)
+        return LexicalModel(self.fields, self.coef * factor, self.intercept * factor, weight=weight,
+                            mall_cache=self.mall_cache)
 
     def save(self, directory: str | Path) -> Path:
         directory = Path(directory)
@@ -195,11 +210,13 @@ class LexicalModel:
         return directory
 
     @classmethod
-    def load(cls, directory: str | Path, *, word_cache: int = WORD_CACHE) -> "LexicalModel":
-        """The model saved in ``directory``; ``word_cache`` words remembered per character field."""
+    def load(cls, directory: str | Path, *, word_cache: int = WORD_CACHE, mall_cache: int = MALL_CACHE,
+             ) -> "LexicalModel":
+        """The model saved in ``directory``; ``word_cache`` words remembered per character field, ``mall_cache``
+        mall categories' scores."""
         directory = Path(directory)
         meta = json.loads((directory / "fields.json").read_text())
         with np.load(directory / "weights.npz") as arrays:
             fields = [LexicalField(f["name"], f["source"], f["analyzer"], tuple(f["ngram_range"]), tuple(f["terms"]),
                                    arrays[f"idf_{f['name']}"], word_cache) for f in meta["fields"]]
-            return cls(fields, arrays["coef"], arrays["intercept"], weight=meta["weight"])
+            return cls(fields, arrays["coef"], arrays["intercept"], weight=meta["weight"], mall_cache=mall_cache)

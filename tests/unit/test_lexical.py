@@ -57,6 +57,17 @@ def test_one_offer_scores_equal_the_batch_scores_and_the_mall_weight_scales_the_
     assert not np.allclose(batch[0], without_mall[0])
 
 
+def test_remembered_mall_category_scores_are_the_scores_computed_anew_at_every_trust():
+    cached = fit_lexical(TITLES, MALLS, TARGETS, num_classes=3)
+    uncached = LexicalModel(cached.fields, cached.coef, cached.intercept, mall_cache=0)
+    offers = [(t, m, w) for w in (1.0, 0.4, 0.0, 2.0) for t, m in zip(TITLES, MALLS)]  # every mall seen again
+    for title, mall, trust in offers:
+        np.testing.assert_allclose(cached.score(title, mall, trust), uncached.score(title, mall, trust), atol=1e-6)
+    distinct = len({m for m in MALLS if m})
+    assert cached._mall_scores.cache_info().currsize == distinct
+    assert cached._mall_scores.cache_info().hits > 0
+
+
 def test_fitted_model_separates_its_training_offers_and_never_proposes_an_absent_category():
     model = fit_lexical(TITLES, MALLS, TARGETS, num_classes=4)
     scores = model.scores(TITLES, MALLS)
