@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from catstream.bundle import ModelBundle
-from catstream.offer_files import LABEL
+from catstream.offer_files import LABEL, read_offer_file
 from training.evaluate import Served, evaluate_bundle, serve, serve_held_out, write_report
 from training.significance import paired_comparison
 from training.tracking import CHAMPION, MODEL_NAME, Tracking
@@ -118,15 +118,23 @@ def compare_with_champion(tracking: Tracking, version: str, bundle_dir: Path, da
     else:
         champion_bundle = ModelBundle.load(tracking.download(MODEL_NAME, current.version))
         seen = champion_bundle.training_offer_ids()
+        caveat = ""
         if seen is None:
             log.warning("champion v%s does not list its training offers: it is compared on all %d held-out offers, "
                         "some of which it may have learned", current.version, len(test))
             unseen = np.ones(len(test), dtype=bool)
         else:
             unseen = ~test["offer_id"].isin(seen).to_numpy()
+            # Offers are matched by id: a data file whose ids changed would pass learned offers off as unseen.
+            absent = len(seen - set(read_offer_file(data)["offer_id"]))
+            if absent:
+                caveat = (f"; {absent} of the {len(seen)} offers champion v{current.version} trained on are not in "
+                          f"this data (if their ids changed, offers it learned count as unseen)")
+                log.warning("%d of the %d offers champion v%s trained on are not in %s: if their ids changed, offers "
+                            "it learned count as unseen", absent, len(seen), current.version, data)
         common = test[unseen].reset_index(drop=True)
         if common.empty:
-            reason = f"none of the {len(test)} held-out offers is unseen by champion v{current.version}; kept it"
+            reason = f"none of the {len(test)} held-out offers is unseen by champion v{current.version}; kept it{caveat}"
             promotion = Promotion(version, False, reason, challenger, None, str(current.version))
         else:
             contender = _summary(served.score(np.flatnonzero(unseen)))
@@ -144,7 +152,7 @@ def compare_with_champion(tracking: Tracking, version: str, bundle_dir: Path, da
                       f"on the same {len(common)} held-out offers ({protocol} split"
                       + ("" if len(common) == len(test) else f"; {len(test) - len(common)} the champion saw left out")
                       + f"; right only by the new version {paired['only_this']}, only by the champion "
-                        f"{paired['only_other']}, McNemar p {paired['p_value']:.2g})")
+                        f"{paired['only_other']}, McNemar p {paired['p_value']:.2g}){caveat}")
             if better:
                 tracking.set_champion(version)
             promotion = Promotion(version, better, reason, contender, champion, str(current.version))

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from catstream.bundle import ModelBundle
@@ -109,6 +110,20 @@ def test_worse_model_does_not_take_the_champion_alias(champion_run, marketplace,
     assert ModelBundle.load(resolve_model_uri("models:/catstream/2", tracking=registry)).version == worse.config["model_version"]
     with pytest.raises(ValueError, match="alias"):
         resolve_model_uri("models:/catstream@nope", tracking=registry)
+    assert "trained on are not in this data" not in worse.registered.reason  # the same file: every id found
+    # The same offers under new ids: the champion's training offers are all missing, and the reason says so.
+    from training.pipeline import compare_with_champion
+    renamed = tmp_path / "renamed.csv"
+    frame = pd.read_csv(marketplace, dtype=str, keep_default_na=False)
+    frame["offer_id"] = "re-" + frame["offer_id"]
+    frame["image"] = [str((marketplace.parent / image).resolve()) if image else "" for image in frame["image"]]
+    frame.to_csv(renamed, index=False)
+    try:
+        again = compare_with_champion(registry, "2", tmp_path / "v2", renamed)
+    finally:  # both were judged on offers they learned, so the alias may have moved: later tests need v1
+        registry.set_champion("1")
+    assert f"{len(v1.training_offer_ids())} of the {len(v1.training_offer_ids())} offers champion v1 trained on " \
+           f"are not in this data" in again.reason
 
 
 def test_cli_evaluates_the_champion_from_the_registry(champion_run, marketplace, registry, tmp_path):
