@@ -7,13 +7,16 @@
     tokenizer.model    SentencePiece model
     labels.json        category paths, index = model output index
     dictionaries/      the dictionary files the model was trained with
-    training_offers.txt  offer_id of every offer its training or calibration saw (one per line), so
-                       a later model is compared with it only on offers neither has seen
+    training_offers.tsv  offer_id and content fingerprint of every offer its training or calibration
+                       saw, so a later model is compared with it only on offers neither has seen,
+                       even where the same offers come back under new ids (bundles from before the
+                       fingerprints have training_offers.txt, the ids alone)
     config.json        model config, input sizes, threshold, temperature, version, metrics
 """
 
 from __future__ import annotations
 
+import csv
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,16 +25,54 @@ from typing import Any
 from catstream.dictionaries import Dictionaries
 from catstream.lexical import LEXICAL_DIR, LexicalModel
 
-__all__ = ["BUNDLE_FORMAT", "SHOPS_FILE", "TRAINING_OFFERS_FILE", "BundleError", "ModelBundle", "ShopWeights"]
+__all__ = ["BUNDLE_FORMAT", "SHOPS_FILE", "TRAINING_OFFERS_FILE", "BundleError", "ModelBundle", "ShopWeights",
+           "TrainingOffers"]
 
 BUNDLE_FORMAT = 2  # 2: mall_weight input, shops.json
 SHOPS_FILE = "shops.json"
-TRAINING_OFFERS_FILE = "training_offers.txt"
+TRAINING_OFFERS_FILE = "training_offers.tsv"
+_TRAINING_OFFER_IDS_FILE = "training_offers.txt"  # written before the fingerprints: ids only
 _REQUIRED = ("config.json", "labels.json", "model.onnx", "tokenizer.model")
 
 
 class BundleError(ValueError):
     """The directory is not a usable model bundle."""
+
+
+@dataclass(frozen=True)
+class TrainingOffers:
+    """The offers a model's training or calibration saw: their ids and content fingerprints
+    (:func:`catstream.offer_files.offer_fingerprints`; None in bundles that recorded ids only)."""
+
+    ids: frozenset[str]
+    fingerprints: frozenset[str] | None
+
+    @staticmethod
+    def save(directory: Path, offer_ids: list[str], fingerprints: list[str]) -> None:
+        """Write ``training_offers.tsv`` into the bundle ``directory`` (``offer_id`` and ``fingerprint``)."""
+        if len(offer_ids) != len(fingerprints):
+            raise ValueError(f"{len(offer_ids)} offer ids but {len(fingerprints)} fingerprints")
+        (directory / _TRAINING_OFFER_IDS_FILE).unlink(missing_ok=True)  # an earlier run's ids-only record
+        with (directory / TRAINING_OFFERS_FILE).open("w", encoding="utf-8", newline="") as handle:
+            writer = csv.writer(handle, delimiter="\t", lineterminator="\n")
+            writer.writerow(("offer_id", "fingerprint"))
+            writer.writerows(zip(offer_ids, fingerprints))
+
+    @classmethod
+    def read(cls, directory: Path) -> "TrainingOffers | None":
+        """The record in the bundle ``directory``; None where it has none."""
+        path = directory / TRAINING_OFFERS_FILE
+        if path.is_file():
+            with path.open(encoding="utf-8", newline="") as handle:
+                rows = list(csv.reader(handle, delimiter="\t"))
+            if not rows or rows[0] != ["offer_id", "fingerprint"] or any(len(row) != 2 for row in rows[1:]):
+                raise BundleError(f"{path}: expected two tab-separated columns, offer_id and fingerprint")
+            return cls(ids=frozenset(row[0] for row in rows[1:]), fingerprints=frozenset(row[1] for row in rows[1:]))
+        path = directory / _TRAINING_OFFER_IDS_FILE
+        if path.is_file():
+            return cls(ids=frozenset(line for line in path.read_text(encoding="utf-8").splitlines() if line),
+                       fingerprints=None)
+        return None
 
 
 @dataclass(frozen=True)
@@ -105,12 +146,9 @@ class ModelBundle:
     def tokenizer_path(self) -> Path:
         return self.path / "tokenizer.model"
 
-    def training_offer_ids(self) -> frozenset[str] | None:
+    def training_offers(self) -> TrainingOffers | None:
         """The offers its training or calibration saw; None for bundles that did not record them."""
-        path = self.path / TRAINING_OFFERS_FILE
-        if not path.is_file():
-            return None
-        return frozenset(line for line in path.read_text(encoding="utf-8").splitlines() if line)
+        return TrainingOffers.read(self.path)
 
     @property
     def has_lexical(self) -> bool:

@@ -7,15 +7,18 @@ Required columns: ``offer_id``, ``title``. Optional: ``mall_id``, ``mall_categor
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 import pandas as pd
 
 from catstream.dictionaries import PATH_SEPARATOR
 from catstream.schemas import Offer
 
-__all__ = ["LABEL", "OfferFileError", "read_offer_file", "offers_from_frame"]
+__all__ = ["LABEL", "OfferFileError", "offer_fingerprints", "read_offer_file", "offers_from_frame"]
 
 LABEL = "label"
 _OPTIONAL = ("mall_id", "mall_category", "brand", "image", "listed_at")
@@ -69,6 +72,34 @@ def _image_url(value: str, base: Path) -> str:
         return value
     image = Path(value)
     return (image if image.is_absolute() else (base / image).resolve()).as_uri()
+
+
+def offer_fingerprints(frame: pd.DataFrame) -> list[str]:
+    """A digest of what each offer of ``frame`` (from :func:`read_offer_file`) says, its id left out.
+
+    Title, shop, mall category, brand, listing date and the image's bytes (its URL where the bytes
+    are not on this machine; nothing where the file is missing, as the model then sees no image):
+    the same offer under another id, or its image under another path, has the same fingerprint.
+    """
+    images: dict[str, str] = {}  # colour variants and re-listings share image files
+    fingerprints = []
+    for row in frame[["title", "mall_id", "mall_category", "brand", "listed_at", "image_url"]].itertuples(index=False):
+        url = row.image_url
+        if url not in images:
+            images[url] = _image_digest(url)
+        text = "\x1f".join((row.title, row.mall_id, row.mall_category, row.brand, row.listed_at, images[url]))
+        fingerprints.append(hashlib.blake2b(text.encode("utf-8"), digest_size=16).hexdigest())
+    return fingerprints
+
+
+def _image_digest(url: str) -> str:
+    if not url.startswith("file://"):
+        return url
+    try:
+        content = Path(url2pathname(urlparse(url).path)).read_bytes()
+    except OSError:
+        return ""
+    return hashlib.blake2b(content, digest_size=16).hexdigest()
 
 
 def offers_from_frame(frame: pd.DataFrame) -> Iterator[Offer]:

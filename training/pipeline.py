@@ -3,7 +3,7 @@
 This is what ``catstream train`` and the retraining CronJob run. Promotion compares the new
 version with the current ``champion`` on the *same* evaluation offers — the new model's held-out
 rows that the champion did not see either (its bundle lists the offers it trained and calibrated
-on) — each served exactly as in production (ONNX, temperature, mask, threshold); the alias moves
+on, by id and by content, so the same offers under new ids are recognised) — each served exactly as in production (ONNX, temperature, mask, threshold); the alias moves
 only when the new version is more accurate (macro-F1 breaks ties). Without that restriction a
 champion trained on a different split, or on an older history that holds today's test offers,
 would be judged on offers it had learned.
@@ -16,9 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from catstream.bundle import ModelBundle
-from catstream.offer_files import LABEL, read_offer_file
+from catstream.offer_files import LABEL, offer_fingerprints, read_offer_file
 from training.evaluate import Served, evaluate_bundle, serve, serve_held_out, write_report
 from training.significance import paired_comparison
 from training.tracking import CHAMPION, MODEL_NAME, Tracking
@@ -117,21 +118,8 @@ def compare_with_champion(tracking: Tracking, version: str, bundle_dir: Path, da
         promotion = Promotion(version, True, reason, challenger, None, None)
     else:
         champion_bundle = ModelBundle.load(tracking.download(MODEL_NAME, current.version))
-        seen = champion_bundle.training_offer_ids()
-        caveat = ""
-        if seen is None:
-            log.warning("champion v%s does not list its training offers: it is compared on all %d held-out offers, "
-                        "some of which it may have learned", current.version, len(test))
-            unseen = np.ones(len(test), dtype=bool)
-        else:
-            unseen = ~test["offer_id"].isin(seen).to_numpy()
-            # Offers are matched by id: a data file whose ids changed would pass learned offers off as unseen.
-            absent = len(seen - set(read_offer_file(data)["offer_id"]))
-            if absent:
-                caveat = (f"; {absent} of the {len(seen)} offers champion v{current.version} trained on are not in "
-                          f"this data (if their ids changed, offers it learned count as unseen)")
-                log.warning("%d of the %d offers champion v%s trained on are not in %s: if their ids changed, offers "
-                            "it learned count as unseen", absent, len(seen), current.version, data)
+        unseen, note, caveat = _unseen_by_both(champion_bundle, served.bundle, test, data,
+                                               champion_version=str(current.version))
         common = test[unseen].reset_index(drop=True)
         if common.empty:
             reason = f"none of the {len(test)} held-out offers is unseen by champion v{current.version}; kept it{caveat}"
@@ -150,7 +138,7 @@ def compare_with_champion(tracking: Tracking, version: str, bundle_dir: Path, da
             better = (contender["accuracy"], contender["macro_f1"]) > (champion["accuracy"], champion["macro_f1"])
             reason = (f"accuracy {contender['accuracy']:.4f} vs champion v{current.version} {champion['accuracy']:.4f} "
                       f"on the same {len(common)} held-out offers ({protocol} split"
-                      + ("" if len(common) == len(test) else f"; {len(test) - len(common)} the champion saw left out")
+                      + note
                       + f"; right only by the new version {paired['only_this']}, only by the champion "
                         f"{paired['only_other']}, McNemar p {paired['p_value']:.2g}){caveat}")
             if better:
@@ -161,6 +149,49 @@ def compare_with_champion(tracking: Tracking, version: str, bundle_dir: Path, da
     client.set_model_version_tag(MODEL_NAME, version, "promotion", promotion.reason)
     log.info("%s", promotion)
     return promotion
+
+
+def _unseen_by_both(champion: ModelBundle, challenger: ModelBundle, test: pd.DataFrame, data: str | Path, *,
+                    champion_version: str) -> tuple[np.ndarray, str, str]:
+    """``(unseen, note, caveat)``: which of the challenger's held-out ``test`` offers neither model
+    trained or calibrated on, what was left out (for the reason) and a caveat on the matching.
+
+    Offers are matched by id and, where the bundles recorded them, by content fingerprint: the
+    same offers under new ids (a re-export, another id scheme) are still recognised, and an offer
+    identical to one the challenger trained on is left out too, as the challenger has seen it.
+    """
+    record = champion.training_offers()
+    if record is None:
+        log.warning("champion v%s does not list its training offers: it is compared on all %d held-out offers, "
+                    "some of which it may have learned", champion_version, len(test))
+        return np.ones(len(test), dtype=bool), "", ""
+    by_id = test["offer_id"].isin(record.ids).to_numpy()
+    own = challenger.training_offers()
+    if record.fingerprints is None or own is None or own.fingerprints is None:
+        # Matched by id alone: a data file whose ids changed would pass learned offers off as unseen.
+        caveat = ""
+        absent = len(record.ids - set(read_offer_file(data)["offer_id"]))
+        if absent:
+            caveat = (f"; {absent} of the {len(record.ids)} offers champion v{champion_version} trained on are not "
+                      f"in this data (if their ids changed, offers it learned count as unseen)")
+            log.warning("%d of the %d offers champion v%s trained on are not in %s and its bundle does not record "
+                        "their content: if their ids changed, offers it learned count as unseen",
+                        absent, len(record.ids), champion_version, data)
+        left_out = int(by_id.sum())
+        return ~by_id, (f"; {left_out} the champion saw left out" if left_out else ""), caveat
+    fingerprints = pd.Series(offer_fingerprints(test))
+    by_content = fingerprints.isin(record.fingerprints).to_numpy() & ~by_id
+    by_own = fingerprints.isin(own.fingerprints).to_numpy() & ~by_id & ~by_content
+    parts = []
+    if by_id.any() or by_content.any():
+        parts.append(f"{int(by_id.sum() + by_content.sum())} the champion saw left out"
+                     + (f", {int(by_content.sum())} of them found by content under another id" if by_content.any() else ""))
+    if by_own.any():
+        parts.append(f"{int(by_own.sum())} identical to offers the new version trained on left out")
+    if by_content.any():
+        log.warning("%d held-out offers carry ids champion v%s did not train on but the content of offers it did: "
+                    "left out of the comparison", int(by_content.sum()), champion_version)
+    return ~(by_id | by_content | by_own), "".join(f"; {part}" for part in parts), ""
 
 
 def _summary(result: dict) -> dict:

@@ -46,12 +46,12 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from catstream.bundle import BUNDLE_FORMAT, SHOPS_FILE, TRAINING_OFFERS_FILE
+from catstream.bundle import BUNDLE_FORMAT, SHOPS_FILE, TrainingOffers
 from catstream.dictionaries import PATH_SEPARATOR, Dictionaries
 from catstream.features import Featurizer
 from catstream.lexical import LEXICAL_DIR, LexicalModel
 from catstream.model import BACKBONE_BLOCKS, FusionConfig, FusionModel, find_pretrained_weights
-from catstream.offer_files import LABEL, offers_from_frame, read_offer_file
+from catstream.offer_files import LABEL, offer_fingerprints, offers_from_frame, read_offer_file
 from catstream.tokenizer import train_tokenizer
 from training.calibration import choose_threshold, fit_temperature
 from training.cleaning import CLEANING_MODES, find_issues, out_of_sample_probabilities
@@ -611,8 +611,8 @@ def train_bundle(data: str | Path, out_dir: str | Path, options: TrainOptions, *
         for name in ("ambiguous_terms.tsv",):
             if (Path(options.dictionaries) / name).is_file():
                 shutil.copy(Path(options.dictionaries) / name, out_dir / "dictionaries" / name)
-    seen = prepared.frame["offer_id"].iloc[np.sort(np.concatenate([prepared.split.train, prepared.split.validation]))]
-    (out_dir / TRAINING_OFFERS_FILE).write_text("".join(f"{offer_id}\n" for offer_id in seen), encoding="utf-8")
+    seen = prepared.frame.iloc[np.sort(np.concatenate([prepared.split.train, prepared.split.validation]))]
+    TrainingOffers.save(out_dir, seen["offer_id"].tolist(), offer_fingerprints(seen))
     (out_dir / "labels.json").write_text(json.dumps(list(prepared.labels), ensure_ascii=False, indent=1))
     (out_dir / SHOPS_FILE).write_text(json.dumps({
         "default": 1.0, "weights": prepared.shop_weights,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 
@@ -11,9 +12,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from catstream.bundle import ModelBundle
+from catstream.bundle import TRAINING_OFFERS_FILE, ModelBundle
 from catstream.features import Featurizer
-from catstream.offer_files import offers_from_frame, read_offer_file
+from catstream.offer_files import offer_fingerprints, offers_from_frame, read_offer_file
 from tests.conftest import small_training_options
 
 pytestmark = pytest.mark.integration
@@ -94,9 +95,14 @@ def test_worse_model_does_not_take_the_champion_alias(champion_run, marketplace,
     assert worse.registered.champion_version == "1"
     v1 = ModelBundle.load(resolve_model_uri("models:/catstream/1", tracking=registry))
     frame, v1_test, v1_seen, _ = held_out(v1, marketplace)
-    assert v1.training_offer_ids() == set(frame["offer_id"].iloc[v1_seen]) and len(v1_seen) + len(v1_test) == len(frame)
+    v1_offers = v1.training_offers()
+    assert v1_offers.ids == set(frame["offer_id"].iloc[v1_seen]) and len(v1_seen) + len(v1_test) == len(frame)
+    assert v1_offers.fingerprints == set(offer_fingerprints(frame.iloc[v1_seen]))
+    v2_offers = ModelBundle.load(tmp_path / "v2").training_offers()
     frame, v2_test, _, _ = held_out(ModelBundle.load(tmp_path / "v2"), marketplace)
-    unseen_by_both = set(frame["offer_id"].iloc[v2_test]) - v1.training_offer_ids()
+    unseen_by_both = [i for i, fingerprint in zip(v2_test, offer_fingerprints(frame.iloc[v2_test]))
+                      if frame["offer_id"].iloc[i] not in v1_offers.ids
+                      and fingerprint not in v1_offers.fingerprints | v2_offers.fingerprints]
     assert 0 < len(unseen_by_both) < len(v2_test)
     assert f"on the same {len(unseen_by_both)} held-out offers" in worse.registered.reason
     # the paired counts in the reason agree with the two accuracies on those offers
@@ -110,8 +116,9 @@ def test_worse_model_does_not_take_the_champion_alias(champion_run, marketplace,
     assert ModelBundle.load(resolve_model_uri("models:/catstream/2", tracking=registry)).version == worse.config["model_version"]
     with pytest.raises(ValueError, match="alias"):
         resolve_model_uri("models:/catstream@nope", tracking=registry)
-    assert "trained on are not in this data" not in worse.registered.reason  # the same file: every id found
-    # The same offers under new ids: the champion's training offers are all missing, and the reason says so.
+    assert "found by content under another id" not in worse.registered.reason  # the same file: every id found
+    # The same offers under new ids: the champion's training offers are recognised by their content,
+    # so the comparison is on the very offers it was on before, and the worse version stays out.
     from training.pipeline import compare_with_champion
     renamed = tmp_path / "renamed.csv"
     frame = pd.read_csv(marketplace, dtype=str, keep_default_na=False)
@@ -120,10 +127,38 @@ def test_worse_model_does_not_take_the_champion_alias(champion_run, marketplace,
     frame.to_csv(renamed, index=False)
     try:
         again = compare_with_champion(registry, "2", tmp_path / "v2", renamed)
-    finally:  # both were judged on offers they learned, so the alias may have moved: later tests need v1
+    finally:  # later tests need v1 as the champion, whatever happened here
         registry.set_champion("1")
-    assert f"{len(v1.training_offer_ids())} of the {len(v1.training_offer_ids())} offers champion v1 trained on " \
-           f"are not in this data" in again.reason
+    assert not again.promoted and again.champion_version == "1"
+    assert f"on the same {len(unseen_by_both)} held-out offers" in again.reason
+    assert f"{len(v1_offers.ids)} of them found by content under another id" in again.reason
+    assert again.challenger == pytest.approx(worse.registered.challenger)
+    assert again.champion == pytest.approx(worse.registered.champion)
+
+
+def test_champion_recorded_by_id_alone_warns_when_its_offers_are_missing(champion_run, marketplace, registry,
+                                                                        tmp_path):
+    """Bundles from before the content fingerprints list ids only: a renamed file is flagged, not recognised."""
+    from training.pipeline import _unseen_by_both
+    from training.tracking import resolve_model_uri
+
+    v1 = ModelBundle.load(resolve_model_uri("models:/catstream/1", tracking=registry))
+    legacy = tmp_path / "legacy"
+    shutil.copytree(v1.path, legacy)
+    (legacy / TRAINING_OFFERS_FILE).unlink()
+    (legacy / "training_offers.txt").write_text("".join(f"{i}\n" for i in sorted(v1.training_offers().ids)))
+    legacy_bundle = ModelBundle.load(legacy)
+    assert legacy_bundle.training_offers().fingerprints is None
+    frame = pd.read_csv(marketplace, dtype=str, keep_default_na=False)
+    frame["offer_id"] = "re-" + frame["offer_id"]
+    frame["image"] = [str((marketplace.parent / image).resolve()) if image else "" for image in frame["image"]]
+    renamed = tmp_path / "renamed.csv"
+    frame.to_csv(renamed, index=False)
+    test = read_offer_file(renamed)
+    unseen, note, caveat = _unseen_by_both(legacy_bundle, v1, test, renamed, champion_version="1")
+    assert unseen.all() and note == ""  # nothing matches by id
+    seen = len(v1.training_offers().ids)
+    assert f"; {seen} of the {seen} offers champion v1 trained on are not in this data" in caveat
 
 
 def test_cli_evaluates_the_champion_from_the_registry(champion_run, marketplace, registry, tmp_path):

@@ -3,7 +3,7 @@ import json
 import pandas as pd
 import pytest
 
-from catstream.offer_files import OfferFileError, offers_from_frame, read_offer_file
+from catstream.offer_files import OfferFileError, offer_fingerprints, offers_from_frame, read_offer_file
 
 ROWS = [
     {"offer_id": "1", "title": "Nike Men Jersey", "mall_category": "Sports", "image": "images/1.jpg",
@@ -43,3 +43,37 @@ def test_readable_errors(tmp_path):
     other.write_text("")
     with pytest.raises(OfferFileError, match="unknown format"):
         read_offer_file(other)
+
+
+def _fingerprint_rows(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "a" / "1.jpg").write_bytes(b"\xff\xd8 one picture")
+    (tmp_path / "b" / "moved.jpg").write_bytes(b"\xff\xd8 one picture")
+    (tmp_path / "b" / "other.jpg").write_bytes(b"\xff\xd8 another picture")
+    base = {"offer_id": "1", "title": "Nike Men Jersey", "mall_id": "m1", "mall_category": "Sports",
+            "brand": "Nike", "listed_at": "2016-04-26", "image": "a/1.jpg"}
+    variants = {
+        "renamed, image moved": {"offer_id": "re-1", "image": "b/moved.jpg"},
+        "title": {"title": "Nike Men Jersey Blue"},
+        "shop": {"mall_id": "m2"},
+        "mall category": {"mall_category": "Sports Wear"},
+        "brand": {"brand": "Puma"},
+        "listing date": {"listed_at": "2016-04-27"},
+        "image bytes": {"image": "b/other.jpg"},
+        "image missing": {"image": "b/gone.jpg"},
+        "no image": {"image": ""},
+    }
+    rows = [base] + [{**base, "offer_id": f"v{i}", **change} for i, change in enumerate(variants.values())]
+    path = tmp_path / "offers.csv"
+    pd.DataFrame(rows).to_csv(path, index=False)
+    return dict(zip(["original", *variants], offer_fingerprints(read_offer_file(path))))
+
+
+def test_fingerprint_is_the_offer_content_without_its_id(tmp_path):
+    prints = _fingerprint_rows(tmp_path)
+    assert prints["renamed, image moved"] == prints["original"]  # same words, same picture bytes
+    assert prints["image missing"] == prints["no image"]  # the model sees no image either way
+    different = [name for name in prints if name not in ("original", "renamed, image moved", "image missing")]
+    assert len({prints[name] for name in different} | {prints["original"]}) == len(different) + 1
+    assert all(len(value) == 32 and int(value, 16) >= 0 for value in prints.values())
