@@ -20,9 +20,6 @@ over (a); every way must give the same inputs (checked). Writes JSON to bench/re
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -32,11 +29,13 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from _record import record  # noqa: E402  (bench/, the script's own folder)
+
 from catstream.bundle import BundleError, ModelBundle  # noqa: E402
 from catstream.features import Featurizer  # noqa: E402
 from catstream.lexical import LexicalModel  # noqa: E402
 from catstream.offer_files import OfferFileError, offers_from_frame, read_offer_file  # noqa: E402
-from catstream.text import _word_gram_ids  # noqa: E402
+from catstream.text import forget_remembered_grams  # noqa: E402
 
 MYNTRA = REPO.parent / "shared" / "datasets" / "myntra-fashion" / "offers.csv"
 
@@ -67,7 +66,7 @@ def main() -> None:
     uncached = None if lexical is None else LexicalModel.load(bundle.path / "lexical", word_cache=0, mall_cache=0)
 
     def no_caches(offer):
-        _word_gram_ids.cache_clear()
+        forget_remembered_grams()
         return featurizer.featurize(offer, base_dir=base_dir)
 
     def warm(offer):
@@ -93,18 +92,13 @@ def main() -> None:
 
     us = {name: float(np.median(values)) / len(timed_offers) * 1e6 for name, values in seconds.items()}
     baseline = us["no caches"]
-    report = {
-        "benchmark": "featurize", "when": dt.datetime.now().isoformat(timespec="seconds"),
-        "machine": {"cpu": platform.processor() or platform.machine(), "python": platform.python_version()},
+    path = record("featurize", {
         "model": str(args.model.resolve()), "data": str(args.data.resolve()), "offers": len(timed_offers),
         "warm_offers": len(warm_offers), "passes": args.passes,
         "us_per_offer_median": {name: round(value, 1) for name, value in us.items()},
         "us_per_offer_passes": {name: [round(s / len(timed_offers) * 1e6, 1) for s in values]
                                 for name, values in seconds.items()},
-    }
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"featurize-{dt.datetime.now():%Y%m%dT%H%M%S}.json"
-    path.write_text(json.dumps(report, indent=2))
+    }, args.out)
     print(f"\n{len(timed_offers):,} offers of {args.data}, median of {args.passes} passes")
     print(f"{'way':<34}{'µs/offer':>10}{'speed-up':>10}")
     for name, value in us.items():

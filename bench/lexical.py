@@ -22,9 +22,6 @@ bench/results/.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
-import platform
 import sys
 import tempfile
 import time
@@ -35,6 +32,8 @@ from scipy import sparse
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from _record import record  # noqa: E402  (bench/, the script's own folder)
 
 from catstream.bundle import ModelBundle  # noqa: E402
 from catstream.lexical import MALL_CACHE, LexicalModel  # noqa: E402
@@ -115,16 +114,11 @@ def main() -> None:
     for name, (_, scores) in results.items():
         np.testing.assert_allclose(scores, reference, rtol=1e-4, atol=1e-4, err_msg=f"{name} disagrees")
     baseline = results["scikit-learn"][0]
-    report = {
-        "benchmark": "lexical", "when": dt.datetime.now().isoformat(timespec="seconds"),
-        "machine": {"cpu": platform.processor() or platform.machine(), "python": platform.python_version()},
+    path = record("lexical", {
         "model": source, "features": model.num_features, "categories": model.num_classes,
         "offers": len(timed_texts), "warm_offers": len(warm_texts),
         "us_per_offer": {name: round(us, 1) for name, (us, _) in results.items()},
-    }
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"lexical-{dt.datetime.now():%Y%m%dT%H%M%S}.json"
-    path.write_text(json.dumps(report, indent=2))
+    }, args.out)
     print(f"\n{model.num_features:,} features, {model.num_classes} categories, {len(timed_texts):,} offers")
     print(f"{'path':<34}{'µs/offer':>10}{'speed-up':>10}")
     for name, (us, _) in results.items():

@@ -16,10 +16,8 @@ the first to the last prediction. Prints a table and writes JSON to bench/result
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -32,6 +30,8 @@ from confluent_kafka import Consumer, Producer
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from _record import record  # noqa: E402  (bench/, the script's own folder)
 
 from catstream.broker import EmbeddedBroker  # noqa: E402
 from catstream.bundle import ModelBundle  # noqa: E402
@@ -162,18 +162,13 @@ def main() -> int:
                                          work / "node.log", args.max_batch_size, args.max_wait_ms,
                                          args.intra_op_threads)
     ratio = results["pipeline"]["offers_per_second"] / max(1e-9, results["naive"]["offers_per_second"])
-    report = {
-        "benchmark": "throughput",
-        "when": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "cuda": torch.cuda.is_available()},
+    path = record("throughput", {
+        "cuda": torch.cuda.is_available(),
         "model": {"version": bundle.version, "image_size": bundle.image_size, "classes": len(bundle.labels)},
         "offers": len(offers),
         "results": results,
         "speedup": ratio,
-    }
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"throughput-{dt.datetime.now():%Y%m%dT%H%M%S}.json"
-    path.write_text(json.dumps(report, indent=2))
+    }, args.out)
     print(f"\nmodel {bundle.image_size}px, {len(offers)} offers, {os.cpu_count()} CPUs")
     print(f"{'variant':<10} {'offers/s':>10} {'seconds':>9}")
     for name, result in results.items():

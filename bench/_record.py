@@ -1,0 +1,22 @@
+"""What every benchmark writes: its report as JSON in bench/results/, stamped with the time and the machine."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+from pathlib import Path
+
+
+def record(benchmark: str, report: dict, out_dir: Path) -> Path:
+    """Write ``report`` (with ``benchmark``, ``when`` and ``machine`` put first) to a new file in ``out_dir``."""
+    now = dt.datetime.now(dt.timezone.utc)
+    stamped = {"benchmark": benchmark, "when": now.isoformat(timespec="seconds"),
+               "machine": {"cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+                           "platform": platform.platform(), "python": platform.python_version()},
+               **report}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{benchmark}-{now:%Y%m%dT%H%M%S}.json"
+    path.write_text(json.dumps(stamped, indent=2))
+    return path
