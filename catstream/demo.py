@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from catstream.broker import EmbeddedBroker
+from catstream.dictionaries import PATH_SEPARATOR
 from catstream.kafka import ensure_topics, read_topic, wait_for_broker
 from catstream.offer_files import offers_from_frame, read_offer_file
 from catstream.schemas import UNCERTAIN
@@ -90,6 +91,9 @@ def summarize(predictions: list[dict], produce_started_ms: float, truth: dict[st
     labelled = [p for p in distinct if p["offer_id"] in truth]
     correct_top1 = [p["top3"][0]["category"] == truth[p["offer_id"]] for p in labelled]
     correct_decided = [p["category"] == truth[p["offer_id"]] for p in decided if p["offer_id"] in truth]
+    parented = [p for p in distinct if p["category"] == UNCERTAIN and p.get("confident_parent")]
+    correct_parent = [_under(truth[p["offer_id"]], p["confident_parent"]["category"])
+                      for p in parented if p["offer_id"] in truth]
     return {
         "offers_categorized": len(distinct),
         "duplicates": len(predictions) - len(distinct),
@@ -102,9 +106,15 @@ def summarize(predictions: list[dict], produce_started_ms: float, truth: dict[st
         "accuracy_top1": float(np.mean(correct_top1)) if correct_top1 else None,
         "precision_when_categorized": float(np.mean(correct_decided)) if correct_decided else None,
         "uncertain_rate": 1.0 - len(decided) / len(distinct),
+        "uncertain_with_parent_rate": len(parented) / len(distinct),
+        "precision_of_parents": float(np.mean(correct_parent)) if correct_parent else None,
         "image_not_used": sum(not p["image_used"] for p in distinct),
         "mean_batch_size": float(np.mean([p["timings_ms"]["batch_size"] for p in distinct])),
     }
+
+
+def _under(category: str, parent: str) -> bool:
+    return category == parent or category.startswith(parent + PATH_SEPARATOR)
 
 
 def run_demo(args) -> int:
@@ -174,6 +184,8 @@ def _print_summary(summary: dict) -> None:
         print(f"      accuracy (top-1)       {pct(summary['accuracy_top1'])} against the true synthetic labels")
         print(f"      precision, categorized {pct(summary['precision_when_categorized'])}")
         print(f"      uncertain rate         {pct(summary['uncertain_rate'])}")
+        print(f"      ... under a parent     {pct(summary['uncertain_with_parent_rate'])} of all offers "
+              f"(category under it: {pct(summary['precision_of_parents'])})")
         print(f"      image not used         {summary['image_not_used']} offers (missing or undecodable)")
         print(f"      mean batch size        {summary['mean_batch_size']:.1f}")
     print(f"      dead-lettered          {summary['dead_lettered']}")

@@ -37,7 +37,8 @@ FREE, READY, CLAIMED, DONE, FAILED = 0, 1, 2, 3, 4
 # Counters live in the same file, one writer per cell, so the supervisor can serve metrics
 # without asking the workers anything.
 WORKER_COUNTERS = ("consumed", "enqueued", "dead_lettered", "image_unused", "pauses", "lag", "heartbeat_ns")
-INFERENCE_COUNTERS = ("predicted", "uncertain", "batches", "failed", "inference_ns", "ready", "heartbeat_ns")
+INFERENCE_COUNTERS = ("predicted", "uncertain", "batches", "failed", "inference_ns", "ready", "heartbeat_ns",
+                      "uncertain_with_parent")
 LATENCY_BUCKETS_MS = (5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000)
 
 _HEADER_BYTES = 4096

@@ -73,6 +73,8 @@ _WORKER_METRICS = {
 _INFERENCE_METRICS = {
     "predicted": ("catstream_predictions_total", "counter", "Predictions produced (offers/s = rate of this)."),
     "uncertain": ("catstream_uncertain_total", "counter", "Predictions that answered 'uncertain'."),
+    "uncertain_with_parent": ("catstream_uncertain_with_parent_total", "counter",
+                              "Uncertain predictions that still name a confident parent category."),
     "batches": ("catstream_batches_total", "counter", "Inference batches (mean batch size = predictions/batches)."),
     "failed": ("catstream_inference_failures_total", "counter", "Offers whose inference batch failed."),
 }

@@ -140,6 +140,7 @@ class Prediction:
     image_status: str
     timings_ms: dict[str, float]
     excluded_categories: int = 0
+    confident_parent: tuple[str, float] | None = None  # only when ``category`` is uncertain
 
     def to_bytes(self) -> bytes:
         document = {
@@ -152,6 +153,8 @@ class Prediction:
             "image_used": self.image_used,
             "image_status": self.image_status,
             "excluded_categories": self.excluded_categories,
+            "confident_parent": None if self.confident_parent is None else {
+                "category": self.confident_parent[0], "probability": _finite(self.confident_parent[1])},
             "timings_ms": {stage: round(ms, 3) for stage, ms in self.timings_ms.items()},
         }
         return json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode()

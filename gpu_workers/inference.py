@@ -9,7 +9,7 @@ import numpy as np
 import onnxruntime as ort
 
 from catstream.bundle import ModelBundle
-from catstream.decision import apply_exclusions, softmax
+from catstream.decision import ParentCategories, apply_exclusions, softmax
 from catstream.schemas import UNCERTAIN
 
 __all__ = ["Decision", "OnnxClassifier", "choose_providers", "decide", "softmax"]
@@ -87,6 +87,7 @@ class Decision:
     confidence: float
     top3: list[tuple[str, float]]
     excluded: int
+    parent: tuple[str, float] | None = None  # where the leaf is uncertain: the deepest parent that is not
 
 
 def decide(
@@ -95,15 +96,23 @@ def decide(
     """Mask excluded categories, renormalise, and answer ``UNCERTAIN`` below ``threshold``.
 
     ``probabilities`` and ``exclusion`` are ``(N, K)``. If a mask would rule out every category
-    it is ignored for that row (the dictionary cannot leave an offer with no answer).
+    it is ignored for that row (the dictionary cannot leave an offer with no answer). An uncertain
+    offer still gets the deepest parent category whose probability (summed over its leaves)
+    reaches ``threshold``, where one does: "Men > Footwear > Shoes" when Casual and Sports Shoes
+    share the doubt.
     """
     masked, usable = apply_exclusions(probabilities, exclusion)
     top = np.argsort(-masked, axis=1)[:, :3]
+    parents = ParentCategories.of(tuple(labels))
+    parent, parent_probability = parents.confident(masked, threshold)
     decisions = []
     for row, order in enumerate(top):
         confidence = float(masked[row, order[0]])
         top3 = [(labels[k], float(masked[row, k])) for k in order]
-        category = labels[order[0]] if confidence >= threshold else UNCERTAIN
         excluded = int(exclusion[row].sum()) if usable[row] else 0
-        decisions.append(Decision(category, confidence, top3, excluded))
+        if confidence >= threshold:
+            decisions.append(Decision(labels[order[0]], confidence, top3, excluded))
+        else:
+            fallback = (parents.names[parent[row]], float(parent_probability[row])) if parent[row] >= 0 else None
+            decisions.append(Decision(UNCERTAIN, confidence, top3, excluded, fallback))
     return decisions

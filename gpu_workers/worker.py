@@ -127,9 +127,11 @@ class InferenceWorker:
                 image_status=meta["image_status"],
                 timings_ms=timings,
                 excluded_categories=decision.excluded,
+                confident_parent=decision.parent,
             )
             self.queue.count_inference("predicted")
             self.queue.count_inference("uncertain", int(decision.category == UNCERTAIN))
+            self.queue.count_inference("uncertain_with_parent", int(decision.parent is not None))
             self._produce(int(slot), meta["offer_id"], prediction.to_bytes())
 
     def _produce(self, slot: int, key: str, value: bytes) -> None:

@@ -24,7 +24,7 @@ import pandas as pd
 from sklearn.metrics import f1_score, precision_recall_fscore_support
 
 from catstream.bundle import ModelBundle
-from catstream.decision import apply_exclusions, softmax
+from catstream.decision import ParentCategories, apply_exclusions, softmax
 from catstream.features import Featurizer
 from catstream.offer_files import LABEL, offers_from_frame
 from training.baselines import BASELINES, decision_scores, fit_baseline
@@ -32,7 +32,7 @@ from training.significance import INTERVAL_LEVEL, accuracy_interval, accuracy_in
 from training.splits import SplitSpec, split_offers, title_groups
 from training.train import data_fingerprint, load_labeled, progress_bar, select_labels
 
-__all__ = ["COVERAGE_LEVELS", "Served", "evaluate_bundle", "held_out", "points_interval", "render_markdown", "score",
+__all__ = ["COVERAGE_LEVELS", "Served", "evaluate_bundle", "held_out", "parent_answers", "points_interval", "render_markdown", "score",
            "serve", "serve_held_out", "served_probabilities", "write_report"]
 
 log = logging.getLogger(__name__)
@@ -163,8 +163,35 @@ class Served:
         """:func:`score` of the served answers on ``rows`` of ``test`` (all by default)."""
         rows = np.arange(len(self.test)) if rows is None else rows
         masked = self.masked[rows]
-        return score(self.bundle.labels, self.targets[rows], masked.argmax(1), confidence=masked.max(1),
-                     threshold=self.bundle.threshold, listed_at=self.test["listed_at"].iloc[rows])
+        result = score(self.bundle.labels, self.targets[rows], masked.argmax(1), confidence=masked.max(1),
+                       threshold=self.bundle.threshold, listed_at=self.test["listed_at"].iloc[rows])
+        result["at_threshold"]["parents"] = parent_answers(self.bundle.labels, masked, self.targets[rows],
+                                                           threshold=self.bundle.threshold)
+        return result
+
+
+def parent_answers(labels: tuple[str, ...], probabilities: np.ndarray, targets: np.ndarray, *,
+                   threshold: float) -> dict:
+    """How the offers left uncertain fare one or more levels up (see ``ParentCategories``).
+
+    ``probabilities`` ``(N, K)`` as served, ``targets`` ``(N,)``. Returns how many uncertain offers
+    get a confident parent, how often the offer's category lies under it, per depth, and the share
+    of all offers filed somewhere (leaf or parent).
+    """
+    uncertain = probabilities.max(axis=1) < threshold
+    parents = ParentCategories.of(tuple(labels))
+    parent, _ = parents.confident(probabilities[uncertain], threshold)
+    found = parent >= 0
+    right = parents.members[targets[uncertain][found], parent[found]] > 0
+    depths = parents.depths[parent[found]]
+    return {
+        "uncertain": int(uncertain.sum()),
+        "offers": int(found.sum()),
+        "precision": float(right.mean()) if found.any() else float("nan"),
+        "coverage_with_parents": float(((~uncertain).sum() + found.sum()) / max(1, len(probabilities))),
+        "by_depth": {int(depth): {"offers": int((depths == depth).sum()), "precision": float(right[depths == depth].mean())}
+                     for depth in np.unique(depths)},
+    }
 
 
 def serve_held_out(bundle: ModelBundle, data: str | Path, *, split: str = "auto", batch_size: int = 256,
@@ -338,6 +365,15 @@ def render_markdown(report: dict) -> str:
         lines.append("| offers | " + " | ".join(str(model["per_month"][m]["offers"]) for m in months) + " |")
         for name, result in results.items():
             lines.append(f"| {name} | " + " | ".join(_pct(result["per_month"][m]["accuracy"]) for m in months) + " |")
+    parents = model.get("at_threshold", {}).get("parents")
+    if parents and parents["uncertain"]:
+        lines += ["", "## Uncertain offers filed under a parent category (catstream)", "",
+                  f"Of the {parents['uncertain']} offers left uncertain, {parents['offers']} have a parent category "
+                  f"(the sum over its leaves) at or above the threshold; the offer's category lies under that "
+                  f"parent on {_pct(parents['precision'])} of them. Filed somewhere, leaf or parent: "
+                  f"{_pct(parents['coverage_with_parents'])} of all offers.", "",
+                  "| parent depth | offers | category under the parent |", "|---|---|---|"]
+        lines += [f"| {depth} | {row['offers']} | {_pct(row['precision'])} |" for depth, row in parents["by_depth"].items()]
     lines += ["", "## Coverage vs precision (catstream)", "", "| coverage | threshold | precision |", "|---|---|---|"]
     lines += [f"| {_pct(p['coverage'])} | {p['threshold']:.3f} | {_pct(p['precision'])} |" for p in model["coverage_curve"]]
     lines += ["", "## Most confused category pairs (catstream)", "", "| true | predicted | offers |", "|---|---|---|"]

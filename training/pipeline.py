@@ -57,6 +57,9 @@ class TrainResult:
         for name, result in self.report["results"].items():
             at = result.get("at_threshold")
             extra = (f"; precision {at['precision']:.4f} at coverage {at['coverage']:.4f}" if at else "")
+            if at and (parents := at.get("parents")) and parents["offers"]:
+                extra += (f"; {parents['offers']} of {parents['uncertain']} uncertain filed under a parent "
+                          f"({parents['precision']:.4f} right)")
             by_product = result.get("accuracy_interval_by_product")
             spread = f" ({by_product[0]:.4f}-{by_product[1]:.4f} by product)" if by_product else ""
             lines.append(f"  {name:16s} accuracy {result['accuracy']:.4f}{spread}  macro-F1 {result['macro_f1']:.4f}{extra}")

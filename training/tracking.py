@@ -81,8 +81,13 @@ class Tracking:
                 for system, result in report["results"].items():
                     client.log_metric(run_id, f"test_{system}_accuracy", result["accuracy"])
                     client.log_metric(run_id, f"test_{system}_macro_f1", result["macro_f1"])
-                    for key, value in result.get("at_threshold", {}).items():
+                    at = dict(result.get("at_threshold", {}))
+                    parents = at.pop("parents", None)
+                    for key, value in at.items():
                         client.log_metric(run_id, f"test_{system}_{key}_at_threshold", float(value))
+                    if parents is not None:  # uncertain offers filed under a confident parent category
+                        for key in ("offers", "precision", "coverage_with_parents"):
+                            client.log_metric(run_id, f"test_{system}_parent_{key}", float(parents[key]))
                 for baseline, paired in report.get("paired", {}).items():
                     client.log_metric(run_id, f"test_lead_over_{baseline}", paired["difference"])
                     client.log_metric(run_id, f"test_lead_over_{baseline}_p_value", paired["p_value"])

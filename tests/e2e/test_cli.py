@@ -95,4 +95,5 @@ def test_demo_runs_the_whole_chain_and_leaves_nothing_behind(tmp_path):
     assert summary["accuracy_top1"] > 0.8
     for key in ("offers_per_second", "latency_end_to_end_ms", "latency_in_node_ms", "uncertain_rate"):
         assert key in summary and "offers/s" in result.stdout
+    assert 0.0 <= summary["uncertain_with_parent_rate"] <= summary["uncertain_rate"]
     assert set(Path("/dev/shm").glob("catstream-queue-*")) == before  # queue file removed

@@ -15,6 +15,7 @@ from confluent_kafka import Consumer, TopicPartition
 from PIL import Image
 
 from catstream.bundle import ModelBundle
+from catstream.decision import ParentCategories
 from catstream.kafka import client_config, read_topic
 from catstream.offer_files import offers_from_frame, read_offer_file
 from catstream.schemas import SCHEMA_VERSION, UNCERTAIN, Offer
@@ -74,9 +75,16 @@ def test_n_offers_in_n_distinct_offer_ids_out(marketplace, bundle, stream_settin
     assert right / 300 > 0.85
     # The stream serves exactly the offline model: network logits + the lexical model's scores,
     # which travel from the preprocess workers through the queue.
-    _, masked = served_probabilities(ModelBundle.load(bundle), read_offer_file(marketplace).head(300), progress=False)
+    loaded = ModelBundle.load(bundle)
+    _, masked = served_probabilities(loaded, read_offer_file(marketplace).head(300), progress=False)
     streamed = [by_id[o.offer_id]["confidence"] for o in offers[:300]]
     assert streamed == pytest.approx(masked.max(1).tolist(), abs=1e-4)
+    # ...and names the same parent category where the leaf is uncertain, none where it is not.
+    parents = ParentCategories.of(loaded.labels)
+    parent, _ = parents.confident(masked, loaded.threshold)
+    uncertain = masked.max(1) < loaded.threshold
+    expected = [parents.names[k] if doubt and k >= 0 else None for k, doubt in zip(parent, uncertain)]
+    assert [(by_id[o.offer_id]["confident_parent"] or {}).get("category") for o in offers[:300]] == expected
     # Every offset was committed past.
     assert sum(committed_offsets(stream_settings).values()) == len(offers)
 

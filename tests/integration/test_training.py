@@ -46,6 +46,8 @@ def test_first_registered_version_becomes_champion_and_the_run_is_complete(champ
     assert run.data.params["image_size"] == "64" and run.data.params["cleaning"] == "drop"
     assert len(client.get_metric_history(first.run_id, "val_accuracy")) == 5  # one point per epoch
     assert run.data.metrics["test_catstream_accuracy"] == pytest.approx(first.report["results"]["catstream"]["accuracy"])
+    parents = first.report["results"]["catstream"]["at_threshold"]["parents"]
+    assert run.data.metrics["test_catstream_parent_offers"] == parents["offers"]
     artifacts = {a.path for a in client.list_artifacts(first.run_id, "bundle")}
     assert {"bundle/model.onnx", "bundle/config.json", "bundle/shops.json"} <= artifacts
     assert {a.path for a in client.list_artifacts(first.run_id, "evaluation")} == {
@@ -76,6 +78,12 @@ def test_evaluation_report_has_every_section_and_both_baselines(champion_run):
     assert len(model["per_category"]) == 15 and model["coverage_curve"][-1]["coverage"] == 1.0
     assert len(model["per_month"]) == 12
     assert 0.0 < model["at_threshold"]["coverage"] <= 1.0
+    # the uncertain offers, one level up or more: counted per depth, filed coverage adds them
+    parents = model["at_threshold"]["parents"]
+    assert parents["uncertain"] == model["at_threshold"]["uncertain"] >= parents["offers"]
+    assert sum(row["offers"] for row in parents["by_depth"].values()) == parents["offers"]
+    assert parents["coverage_with_parents"] == pytest.approx(
+        model["at_threshold"]["coverage"] + parents["offers"] / report["test_offers"])
     # the synthetic marketplace is easy: the fusion model must be clearly better than chance
     assert model["accuracy"] > 0.85
 

@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 
 from catstream.schemas import UNCERTAIN
+from catstream.decision import ParentCategories
 from gpu_workers.inference import decide, softmax
 
 LABELS = ("A", "B", "C", "D")
@@ -33,3 +34,67 @@ def test_mask_that_excludes_everything_is_ignored():
     probs = np.array([[0.7, 0.1, 0.1, 0.1]])
     (decision,) = decide(probs, np.ones_like(probs, bool), labels=LABELS, threshold=0.5)
     assert decision.category == "A" and decision.excluded == 0
+
+
+TREE = ("Men > Footwear > Shoes > Casual Shoes", "Men > Footwear > Shoes > Sports Shoes",
+        "Men > Footwear > Sandals", "Men > Apparel > Topwear > Tshirts", "Women > Footwear > Shoes > Flats")
+
+
+def test_parents_are_every_proper_prefix_and_sum_their_leaves():
+    parents = ParentCategories.of(TREE)
+    assert parents.names == ("Men", "Men > Apparel", "Men > Apparel > Topwear", "Men > Footwear",
+                             "Men > Footwear > Shoes", "Women", "Women > Footwear", "Women > Footwear > Shoes")
+    shoes = parents.names.index("Men > Footwear > Shoes")
+    assert parents.members[:, shoes].tolist() == [1, 1, 0, 0, 0]
+    assert parents.members[:, parents.names.index("Men")].tolist() == [1, 1, 1, 1, 0]
+    assert parents.depths[shoes] == 3
+    assert ParentCategories.of(("A", "B")).names == ()  # a flat label set has no parents
+
+
+def test_uncertain_leaf_is_filed_under_the_deepest_confident_parent():
+    probs = np.array([
+        [0.50, 0.46, 0.02, 0.01, 0.01],  # Casual vs Sports: "Shoes" holds 0.96
+        [0.40, 0.30, 0.27, 0.02, 0.01],  # only "Men > Footwear" (0.97) reaches it
+        [0.40, 0.10, 0.05, 0.40, 0.05],  # "Men" (0.95) at most
+        [0.30, 0.10, 0.05, 0.15, 0.40],  # nothing reaches 0.9
+        [0.95, 0.02, 0.01, 0.01, 0.01],  # the leaf itself is confident: no parent
+    ])
+    decisions = decide(probs, np.zeros_like(probs, bool), labels=TREE, threshold=0.9)
+    assert [d.category for d in decisions] == [UNCERTAIN] * 4 + [TREE[0]]
+    assert [d.parent and d.parent[0] for d in decisions] == [
+        "Men > Footwear > Shoes", "Men > Footwear", "Men", None, None]
+    assert decisions[0].parent[1] == pytest.approx(0.96)
+
+
+def test_parent_probability_is_taken_after_the_exclusion_mask():
+    probs = np.array([[0.45, 0.10, 0.40, 0.03, 0.02]])
+    mask = np.array([[False, False, True, False, False]])  # sandals ruled out by the dictionary
+    (decision,) = decide(probs, mask, labels=TREE, threshold=0.9)
+    assert decision.category == UNCERTAIN  # 0.45 / 0.6 = 0.75
+    assert decision.parent[0] == "Men > Footwear > Shoes" and decision.parent[1] == pytest.approx(0.55 / 0.6)
+
+
+def test_a_label_that_is_also_a_parent_counts_under_itself():
+    labels = ("Men > Footwear", "Men > Footwear > Shoes > Casual Shoes", "Women > Apparel")
+    parents = ParentCategories.of(labels)
+    column = parents.names.index("Men > Footwear")
+    assert parents.members[:, column].tolist() == [1, 1, 0]
+    (decision,) = decide(np.array([[0.5, 0.45, 0.05]]), np.zeros((1, 3), bool), labels=labels, threshold=0.9)
+    assert decision.parent == ("Men > Footwear", pytest.approx(0.95))
+
+
+def test_evaluation_counts_parent_answers_and_whether_the_category_lies_under_them():
+    from training.evaluate import parent_answers
+
+    probs = np.array([
+        [0.50, 0.46, 0.02, 0.01, 0.01],  # uncertain, "Men > Footwear > Shoes"; truth Sports Shoes: right
+        [0.50, 0.46, 0.02, 0.01, 0.01],  # the same, truth Sandals: wrong
+        [0.40, 0.10, 0.05, 0.40, 0.05],  # uncertain, "Men"; truth Tshirts: right
+        [0.30, 0.10, 0.05, 0.15, 0.40],  # uncertain, no parent
+        [0.95, 0.02, 0.01, 0.01, 0.01],  # confident leaf
+    ])
+    result = parent_answers(TREE, probs, np.array([1, 2, 3, 4, 0]), threshold=0.9)
+    assert (result["uncertain"], result["offers"]) == (4, 3)
+    assert result["precision"] == pytest.approx(2 / 3)
+    assert result["coverage_with_parents"] == pytest.approx(4 / 5)
+    assert result["by_depth"] == {1: {"offers": 1, "precision": 1.0}, 3: {"offers": 2, "precision": 0.5}}
