@@ -135,9 +135,13 @@ def run_demo(args) -> int:
                                                          # the streamed offers are the demo's test set
                                                          test_share=0.0,
                                                          # one model, not five: the demo is about the stream
-                                                         calibration="validation"))
-    print(f"      validation accuracy {config['training']['validation']['accuracy']:.3f}, "
-          f"threshold {config['threshold']:.3f}", flush=True)
+                                                         calibration="validation", validation_share=0.25,
+                                                         target_precision=args.target_precision))
+    validation = config["training"]["validation"]
+    print(f"      validation accuracy {validation['accuracy']:.3f} (against the given, partly wrong labels); "
+          f"threshold {config['threshold']:.3f}: coverage {validation['coverage']:.3f} at precision "
+          f"{validation['precision']:.3f}, target {args.target_precision}"
+          + ("" if validation["target_reached"] else " not reached"), flush=True)
 
     print("[3/5] starting the embedded broker and the pipeline", flush=True)
     with EmbeddedBroker(log_path=out / "broker.log") as broker:

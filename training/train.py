@@ -595,6 +595,13 @@ def train_bundle(data: str | Path, out_dir: str | Path, options: TrainOptions, *
              calibration["accuracy"], calibration["offers"], temperature, threshold, calibration["coverage"],
              calibration["precision"], 100 * options.threshold_confidence, calibration["precision_bound"],
              options.threshold_by, calibration["design_effect"])
+    calibration["target_reached"] = calibration["precision_bound"] >= options.target_precision
+    if not calibration["target_reached"]:
+        log.warning("no threshold reaches the target precision %.4f on these %d offers (their accuracy %.4f): the "
+                    "threshold %.3f has the best lower bound, %.4f, at coverage %.3f. Either the labels are noisier "
+                    "than the target allows or there are too few offers to show it; see --target-precision, "
+                    "--cleaning and `catstream audit`", options.target_precision, calibration["offers"],
+                    calibration["accuracy"], threshold, calibration["precision_bound"], calibration["coverage"])
 
     clock = time.monotonic()
     export_onnx(model, out_dir / "model.onnx")
@@ -635,7 +642,8 @@ def train_bundle(data: str | Path, out_dir: str | Path, options: TrainOptions, *
             "data_report": prepared.report | cleaning_report,
             "history": history,
             "validation": {k: calibration[k]
-                           for k in ("accuracy", "coverage", "precision", "precision_bound", "design_effect")},
+                           for k in ("accuracy", "coverage", "precision", "precision_bound", "design_effect",
+                                     "target_reached")},
             "calibration": {"mode": options.calibration, "offers": calibration["offers"], "folds": calibration.get("folds"),
                             "threshold_confidence": options.threshold_confidence, "threshold_by": options.threshold_by}
                            | {k: calibration[k] for k in ("fold_title_groups",) if k in calibration},

@@ -65,6 +65,8 @@ def test_random_split_calibrates_on_out_of_fold_predictions_of_every_training_of
     assert training["validation"]["design_effect"] >= 1.0  # the bound counted colour variants by product
     # the threshold is held to the lower confidence bound, which sits below the observed precision
     assert 0.0 < training["validation"]["precision_bound"] < training["validation"]["precision"]
+    assert training["validation"]["target_reached"] == (
+        training["validation"]["precision_bound"] >= training["options"]["target_precision"])
     assert 0.8 < training["validation"]["accuracy"] < 1.0  # fold models, not the final model on its own training data
     assert all(0.0 < record["val_accuracy"] <= 1.0 for record in training["history"])
     assert training["stage_seconds"]["fit"] > 0
