@@ -389,9 +389,10 @@ def _cmd_evaluate(args) -> int:
     report = evaluate_bundle(model, args.data, split=args.split, baselines=not args.no_baselines, threads=args.threads)
     json_path, md_path = write_report(report, args.out or Path(model) / "evaluation")
     sections = md_path.read_text().split("\n## ")
-    # The summary table, and the paired test that says whether the lead over the baselines is real.
+    # The summary table, the paired test that says whether the lead over the baselines is real, and
+    # what becomes of the offers left uncertain.
     print("\n\n## ".join([sections[0].strip()] + [section.strip() for section in sections[1:]
-                                                 if section.startswith("catstream against")]))
+                                                 if section.startswith(("catstream against", "Uncertain offers"))]))
     print(f"\nreport: {md_path} and {json_path}")
     return 0
 

@@ -193,6 +193,8 @@ def test_cli_evaluates_the_champion_from_the_registry(champion_run, marketplace,
         assert paired["difference_interval"][0] <= paired["difference"] <= paired["difference_interval"][1]
     assert "catstream against each baseline" in result.stdout and "p-value" in result.stdout
     assert "interval by product" in result.stdout
+    parents = results["catstream"]["at_threshold"]["parents"]
+    assert ("Uncertain offers filed under a parent category" in result.stdout) == (parents["uncertain"] > 0)
 
 
 def test_group_split_holds_out_whole_title_groups_and_cross_fits_on_them(champion_run, marketplace, tmp_path):
