@@ -81,7 +81,7 @@ def naive_loop(bundle: ModelBundle, settings: Settings, expected: int, threads: 
                 logits = logits + features.lexical[None]
             probabilities = softmax(logits, bundle.temperature)
             (decision,) = decide(probabilities, features.exclusion_mask[None], labels=bundle.labels,
-                                 threshold=bundle.threshold)
+                                 threshold=bundle.threshold, parent_threshold=bundle.parent_threshold)
             prediction = Prediction(offer.offer_id, decision.category, decision.confidence, decision.top3,
                                     bundle.version, features.has_image, features.image_status, {})
             producer.produce(settings.categorized_topic, key=offer.offer_id.encode(), value=prediction.to_bytes())

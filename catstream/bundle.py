@@ -135,6 +135,16 @@ class ModelBundle:
         return float(self.config["threshold"])
 
     @property
+    def parent_threshold(self) -> float | None:
+        """The threshold an uncertain offer's parent category must reach; None: no parent is named.
+
+        Chosen at training on the same held-out offers as the leaf threshold; bundles from before
+        it was chosen separately used the leaf threshold, and still do.
+        """
+        value = self.config.get("parent_threshold", self.threshold)
+        return None if value is None else float(value)
+
+    @property
     def temperature(self) -> float:
         return float(self.config.get("temperature", 1.0))
 

@@ -158,6 +158,8 @@ def _build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-batch-size", type=int, help=f"inference batch size {_env('max_batch_size')}")
     run.add_argument("--max-wait-ms", type=float, help=f"batch wait after its first offer {_env('max_wait_ms')}")
     run.add_argument("--threshold", type=float, help=f"'uncertain' below this confidence {_env('threshold')}")
+    run.add_argument("--parent-threshold", type=float,
+                     help=f"an uncertain offer's parent category is named from this probability {_env('parent_threshold')}")
     run.add_argument("--tracking-uri", help="MLflow registry for models:/ URIs (env MLFLOW_TRACKING_URI; "
                      "default sqlite:///mlflow.db)")
     _add_kafka(run)
@@ -308,6 +310,7 @@ def _settings(args: argparse.Namespace, **overrides) -> Settings:
         "max_batch_size": getattr(args, "max_batch_size", None),
         "max_wait_ms": getattr(args, "max_wait_ms", None),
         "threshold": getattr(args, "threshold", None),
+        "parent_threshold": getattr(args, "parent_threshold", None),
     } | overrides
     base = Settings()
     return base.model_copy(update={k: v for k, v in cli.items() if v is not None}) if cli else base
@@ -368,6 +371,14 @@ def _cmd_train(args) -> int:
           f"{held_out} accuracy {validation['accuracy']:.4f}, threshold {config['threshold']:.3f} → coverage "
           f"{validation['coverage']:.3f} at precision {validation['precision']:.4f} "
           f"(lower bound {validation['precision_bound']:.4f})")
+    parents = validation.get("parents")
+    if parents and parents["target_reached"]:
+        print(f"  parent threshold {config['parent_threshold']:.3f}: {parents['answered']} of {parents['uncertain']} "
+              f"uncertain offers filed under a parent category at precision {parents['precision']:.4f} "
+              f"(lower bound {parents['precision_bound']:.4f})")
+    elif parents:
+        print(f"  no parent threshold reaches the target on the {parents['uncertain']} uncertain offers: "
+              "the model names no parent category")
     if result.report is not None:
         print(result.report_summary)
     if result.registered is not None:

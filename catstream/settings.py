@@ -72,6 +72,10 @@ class Settings(BaseSettings):
     threshold: float | None = Field(
         None, ge=0, le=1, description="Confidence below which the answer is 'uncertain'; unset uses the bundle's."
     )
+    parent_threshold: float | None = Field(
+        None, ge=0.5, le=1, description="Probability an uncertain offer's parent category must reach to be named "
+        "(summed over the categories under it); unset uses the bundle's."
+    )
     providers: list[str] | None = Field(
         None, description="ONNX Runtime providers in order; unset picks CUDA when available, then CPU."
     )

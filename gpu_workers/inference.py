@@ -91,20 +91,24 @@ class Decision:
 
 
 def decide(
-    probabilities: np.ndarray, exclusion: np.ndarray, *, labels: tuple[str, ...], threshold: float
+    probabilities: np.ndarray, exclusion: np.ndarray, *, labels: tuple[str, ...], threshold: float,
+    parent_threshold: float | None,
 ) -> list[Decision]:
     """Mask excluded categories, renormalise, and answer ``UNCERTAIN`` below ``threshold``.
 
     ``probabilities`` and ``exclusion`` are ``(N, K)``. If a mask would rule out every category
     it is ignored for that row (the dictionary cannot leave an offer with no answer). An uncertain
     offer still gets the deepest parent category whose probability (summed over its leaves)
-    reaches ``threshold``, where one does: "Men > Footwear > Shoes" when Casual and Sports Shoes
-    share the doubt.
+    reaches ``parent_threshold``, where one does: "Men > Footwear > Shoes" when Casual and Sports
+    Shoes share the doubt. ``parent_threshold`` None names no parent.
     """
     masked, usable = apply_exclusions(probabilities, exclusion)
     top = np.argsort(-masked, axis=1)[:, :3]
     parents = ParentCategories.of(tuple(labels))
-    parent, parent_probability = parents.confident(masked, threshold)
+    if parent_threshold is None:
+        parent, parent_probability = np.full(len(masked), -1), np.zeros(len(masked))
+    else:
+        parent, parent_probability = parents.confident(masked, parent_threshold)
     decisions = []
     for row, order in enumerate(top):
         confidence = float(masked[row, order[0]])

@@ -39,6 +39,8 @@ class InferenceWorker:
         self.bundle = bundle
         self.queue = queue
         self.threshold = settings.threshold if settings.threshold is not None else bundle.threshold
+        self.parent_threshold = (settings.parent_threshold if settings.parent_threshold is not None
+                                 else bundle.parent_threshold)
         self.classifier = OnnxClassifier(
             bundle, providers=settings.providers, intra_op_threads=settings.intra_op_threads
         )
@@ -93,7 +95,8 @@ class InferenceWorker:
             if logits.shape[0] != len(slots):
                 raise RuntimeError(f"model returned {logits.shape[0]} rows for {len(slots)} inputs")
             probabilities = softmax(logits, self.bundle.temperature)
-            decisions = decide(probabilities, batch.exclusion, labels=self.bundle.labels, threshold=self.threshold)
+            decisions = decide(probabilities, batch.exclusion, labels=self.bundle.labels, threshold=self.threshold,
+                                 parent_threshold=self.parent_threshold)
         except Exception as error:  # a failed batch fails every item in it; workers dead-letter them
             self.consecutive_failures += 1
             self.queue.count_inference("failed", len(slots))

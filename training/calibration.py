@@ -8,9 +8,16 @@ import numpy as np
 import pandas as pd
 from scipy.stats import beta
 
-from catstream.decision import apply_exclusions, softmax as _softmax
+from catstream.decision import ParentCategories, apply_exclusions, softmax as _softmax
 
-__all__ = ["Threshold", "choose_threshold", "effective_counts", "fit_temperature", "precision_lower_bound"]
+__all__ = [
+    "PARENT_THRESHOLD_GRID", "ParentThreshold", "Threshold", "choose_parent_threshold", "choose_threshold",
+    "effective_counts", "fit_temperature", "precision_lower_bound",
+]
+
+# Candidate thresholds on a parent's probability: 0.5 (two parents of one depth cannot both pass) to
+# 0.99995, evenly spaced in log(1 - threshold), as the doubt shrinks by factors, not by steps.
+PARENT_THRESHOLD_GRID = 1.0 - 0.5 * np.logspace(0.0, -4.0, 81)
 
 
 def fit_temperature(logits: np.ndarray, targets: np.ndarray) -> float:
@@ -119,3 +126,57 @@ def choose_threshold(
     return Threshold(threshold=float(ordered[cut]), coverage=(cut + 1) / len(order),
                      precision=float(correct[accepted].mean()), precision_bound=float(bound[cut]),
                      design_effect=float((cut + 1) / offers[cut]))
+
+
+@dataclass(frozen=True)
+class ParentThreshold:
+    threshold: float | None  # None: no candidate reaches the target, so no parent is named
+    uncertain: int  # offers the leaf threshold leaves uncertain
+    answered: int  # of those, filed under a parent at this threshold
+    precision: float  # observed: the offer's category lies under the parent
+    precision_bound: float  # the lower confidence bound the choice was held to
+    design_effect: float = 1.0
+
+
+def choose_parent_threshold(
+    probabilities: np.ndarray,
+    targets: np.ndarray,
+    labels: tuple[str, ...],
+    *,
+    leaf_threshold: float,
+    target_precision: float,
+    confidence: float = 0.0,
+    groups: np.ndarray | None = None,
+) -> ParentThreshold:
+    """Lowest threshold on a parent category's probability whose answers reach ``target_precision``.
+
+    ``probabilities`` ``(N, K)`` as served (temperature, exclusion mask), ``targets`` ``(N,)``. Only
+    the offers below ``leaf_threshold`` are filed under a parent: each under the deepest parent
+    whose summed probability reaches the candidate (``ParentCategories.confident``), right when
+    the offer's category lies under it. The bound is held as for the leaf threshold
+    (:func:`choose_threshold`: one-sided Clopper-Pearson at ``confidence``, by product with
+    ``groups``). A lower threshold answers a superset of the offers, some under deeper parents, so
+    precision is not monotone in it: every candidate of :data:`PARENT_THRESHOLD_GRID` is scored.
+    With no candidate reaching the target (or no uncertain offers to judge by) the threshold is
+    None: naming no parent is the answer the evidence supports.
+    """
+    parents = ParentCategories.of(tuple(labels))
+    uncertain = probabilities.max(axis=1) < leaf_threshold
+    doubtful, truth = probabilities[uncertain], np.asarray(targets)[uncertain]
+    clusters = None if groups is None else np.asarray(groups)[uncertain]
+    chosen = ParentThreshold(None, int(uncertain.sum()), 0, float("nan"), 0.0)
+    for threshold in PARENT_THRESHOLD_GRID[::-1]:  # strictest first; keep the lowest that passes
+        parent, _ = parents.confident(doubtful, float(threshold))
+        found = parent >= 0
+        if not found.any():
+            continue
+        right = parents.members[truth[found], parent[found]] > 0
+        if clusters is None:
+            effective_right, effective_offers = float(right.sum()), float(found.sum())
+        else:
+            effective_right, effective_offers = (float(c[-1]) for c in effective_counts(right, clusters[found]))
+        bound = float(precision_lower_bound(np.array([effective_right]), np.array([effective_offers]), confidence)[0])
+        if bound >= target_precision:
+            chosen = ParentThreshold(float(threshold), int(uncertain.sum()), int(found.sum()), float(right.mean()),
+                                     bound, float(found.sum() / effective_offers))
+    return chosen

@@ -166,25 +166,28 @@ class Served:
         result = score(self.bundle.labels, self.targets[rows], masked.argmax(1), confidence=masked.max(1),
                        threshold=self.bundle.threshold, listed_at=self.test["listed_at"].iloc[rows])
         result["at_threshold"]["parents"] = parent_answers(self.bundle.labels, masked, self.targets[rows],
-                                                           threshold=self.bundle.threshold)
+                                                           threshold=self.bundle.threshold,
+                                                           parent_threshold=self.bundle.parent_threshold)
         return result
 
 
 def parent_answers(labels: tuple[str, ...], probabilities: np.ndarray, targets: np.ndarray, *,
-                   threshold: float) -> dict:
-    """How the offers left uncertain fare one or more levels up (see ``ParentCategories``).
+                   threshold: float, parent_threshold: float | None) -> dict:
+    """How the offers left uncertain by ``threshold`` fare one or more levels up (see ``ParentCategories``).
 
     ``probabilities`` ``(N, K)`` as served, ``targets`` ``(N,)``. Returns how many uncertain offers
-    get a confident parent, how often the offer's category lies under it, per depth, and the share
-    of all offers filed somewhere (leaf or parent).
+    get a parent reaching ``parent_threshold`` (None: none does), how often the offer's category
+    lies under it, per depth, and the share of all offers filed somewhere (leaf or parent).
     """
     uncertain = probabilities.max(axis=1) < threshold
     parents = ParentCategories.of(tuple(labels))
-    parent, _ = parents.confident(probabilities[uncertain], threshold)
+    parent = (np.full(int(uncertain.sum()), -1) if parent_threshold is None
+              else parents.confident(probabilities[uncertain], parent_threshold)[0])
     found = parent >= 0
     right = parents.members[targets[uncertain][found], parent[found]] > 0
     depths = parents.depths[parent[found]]
     return {
+        "threshold": parent_threshold,
         "uncertain": int(uncertain.sum()),
         "offers": int(found.sum()),
         "precision": float(right.mean()) if found.any() else float("nan"),
@@ -299,6 +302,14 @@ def write_report(report: dict, out_dir: str | Path, *, name: str = "evaluation")
     return json_path, md_path
 
 
+def _parent_threshold(parents: dict) -> str:
+    if "threshold" not in parents:  # reports from before the parent threshold was chosen on its own
+        return "the threshold"
+    if parents["threshold"] is None:
+        return "a parent threshold, which this bundle does not have (no parent reached the target precision in training)"
+    return f"the parent threshold {parents['threshold']:.4f}"
+
+
 def _pct(value: float) -> str:
     return "–" if value is None or value != value else f"{100 * value:.2f}%"
 
@@ -369,8 +380,8 @@ def render_markdown(report: dict) -> str:
     if parents and parents["uncertain"]:
         lines += ["", "## Uncertain offers filed under a parent category (catstream)", "",
                   f"Of the {parents['uncertain']} offers left uncertain, {parents['offers']} have a parent category "
-                  f"(the sum over its leaves) at or above the threshold; the offer's category lies under that "
-                  f"parent on {_pct(parents['precision'])} of them. Filed somewhere, leaf or parent: "
+                  f"(the sum over its leaves) at or above {_parent_threshold(parents)}; the offer's category lies "
+                  f"under that parent on {_pct(parents['precision'])} of them. Filed somewhere, leaf or parent: "
                   f"{_pct(parents['coverage_with_parents'])} of all offers.", "",
                   "| parent depth | offers | category under the parent |", "|---|---|---|"]
         lines += [f"| {depth} | {row['offers']} | {_pct(row['precision'])} |" for depth, row in parents["by_depth"].items()]

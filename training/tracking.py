@@ -73,8 +73,13 @@ class Tracking:
                         client.log_metric(run_id, key, float(value), step=int(record["epoch"]))
             validation = config["training"]["validation"]
             for key, value in validation.items():
-                client.log_metric(run_id, f"validation_{key}", float(value))
+                if key != "parents":
+                    client.log_metric(run_id, f"validation_{key}", float(value))
+            for key, value in validation.get("parents", {}).items():
+                client.log_metric(run_id, f"validation_parent_{key}", float(value))
             client.log_metric(run_id, "threshold", float(config["threshold"]))
+            if config.get("parent_threshold") is not None:
+                client.log_metric(run_id, "parent_threshold", float(config["parent_threshold"]))
             client.log_metric(run_id, "temperature", float(config["temperature"]))
             client.log_metric(run_id, "training_seconds", float(config["training"]["seconds"]))
             if report is not None:

@@ -47,13 +47,14 @@ from torch import nn
 from tqdm import tqdm
 
 from catstream.bundle import BUNDLE_FORMAT, SHOPS_FILE, TrainingOffers
+from catstream.decision import apply_exclusions, softmax
 from catstream.dictionaries import PATH_SEPARATOR, Dictionaries
 from catstream.features import Featurizer
 from catstream.lexical import LEXICAL_DIR, LexicalModel
 from catstream.model import BACKBONE_BLOCKS, FusionConfig, FusionModel, find_pretrained_weights
 from catstream.offer_files import LABEL, offer_fingerprints, offers_from_frame, read_offer_file
 from catstream.tokenizer import train_tokenizer
-from training.calibration import choose_threshold, fit_temperature
+from training.calibration import choose_parent_threshold, choose_threshold, fit_temperature
 from training.cleaning import CLEANING_MODES, find_issues, out_of_sample_probabilities
 from training.export import check_parity, export_onnx
 from training.history import HistoryStore, season_balanced_weights
@@ -494,18 +495,28 @@ def _lexical_weight(logits: np.ndarray, scores: np.ndarray, prepared: Prepared, 
 
 
 def calibrate_logits(logits: np.ndarray, prepared: Prepared, rows: np.ndarray, options: TrainOptions) -> dict:
-    """Temperature and threshold from held-out ``logits`` of ``rows`` (their given labels, the mask as served)."""
+    """Temperature, threshold and parent threshold from held-out ``logits`` of ``rows`` (their given
+    labels, the mask as served)."""
     targets = prepared.targets[rows]
     temperature = fit_temperature(logits, targets)
     groups = title_groups(prepared.frame["title"].iloc[rows]) if options.threshold_by == "product" else None
+    exclusion = prepared.exclusion[rows] if options.use_exclusions else None
     chosen = choose_threshold(
         logits, targets, temperature=temperature, target_precision=options.target_precision,
-        confidence=options.threshold_confidence, exclusion=prepared.exclusion[rows] if options.use_exclusions else None,
-        groups=groups,
+        confidence=options.threshold_confidence, exclusion=exclusion, groups=groups,
+    )
+    served, _ = apply_exclusions(softmax(logits, temperature), exclusion)
+    parent = choose_parent_threshold(
+        served, targets, prepared.labels, leaf_threshold=chosen.threshold, target_precision=options.target_precision,
+        confidence=options.threshold_confidence, groups=groups,
     )
     return {"temperature": temperature, "threshold": chosen.threshold, "coverage": chosen.coverage,
             "precision": chosen.precision, "precision_bound": chosen.precision_bound,
             "design_effect": chosen.design_effect,
+            "parent_threshold": parent.threshold,
+            "parents": {"uncertain": parent.uncertain, "answered": parent.answered, "precision": parent.precision,
+                        "precision_bound": parent.precision_bound, "design_effect": parent.design_effect,
+                        "target_reached": parent.threshold is not None},
             "accuracy": float((logits.argmax(1) == targets).mean()), "offers": int(len(rows))}
 
 
@@ -596,6 +607,14 @@ def train_bundle(data: str | Path, out_dir: str | Path, options: TrainOptions, *
              calibration["precision"], 100 * options.threshold_confidence, calibration["precision_bound"],
              options.threshold_by, calibration["design_effect"])
     calibration["target_reached"] = calibration["precision_bound"] >= options.target_precision
+    parents = calibration["parents"]
+    if parents["target_reached"]:
+        log.info("parent threshold %.4f: %d of the %d uncertain offers filed under a parent category at precision "
+                 "%.4f (lower bound %.4f)", calibration["parent_threshold"], parents["answered"], parents["uncertain"],
+                 parents["precision"], parents["precision_bound"])
+    else:
+        log.warning("no parent threshold reaches the target precision %.4f on the %d uncertain offers: the model "
+                    "will name no parent category for uncertain offers", options.target_precision, parents["uncertain"])
     if not calibration["target_reached"]:
         log.warning("no threshold reaches the target precision %.4f on these %d offers (their accuracy %.4f): the "
                     "threshold %.3f has the best lower bound, %.4f, at coverage %.3f. Either the labels are noisier "
@@ -633,6 +652,7 @@ def train_bundle(data: str | Path, out_dir: str | Path, options: TrainOptions, *
         "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "model": model.config.to_dict(),
         "threshold": threshold,
+        "parent_threshold": calibration["parent_threshold"],
         "temperature": temperature,
         "pretrained_image_weights": str(prepared.pretrained_weights) if prepared.pretrained_weights else None,
         "training": {
@@ -643,7 +663,7 @@ def train_bundle(data: str | Path, out_dir: str | Path, options: TrainOptions, *
             "history": history,
             "validation": {k: calibration[k]
                            for k in ("accuracy", "coverage", "precision", "precision_bound", "design_effect",
-                                     "target_reached")},
+                                     "target_reached", "parents")},
             "calibration": {"mode": options.calibration, "offers": calibration["offers"], "folds": calibration.get("folds"),
                             "threshold_confidence": options.threshold_confidence, "threshold_by": options.threshold_by}
                            | {k: calibration[k] for k in ("fold_title_groups",) if k in calibration},

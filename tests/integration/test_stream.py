@@ -50,7 +50,9 @@ def test_n_offers_in_n_distinct_offer_ids_out(marketplace, bundle, stream_settin
         Offer(offer_id="ko-2", title="키즈 운동화", image_url="file:///nonexistent/x.jpg"),
         Offer(offer_id="ko-3", title="전기장판 특가"),
     ]
-    node = start_node(workers=2)
+    # The small bundle's noisy synthetic labels leave it no parent threshold that reaches its target;
+    # the operator's override names parents anyway.
+    node = start_node(workers=2, env={"CATSTREAM_PARENT_THRESHOLD": "0.9"})
     publish_offers(offers, stream_settings, progress=False)
     ids = {offer.offer_id for offer in offers}
     predictions = read_predictions(stream_settings, ids)
@@ -81,10 +83,11 @@ def test_n_offers_in_n_distinct_offer_ids_out(marketplace, bundle, stream_settin
     assert streamed == pytest.approx(masked.max(1).tolist(), abs=1e-4)
     # ...and names the same parent category where the leaf is uncertain, none where it is not.
     parents = ParentCategories.of(loaded.labels)
-    parent, _ = parents.confident(masked, loaded.threshold)
+    parent, _ = parents.confident(masked, 0.9)
     uncertain = masked.max(1) < loaded.threshold
     expected = [parents.names[k] if doubt and k >= 0 else None for k, doubt in zip(parent, uncertain)]
     assert [(by_id[o.offer_id]["confident_parent"] or {}).get("category") for o in offers[:300]] == expected
+    assert any(expected)
     # Every offset was committed past.
     assert sum(committed_offsets(stream_settings).values()) == len(offers)
 

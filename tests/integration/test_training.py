@@ -48,6 +48,7 @@ def test_first_registered_version_becomes_champion_and_the_run_is_complete(champ
     assert run.data.metrics["test_catstream_accuracy"] == pytest.approx(first.report["results"]["catstream"]["accuracy"])
     parents = first.report["results"]["catstream"]["at_threshold"]["parents"]
     assert run.data.metrics["test_catstream_parent_offers"] == parents["offers"]
+    assert run.data.metrics["validation_parent_uncertain"] == first.config["training"]["validation"]["parents"]["uncertain"]
     artifacts = {a.path for a in client.list_artifacts(first.run_id, "bundle")}
     assert {"bundle/model.onnx", "bundle/config.json", "bundle/shops.json"} <= artifacts
     assert {a.path for a in client.list_artifacts(first.run_id, "evaluation")} == {
@@ -68,6 +69,12 @@ def test_random_split_calibrates_on_out_of_fold_predictions_of_every_training_of
     assert training["validation"]["target_reached"] == (
         training["validation"]["precision_bound"] >= training["options"]["target_precision"])
     assert 0.8 < training["validation"]["accuracy"] < 1.0  # fold models, not the final model on its own training data
+    # the parent threshold is chosen on the offers that threshold leaves uncertain, held to the same bound
+    parents = training["validation"]["parents"]
+    assert parents["uncertain"] == round((1 - training["validation"]["coverage"]) * training["calibration"]["offers"])
+    assert parents["target_reached"] == (first.config["parent_threshold"] is not None)
+    if parents["target_reached"]:
+        assert parents["precision"] >= parents["precision_bound"] >= training["options"]["target_precision"]
     assert all(0.0 < record["val_accuracy"] <= 1.0 for record in training["history"])
     assert training["stage_seconds"]["fit"] > 0
 

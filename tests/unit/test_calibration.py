@@ -1,6 +1,10 @@
 import numpy as np
 
-from training.calibration import choose_threshold, effective_counts, fit_temperature, precision_lower_bound
+import pytest
+
+from training.calibration import (
+    choose_parent_threshold, choose_threshold, effective_counts, fit_temperature, precision_lower_bound,
+)
 
 
 def planted(n=4000, seed=0):
@@ -167,3 +171,36 @@ def test_the_threshold_never_splits_offers_of_equal_confidence():
     targets[600::10] = 1
     chosen = choose_threshold(logits, targets, target_precision=0.99, confidence=0.0)
     assert chosen.coverage == 0.5 and chosen.precision == 0.99 and chosen.precision_bound == 0.99
+
+
+TREE = ("Men > Footwear > Shoes > Casual Shoes", "Men > Footwear > Shoes > Sports Shoes",
+        "Men > Footwear > Sandals", "Men > Apparel > Topwear > Tshirts", "Women > Footwear > Shoes > Flats")
+
+
+def doubting_between_shoes(n, rng):
+    """Offers split between Casual and Sports Shoes, "Men > Footwear > Shoes" holding ``s`` in
+    [0.5, 1), the rest on Women's Flats; the parent is right from 0.9 up and 80% of the time below."""
+    s = rng.uniform(0.5, 1.0, n)
+    probabilities = np.zeros((n, len(TREE)))
+    probabilities[:, 0], probabilities[:, 1], probabilities[:, 4] = 0.55 * s, 0.45 * s, 1.0 - s
+    right = (s >= 0.9) | (rng.random(n) < 0.8)
+    return probabilities, np.where(right, rng.integers(0, 2, n), 4), s
+
+
+def test_parent_threshold_is_the_lowest_whose_parents_reach_the_target():
+    rng = np.random.default_rng(0)
+    probabilities, targets, share = doubting_between_shoes(3000, rng)
+    # Confident offers are filed at the leaf; that their parents would be wrong must not matter.
+    confident = np.tile([0.96, 0.01, 0.01, 0.01, 0.01], (500, 1))
+    chosen = choose_parent_threshold(np.vstack([probabilities, confident]), np.concatenate([targets, np.full(500, 4)]),
+                                     TREE, leaf_threshold=0.9, target_precision=0.99)
+    assert chosen.uncertain == 3000
+    assert chosen.threshold == pytest.approx(0.9, abs=0.002)  # the grid point just above 0.9
+    assert chosen.answered == (share >= chosen.threshold).sum() and chosen.precision == 1.0
+    # Held to a 95% bound the same evidence still carries it; on 20 offers nothing does.
+    bounded = choose_parent_threshold(probabilities, targets, TREE, leaf_threshold=0.9, target_precision=0.99,
+                                      confidence=0.95)
+    assert bounded.threshold == chosen.threshold and bounded.precision_bound >= 0.99
+    few = choose_parent_threshold(probabilities[:20], targets[:20], TREE, leaf_threshold=0.9, target_precision=0.99,
+                                  confidence=0.95)
+    assert few.threshold is None and few.answered == 0

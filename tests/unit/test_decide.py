@@ -17,7 +17,7 @@ def test_softmax_rows_sum_to_one_and_temperature_flattens():
 
 def test_threshold_gives_uncertain_with_top3():
     probs = np.array([[0.5, 0.3, 0.15, 0.05], [0.9, 0.05, 0.03, 0.02]])
-    first, second = decide(probs, np.zeros_like(probs, bool), labels=LABELS, threshold=0.6)
+    first, second = decide(probs, np.zeros_like(probs, bool), labels=LABELS, threshold=0.6, parent_threshold=None)
     assert first.category == UNCERTAIN and [c for c, _ in first.top3] == ["A", "B", "C"]
     assert second.category == "A" and second.confidence == pytest.approx(0.9)
 
@@ -25,14 +25,14 @@ def test_threshold_gives_uncertain_with_top3():
 def test_exclusion_mask_removes_and_renormalises():
     probs = np.array([[0.6, 0.3, 0.1, 0.0]])
     mask = np.array([[True, False, False, False]])
-    (decision,) = decide(probs, mask, labels=LABELS, threshold=0.7)
+    (decision,) = decide(probs, mask, labels=LABELS, threshold=0.7, parent_threshold=None)
     assert decision.category == "B" and decision.confidence == pytest.approx(0.75)
     assert decision.excluded == 1
 
 
 def test_mask_that_excludes_everything_is_ignored():
     probs = np.array([[0.7, 0.1, 0.1, 0.1]])
-    (decision,) = decide(probs, np.ones_like(probs, bool), labels=LABELS, threshold=0.5)
+    (decision,) = decide(probs, np.ones_like(probs, bool), labels=LABELS, threshold=0.5, parent_threshold=None)
     assert decision.category == "A" and decision.excluded == 0
 
 
@@ -59,17 +59,29 @@ def test_uncertain_leaf_is_filed_under_the_deepest_confident_parent():
         [0.30, 0.10, 0.05, 0.15, 0.40],  # nothing reaches 0.9
         [0.95, 0.02, 0.01, 0.01, 0.01],  # the leaf itself is confident: no parent
     ])
-    decisions = decide(probs, np.zeros_like(probs, bool), labels=TREE, threshold=0.9)
+    decisions = decide(probs, np.zeros_like(probs, bool), labels=TREE, threshold=0.9, parent_threshold=0.9)
     assert [d.category for d in decisions] == [UNCERTAIN] * 4 + [TREE[0]]
     assert [d.parent and d.parent[0] for d in decisions] == [
         "Men > Footwear > Shoes", "Men > Footwear", "Men", None, None]
     assert decisions[0].parent[1] == pytest.approx(0.96)
 
 
+def test_the_parent_threshold_is_its_own():
+    probs = np.array([[0.40, 0.30, 0.27, 0.02, 0.01]])  # Shoes 0.70, Men > Footwear 0.97
+    def parent(threshold):
+        (decision,) = decide(probs, np.zeros_like(probs, bool), labels=TREE, threshold=0.9, parent_threshold=threshold)
+        return decision.parent and decision.parent[0]
+    assert parent(0.9) == "Men > Footwear"
+    assert parent(0.6) == "Men > Footwear > Shoes"  # a lower bar reaches a deeper parent
+    assert parent(0.98) == "Men"  # 0.99
+    assert parent(0.995) is None
+    assert parent(None) is None  # the bundle names no parent
+
+
 def test_parent_probability_is_taken_after_the_exclusion_mask():
     probs = np.array([[0.45, 0.10, 0.40, 0.03, 0.02]])
     mask = np.array([[False, False, True, False, False]])  # sandals ruled out by the dictionary
-    (decision,) = decide(probs, mask, labels=TREE, threshold=0.9)
+    (decision,) = decide(probs, mask, labels=TREE, threshold=0.9, parent_threshold=0.9)
     assert decision.category == UNCERTAIN  # 0.45 / 0.6 = 0.75
     assert decision.parent[0] == "Men > Footwear > Shoes" and decision.parent[1] == pytest.approx(0.55 / 0.6)
 
@@ -79,7 +91,7 @@ def test_a_label_that_is_also_a_parent_counts_under_itself():
     parents = ParentCategories.of(labels)
     column = parents.names.index("Men > Footwear")
     assert parents.members[:, column].tolist() == [1, 1, 0]
-    (decision,) = decide(np.array([[0.5, 0.45, 0.05]]), np.zeros((1, 3), bool), labels=labels, threshold=0.9)
+    (decision,) = decide(np.array([[0.5, 0.45, 0.05]]), np.zeros((1, 3), bool), labels=labels, threshold=0.9, parent_threshold=0.9)
     assert decision.parent == ("Men > Footwear", pytest.approx(0.95))
 
 
@@ -93,8 +105,14 @@ def test_evaluation_counts_parent_answers_and_whether_the_category_lies_under_th
         [0.30, 0.10, 0.05, 0.15, 0.40],  # uncertain, no parent
         [0.95, 0.02, 0.01, 0.01, 0.01],  # confident leaf
     ])
-    result = parent_answers(TREE, probs, np.array([1, 2, 3, 4, 0]), threshold=0.9)
+    result = parent_answers(TREE, probs, np.array([1, 2, 3, 4, 0]), threshold=0.9, parent_threshold=0.9)
     assert (result["uncertain"], result["offers"]) == (4, 3)
     assert result["precision"] == pytest.approx(2 / 3)
     assert result["coverage_with_parents"] == pytest.approx(4 / 5)
     assert result["by_depth"] == {1: {"offers": 1, "precision": 1.0}, 3: {"offers": 2, "precision": 0.5}}
+    # A lower parent threshold files more offers, some under a deeper and wrong parent: the third
+    # now goes to "Men > Footwear" (0.55), the fourth to "Men" (0.60); neither holds its category.
+    lower = parent_answers(TREE, probs, np.array([1, 2, 3, 4, 0]), threshold=0.9, parent_threshold=0.5)
+    assert (lower["threshold"], lower["offers"], lower["precision"]) == (0.5, 4, 0.25)
+    none = parent_answers(TREE, probs, np.array([1, 2, 3, 4, 0]), threshold=0.9, parent_threshold=None)
+    assert (none["uncertain"], none["offers"], none["coverage_with_parents"]) == (4, 0, pytest.approx(1 / 5))
