@@ -11,7 +11,7 @@
                        saw, so a later model is compared with it only on offers neither has seen,
                        even where the same offers come back under new ids (bundles from before the
                        fingerprints have training_offers.txt, the ids alone)
-    config.json        model config, input sizes, threshold, temperature, version, metrics
+    config.json        model config, input sizes, threshold, parent threshold, temperature, version, metrics
 """
 
 from __future__ import annotations
