@@ -65,10 +65,11 @@ class ParentCategories:
         depths = np.array([name.count(PATH_SEPARATOR) + 1 for name in names], dtype=np.int64)
         return ParentCategories(tuple(names), members, depths)
 
-    def confident(self, probabilities: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    def confident(self, probabilities: np.ndarray, threshold: float | None) -> tuple[np.ndarray, np.ndarray]:
         """``(parent, probability)``, each ``(N,)``: the deepest parent whose probability reaches
-        ``threshold`` (the most probable among equally deep ones), -1 and 0.0 where none does."""
-        if not self.names:
+        ``threshold`` (the most probable among equally deep ones), -1 and 0.0 where none does or
+        where ``threshold`` is None (a model with no parent threshold)."""
+        if not self.names or threshold is None:
             return np.full(len(probabilities), -1), np.zeros(len(probabilities))
         summed = probabilities @ self.members  # (N, P)
         # Depth first, probability second: a probability is at most 1, a depth step is 2.

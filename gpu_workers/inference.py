@@ -105,10 +105,7 @@ def decide(
     masked, usable = apply_exclusions(probabilities, exclusion)
     top = np.argsort(-masked, axis=1)[:, :3]
     parents = ParentCategories.of(tuple(labels))
-    if parent_threshold is None:
-        parent, parent_probability = np.full(len(masked), -1), np.zeros(len(masked))
-    else:
-        parent, parent_probability = parents.confident(masked, parent_threshold)
+    parent, parent_probability = parents.confident(masked, parent_threshold)
     decisions = []
     for row, order in enumerate(top):
         confidence = float(masked[row, order[0]])

@@ -181,8 +181,7 @@ def parent_answers(labels: tuple[str, ...], probabilities: np.ndarray, targets: 
     """
     uncertain = probabilities.max(axis=1) < threshold
     parents = ParentCategories.of(tuple(labels))
-    parent = (np.full(int(uncertain.sum()), -1) if parent_threshold is None
-              else parents.confident(probabilities[uncertain], parent_threshold)[0])
+    parent, _ = parents.confident(probabilities[uncertain], parent_threshold)
     found = parent >= 0
     right = parents.members[targets[uncertain][found], parent[found]] > 0
     depths = parents.depths[parent[found]]
