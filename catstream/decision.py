@@ -65,6 +65,10 @@ class ParentCategories:
         depths = np.array([name.count(PATH_SEPARATOR) + 1 for name in names], dtype=np.int64)
         return ParentCategories(tuple(names), members, depths)
 
+    def holds(self, targets: np.ndarray, parents: np.ndarray) -> np.ndarray:
+        """``(N,)`` whether label ``targets[i]`` lies under parent ``parents[i]`` (both ``(N,)`` indices)."""
+        return self.members[targets, parents] > 0
+
     def confident(self, probabilities: np.ndarray, threshold: float | None) -> tuple[np.ndarray, np.ndarray]:
         """``(parent, probability)``, each ``(N,)``: the deepest parent whose probability reaches
         ``threshold`` (the most probable among equally deep ones), -1 and 0.0 where none does or

@@ -170,7 +170,7 @@ def choose_parent_threshold(
         found = parent >= 0
         if not found.any():
             continue
-        right = parents.members[truth[found], parent[found]] > 0
+        right = parents.holds(truth[found], parent[found])
         if clusters is None:
             effective_right, effective_offers = float(right.sum()), float(found.sum())
         else:

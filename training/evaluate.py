@@ -183,7 +183,7 @@ def parent_answers(labels: tuple[str, ...], probabilities: np.ndarray, targets: 
     parents = ParentCategories.of(tuple(labels))
     parent, _ = parents.confident(probabilities[uncertain], parent_threshold)
     found = parent >= 0
-    right = parents.members[targets[uncertain][found], parent[found]] > 0
+    right = parents.holds(targets[uncertain][found], parent[found])
     depths = parents.depths[parent[found]]
     return {
         "threshold": parent_threshold,
