@@ -11,12 +11,14 @@
                        saw, so a later model is compared with it only on offers neither has seen,
                        even where the same offers come back under new ids (bundles from before the
                        fingerprints have training_offers.txt, the ids alone)
-    config.json        model config, input sizes, threshold, parent threshold, temperature, version, metrics
+    config.json        model config, input sizes, threshold, parent threshold, temperature, version, metrics,
+                       and the operating points: what other leaf thresholds gave on the held-out offers
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -143,6 +145,47 @@ class ModelBundle:
         """
         value = self.config.get("parent_threshold", self.threshold)
         return None if value is None else float(value)
+
+    @property
+    def operating_points(self) -> list[dict]:
+        """Leaf thresholds the bundle may serve at, each with its coverage, precision, lower bound
+        and parent threshold on the held-out offers it was calibrated on (``training.calibration.
+        operating_points``), lowest threshold first; empty for bundles from before the table."""
+        return list(self.config.get("operating_points", []))
+
+    def operating_point(self, threshold: float) -> dict | None:
+        """The table's row that serving at leaf ``threshold`` is judged by: the highest tabled
+        threshold at or below it (None without a table). Its uncertain offers are a subset of
+        ``threshold``'s, the least confident ones, so its parent threshold was chosen on offers no
+        easier than those it will be asked about."""
+        rows = [row for row in self.operating_points if row["threshold"] <= threshold]
+        return max(rows, key=lambda row: row["threshold"]) if rows else None
+
+    def with_thresholds(self, *, threshold: float | None = None,
+                        parent_threshold: float | None = None) -> "ModelBundle":
+        """The bundle served at another leaf and/or parent threshold (None keeps the bundle's).
+
+        A parent threshold is chosen for the offers one leaf threshold leaves uncertain, so with
+        the leaf threshold overridden and the parent one not, the parent threshold comes from
+        :meth:`operating_point` (bundles without the table keep theirs). ``config["served_at"]``
+        records what was overridden and where the parent threshold came from.
+        """
+        if threshold is None and parent_threshold is None:
+            return self
+        config = dict(self.config)
+        served_at: dict[str, Any] = {"bundle_threshold": self.threshold, "bundle_parent_threshold": self.parent_threshold}
+        if threshold is not None and threshold != self.threshold:
+            config["threshold"] = float(threshold)
+            point = self.operating_point(threshold)
+            served_at["operating_point"] = point
+            if parent_threshold is None:
+                config["parent_threshold"] = point["parent_threshold"] if point is not None else self.parent_threshold
+                served_at["parent_threshold_from"] = "operating_point" if point is not None else "bundle"
+        if parent_threshold is not None:
+            config["parent_threshold"] = float(parent_threshold)
+            served_at["parent_threshold_from"] = "override"
+        config["served_at"] = served_at
+        return dataclasses.replace(self, config=config)
 
     @property
     def temperature(self) -> float:

@@ -29,6 +29,19 @@ def _env(name: str) -> str:
     return f"(env {ENV_PREFIX}{name.upper()})"
 
 
+def _threshold(low: float):
+    """An argparse type: a threshold in [``low``, 1], with a readable error otherwise."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not low <= value <= 1:
+            raise argparse.ArgumentTypeError(f"{value:g} is outside [{low:g}, 1]")
+        return value
+    return parse
+
+
 def _add_kafka(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bootstrap-servers", help=f"Kafka bootstrap servers {_env('bootstrap_servers')}")
 
@@ -73,6 +86,11 @@ def _build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", type=Path, help="report directory (default: <model>/evaluation)")
     evaluate.add_argument("--no-baselines", action="store_true", help="skip the TF-IDF + LinearSVC baselines")
     evaluate.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="ONNX Runtime threads")
+    evaluate.add_argument("--threshold", type=_threshold(0.0),
+                          help="score it served at this leaf threshold instead of the bundle's, as `run --threshold` "
+                          "would; the parent threshold then comes from the bundle's operating point for it")
+    evaluate.add_argument("--parent-threshold", type=_threshold(0.5),
+                          help="score it served at this parent threshold instead of the bundle's")
     _add_tracking(evaluate)
 
     audit = commands.add_parser("audit", help="per-category error audit with SHAP attributions: HTML report + JSON "
@@ -157,7 +175,9 @@ def _build_parser() -> argparse.ArgumentParser:
     run.add_argument("--preprocess-workers", type=int, help=f"preprocess processes {_env('preprocess_workers')}")
     run.add_argument("--max-batch-size", type=int, help=f"inference batch size {_env('max_batch_size')}")
     run.add_argument("--max-wait-ms", type=float, help=f"batch wait after its first offer {_env('max_wait_ms')}")
-    run.add_argument("--threshold", type=float, help=f"'uncertain' below this confidence {_env('threshold')}")
+    run.add_argument("--threshold", type=float,
+                     help=f"'uncertain' below this confidence {_env('threshold')}; unless --parent-threshold is "
+                     "given too, the parent threshold comes from the bundle's operating point for it")
     run.add_argument("--parent-threshold", type=float,
                      help=f"an uncertain offer's parent category is named from this probability {_env('parent_threshold')}")
     run.add_argument("--tracking-uri", help="MLflow registry for models:/ URIs (env MLFLOW_TRACKING_URI; "
@@ -397,7 +417,8 @@ def _cmd_evaluate(args) -> int:
     from training.tracking import resolve_model_uri
 
     model = resolve_model_uri(args.model, tracking=_tracking(args))
-    report = evaluate_bundle(model, args.data, split=args.split, baselines=not args.no_baselines, threads=args.threads)
+    report = evaluate_bundle(model, args.data, split=args.split, baselines=not args.no_baselines, threads=args.threads,
+                             threshold=args.threshold, parent_threshold=args.parent_threshold)
     json_path, md_path = write_report(report, args.out or Path(model) / "evaluation")
     sections = md_path.read_text().split("\n## ")
     # The summary table, the paired test that says whether the lead over the baselines is real, and

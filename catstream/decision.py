@@ -69,15 +69,39 @@ class ParentCategories:
         """``(N,)`` whether label ``targets[i]`` lies under parent ``parents[i]`` (both ``(N,)`` indices)."""
         return self.members[targets, parents] > 0
 
+    def by_depth(self, probabilities: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(parent, probability)``, each ``(N, D)``: at each depth 1..D the most probable parent
+        and its summed probability (the first such parent on ties, -1 and 0.0 where a label set has
+        no parent of that depth). What :meth:`confident` picks from, for any threshold."""
+        summed = probabilities @ self.members  # (N, P)
+        rows = np.arange(len(summed))
+        depth_count = int(self.depths.max()) if self.names else 0
+        parent = np.full((len(summed), depth_count), -1)
+        probability = np.zeros((len(summed), depth_count))
+        for depth in range(1, depth_count + 1):
+            columns = np.flatnonzero(self.depths == depth)
+            if len(columns):
+                parent[:, depth - 1] = columns[summed[:, columns].argmax(axis=1)]
+                probability[:, depth - 1] = summed[rows, parent[:, depth - 1]]
+        return parent, probability
+
+    @staticmethod
+    def deepest(parent: np.ndarray, probability: np.ndarray, threshold: float | None) -> tuple[np.ndarray, np.ndarray]:
+        """From :meth:`by_depth`'s ``(N, D)`` arrays, the deepest parent whose probability reaches
+        ``threshold``: ``(parent, probability)``, each ``(N,)``, -1 and 0.0 where none does or where
+        ``threshold`` is None (a model with no parent threshold)."""
+        if threshold is None or probability.shape[1] == 0:
+            return np.full(len(parent), -1), np.zeros(len(parent))
+        reaching = (probability >= threshold) & (parent >= 0)
+        depth = probability.shape[1] - 1 - reaching[:, ::-1].argmax(axis=1)  # the last depth that reaches
+        rows = np.arange(len(parent))
+        found = reaching[rows, depth]
+        return np.where(found, parent[rows, depth], -1), np.where(found, probability[rows, depth], 0.0)
+
     def confident(self, probabilities: np.ndarray, threshold: float | None) -> tuple[np.ndarray, np.ndarray]:
         """``(parent, probability)``, each ``(N,)``: the deepest parent whose probability reaches
         ``threshold`` (the most probable among equally deep ones), -1 and 0.0 where none does or
         where ``threshold`` is None (a model with no parent threshold)."""
         if not self.names or threshold is None:
             return np.full(len(probabilities), -1), np.zeros(len(probabilities))
-        summed = probabilities @ self.members  # (N, P)
-        # Depth first, probability second: a probability is at most 1, a depth step is 2.
-        rank = np.where(summed >= threshold, 2.0 * self.depths + summed, -np.inf)
-        parent = rank.argmax(axis=1)
-        found = np.isfinite(rank[np.arange(len(rank)), parent])
-        return np.where(found, parent, -1), np.where(found, summed[np.arange(len(summed)), parent], 0.0)
+        return self.deepest(*self.by_depth(probabilities), threshold)

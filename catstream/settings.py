@@ -70,7 +70,9 @@ class Settings(BaseSettings):
     )
     intra_op_threads: int = Field(1, ge=1, description="ONNX Runtime intra-op threads of the inference process.")
     threshold: float | None = Field(
-        None, ge=0, le=1, description="Confidence below which the answer is 'uncertain'; unset uses the bundle's."
+        None, ge=0, le=1, description="Confidence below which the answer is 'uncertain'; unset uses the bundle's. "
+        "Unless parent_threshold is set too, the parent threshold then comes from the bundle's operating point "
+        "for this threshold (the one chosen in training for the offers it leaves uncertain)."
     )
     parent_threshold: float | None = Field(
         None, ge=0.5, le=1, description="Probability an uncertain offer's parent category must reach to be named "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -11,13 +12,17 @@ from scipy.stats import beta
 from catstream.decision import ParentCategories, apply_exclusions, softmax as _softmax
 
 __all__ = [
-    "PARENT_THRESHOLD_GRID", "ParentThreshold", "Threshold", "choose_parent_threshold", "choose_threshold",
-    "effective_counts", "fit_temperature", "precision_lower_bound",
+    "OPERATING_GRID", "PARENT_THRESHOLD_GRID", "OperatingPoint", "ParentThreshold", "Threshold",
+    "choose_parent_threshold", "choose_threshold", "effective_counts", "effective_totals", "fit_temperature",
+    "operating_points", "precision_lower_bound",
 ]
 
 # Candidate thresholds on a parent's probability: 0.5 (two parents of one depth cannot both pass) to
 # 0.99995, evenly spaced in log(1 - threshold), as the doubt shrinks by factors, not by steps.
 PARENT_THRESHOLD_GRID = 1.0 - 0.5 * np.logspace(0.0, -4.0, 81)
+# Leaf thresholds an operator may serve at (``operating_points``): 0 to 0.9999, evenly spaced in
+# log(1 - threshold) like the parent grid.
+OPERATING_GRID = 1.0 - np.logspace(0.0, -4.0, 41)
 
 
 def fit_temperature(logits: np.ndarray, targets: np.ndarray) -> float:
@@ -138,6 +143,26 @@ class ParentThreshold:
     design_effect: float = 1.0
 
 
+def effective_totals(correct: np.ndarray, groups: np.ndarray) -> tuple[float, float]:
+    """``(right, offers)`` of the whole of ``correct`` ``(N,)`` counted by product: the last prefix of
+    :func:`effective_counts`, in one pass over the groups instead of one per offer."""
+    x = np.asarray(correct, dtype=float)
+    if not len(x):
+        return 0.0, 0.0
+    _, group = np.unique(np.asarray(groups), return_inverse=True)
+    sizes = np.bincount(group).astype(float)
+    rights = np.bincount(group, weights=x)
+    offers, right = float(len(x)), float(x.sum())
+    p = right / offers
+    spread = float(((rights - p * sizes) ** 2).sum())
+    clusters = len(sizes)
+    independent = p * (1 - p) / offers
+    design_effect = 1.0
+    if clusters > 1 and independent > 0:
+        design_effect = max(clusters / (clusters - 1) * spread / offers**2 / independent, 1.0)
+    return right / design_effect, offers / design_effect
+
+
 def choose_parent_threshold(
     probabilities: np.ndarray,
     targets: np.ndarray,
@@ -162,21 +187,91 @@ def choose_parent_threshold(
     """
     parents = ParentCategories.of(tuple(labels))
     uncertain = probabilities.max(axis=1) < leaf_threshold
-    doubtful, truth = probabilities[uncertain], np.asarray(targets)[uncertain]
-    clusters = None if groups is None else np.asarray(groups)[uncertain]
-    chosen = ParentThreshold(None, int(uncertain.sum()), 0, float("nan"), 0.0)
+    return _choose_parent_threshold(parents, *parents.by_depth(probabilities[uncertain]),
+                                    np.asarray(targets)[uncertain], target_precision=target_precision,
+                                    confidence=confidence, groups=None if groups is None else np.asarray(groups)[uncertain])
+
+
+def _choose_parent_threshold(parents: ParentCategories, parent: np.ndarray, probability: np.ndarray,
+                             truth: np.ndarray, *, target_precision: float, confidence: float,
+                             groups: np.ndarray | None) -> ParentThreshold:
+    """:func:`choose_parent_threshold` on the uncertain offers' ``ParentCategories.by_depth`` arrays."""
+    chosen = ParentThreshold(None, len(truth), 0, float("nan"), 0.0)
     for threshold in PARENT_THRESHOLD_GRID[::-1]:  # strictest first; keep the lowest that passes
-        parent, _ = parents.confident(doubtful, float(threshold))
-        found = parent >= 0
+        answer, _ = parents.deepest(parent, probability, float(threshold))
+        found = answer >= 0
         if not found.any():
             continue
-        right = parents.holds(truth[found], parent[found])
-        if clusters is None:
+        right = parents.holds(truth[found], answer[found])
+        if groups is None:
             effective_right, effective_offers = float(right.sum()), float(found.sum())
         else:
-            effective_right, effective_offers = (float(c[-1]) for c in effective_counts(right, clusters[found]))
+            effective_right, effective_offers = effective_totals(right, groups[found])
         bound = float(precision_lower_bound(np.array([effective_right]), np.array([effective_offers]), confidence)[0])
         if bound >= target_precision:
-            chosen = ParentThreshold(float(threshold), int(uncertain.sum()), int(found.sum()), float(right.mean()),
+            chosen = ParentThreshold(float(threshold), len(truth), int(found.sum()), float(right.mean()),
                                      bound, float(found.sum() / effective_offers))
     return chosen
+
+
+@dataclass(frozen=True)
+class OperatingPoint:
+    """What serving at leaf ``threshold`` did on the held-out offers the bundle was calibrated on."""
+
+    threshold: float
+    coverage: float  # share of the offers categorised
+    precision: float  # observed on them
+    precision_bound: float  # lower confidence bound, counted as the chosen threshold's was
+    parent_threshold: float | None  # chosen for this leaf threshold's uncertain offers; None: no parent
+    parent_offers: int  # uncertain offers filed under a parent at it
+    parent_precision: float
+
+    def to_dict(self) -> dict:
+        """JSON-ready: no observed precision (nothing accepted) is None, not NaN."""
+        return {k: None if isinstance(v, float) and np.isnan(v) else v for k, v in dataclasses.asdict(self).items()}
+
+
+def operating_points(
+    probabilities: np.ndarray,
+    targets: np.ndarray,
+    labels: tuple[str, ...],
+    *,
+    target_precision: float,
+    confidence: float = 0.0,
+    groups: np.ndarray | None = None,
+    grid: np.ndarray = OPERATING_GRID,
+) -> list[OperatingPoint]:
+    """The leaf thresholds of ``grid`` an operator may serve at instead of the chosen one, each with
+    its coverage, precision and lower bound on these held-out ``probabilities`` ``(N, K)`` (as
+    served), and the parent threshold :func:`choose_parent_threshold` gives its uncertain offers.
+
+    A parent threshold is chosen for the offers one leaf threshold leaves uncertain; served below
+    another leaf threshold it would judge other offers, so an override of the leaf threshold takes
+    its parent threshold from this table (``ModelBundle.operating_point``).
+    """
+    parents = ParentCategories.of(tuple(labels))
+    targets = np.asarray(targets)
+    confidences = probabilities.max(axis=1)
+    correct = probabilities.argmax(axis=1) == targets
+    order = np.argsort(-confidences, kind="stable")
+    if groups is None:
+        right, offers = np.cumsum(correct[order]), np.arange(1, len(order) + 1, dtype=float)
+    else:
+        right, offers = effective_counts(correct[order], np.asarray(groups)[order])
+    bounds = precision_lower_bound(right, offers, confidence)
+    parent, probability = parents.by_depth(probabilities)
+    ordered = confidences[order]
+    points = []
+    for threshold in grid:
+        accepted = int(np.searchsorted(-ordered, -threshold, side="right"))  # offers at or above it
+        uncertain = confidences < threshold
+        chosen = _choose_parent_threshold(parents, parent[uncertain], probability[uncertain], targets[uncertain],
+                                          target_precision=target_precision, confidence=confidence,
+                                          groups=None if groups is None else np.asarray(groups)[uncertain])
+        points.append(OperatingPoint(
+            threshold=float(threshold), coverage=accepted / max(1, len(order)),
+            precision=float(correct[order[:accepted]].mean()) if accepted else float("nan"),
+            precision_bound=float(bounds[accepted - 1]) if accepted else 0.0,
+            parent_threshold=chosen.threshold, parent_offers=chosen.answered, parent_precision=chosen.precision,
+        ))
+    return points

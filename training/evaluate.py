@@ -217,16 +217,19 @@ def serve(bundle: ModelBundle, test: pd.DataFrame, *, train: pd.DataFrame | None
 
 def evaluate_bundle(
     model: str | Path, data: str | Path, *, split: str = "auto", baselines: bool = True, batch_size: int = 256,
-    threads: int = 2, progress: bool = True, served: Served | None = None,
+    threads: int = 2, progress: bool = True, served: Served | None = None, threshold: float | None = None,
+    parent_threshold: float | None = None,
 ) -> dict:
     """Evaluate the bundle at ``model`` on ``data``; returns the report (see :func:`write_report`).
 
-    ``served`` (from :func:`serve_held_out` on the same bundle and data) saves scoring it again.
+    ``threshold`` / ``parent_threshold`` serve it at other thresholds, as ``catstream run`` would
+    (``ModelBundle.with_thresholds``). ``served`` (from :func:`serve_held_out` on the same bundle
+    and data) saves scoring it again.
     """
     started = time.monotonic()
     if served is None:
-        served = serve_held_out(ModelBundle.load(model), data, split=split, batch_size=batch_size, threads=threads,
-                                progress=progress)
+        bundle = ModelBundle.load(model).with_thresholds(threshold=threshold, parent_threshold=parent_threshold)
+        served = serve_held_out(bundle, data, split=split, batch_size=batch_size, threads=threads, progress=progress)
     bundle, test, train, labels, targets = served.bundle, served.test, served.train, served.bundle.labels, served.targets
     groups = title_groups(test["title"].fillna("").astype(str))
     model_result = served.score() | {"accuracy_interval_by_product": accuracy_interval_by_group(served.correct, groups)}
@@ -239,6 +242,7 @@ def evaluate_bundle(
         "train_offers_for_baselines": int(len(train)),
         "categories": len(labels),
         "interval_level": INTERVAL_LEVEL,
+        **({"served_at": bundle.config["served_at"]} if "served_at" in bundle.config else {}),
         "results": {
             "catstream": model_result,
         },
@@ -309,6 +313,29 @@ def _parent_threshold(parents: dict) -> str:
     return f"the parent threshold {parents['threshold']:.4f}"
 
 
+def _served_at(report: dict) -> list[str]:
+    """A paragraph on overridden thresholds (none when the bundle's own are served)."""
+    served_at = report.get("served_at")
+    if not served_at:
+        return []
+    model = report["results"]["catstream"].get("at_threshold", {})
+    parent = model.get("parents", {}).get("threshold")
+    text = f"Served at threshold {model.get('threshold', float('nan')):.4f} (the bundle's: {served_at['bundle_threshold']:.4f})"
+    text += " and no parent threshold" if parent is None else f", parent threshold {parent:.4f}"
+    point = served_at.get("operating_point")
+    source = served_at.get("parent_threshold_from")
+    if source == "operating_point" and point is not None:
+        text += (": none reached the target" if parent is None else ": the one chosen in training") + (
+            f" on the offers its operating point at {point['threshold']:.4f} leaves uncertain (that threshold, on the "
+            f"offers the bundle was calibrated on: coverage {_pct(point['coverage'])} at precision "
+            f"{_pct(point['precision'])}, lower bound {_pct(point['precision_bound'])})")
+    elif source == "bundle":
+        text += ": the bundle's own, as it has no operating points to choose one for this threshold"
+    elif source == "override":
+        text += ", as given"
+    return [text + ".", ""]
+
+
 def _pct(value: float) -> str:
     return "–" if value is None or value != value else f"{100 * value:.2f}%"
 
@@ -336,6 +363,7 @@ def render_markdown(report: dict) -> str:
         f"Data `{report['data']}`, protocol **{report['protocol']}**: {report['test_offers']} held-out offers, "
         f"{report['categories']} categories.",
         "",
+        *_served_at(report),
         f"| system | accuracy | {_level(report)} interval | {_level(report)} interval by product | macro-F1 | "
         "coverage at threshold | precision at threshold |",
         "|---|---|---|---|---|---|---|",

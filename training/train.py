@@ -54,7 +54,7 @@ from catstream.lexical import LEXICAL_DIR, LexicalModel
 from catstream.model import BACKBONE_BLOCKS, FusionConfig, FusionModel, find_pretrained_weights
 from catstream.offer_files import LABEL, offer_fingerprints, offers_from_frame, read_offer_file
 from catstream.tokenizer import train_tokenizer
-from training.calibration import choose_parent_threshold, choose_threshold, fit_temperature
+from training.calibration import choose_parent_threshold, choose_threshold, fit_temperature, operating_points
 from training.cleaning import CLEANING_MODES, find_issues, out_of_sample_probabilities
 from training.export import check_parity, export_onnx
 from training.history import HistoryStore, season_balanced_weights
@@ -495,8 +495,8 @@ def _lexical_weight(logits: np.ndarray, scores: np.ndarray, prepared: Prepared, 
 
 
 def calibrate_logits(logits: np.ndarray, prepared: Prepared, rows: np.ndarray, options: TrainOptions) -> dict:
-    """Temperature, threshold and parent threshold from held-out ``logits`` of ``rows`` (their given
-    labels, the mask as served)."""
+    """Temperature, threshold, parent threshold and the operating points (other leaf thresholds)
+    from held-out ``logits`` of ``rows`` (their given labels, the mask as served)."""
     targets = prepared.targets[rows]
     temperature = fit_temperature(logits, targets)
     groups = title_groups(prepared.frame["title"].iloc[rows]) if options.threshold_by == "product" else None
@@ -510,6 +510,9 @@ def calibrate_logits(logits: np.ndarray, prepared: Prepared, rows: np.ndarray, o
         served, targets, prepared.labels, leaf_threshold=chosen.threshold, target_precision=options.target_precision,
         confidence=options.threshold_confidence, groups=groups,
     )
+    # What other leaf thresholds would give, for an operator who overrides the chosen one
+    points = operating_points(served, targets, prepared.labels, target_precision=options.target_precision,
+                              confidence=options.threshold_confidence, groups=groups)
     return {"temperature": temperature, "threshold": chosen.threshold, "coverage": chosen.coverage,
             "precision": chosen.precision, "precision_bound": chosen.precision_bound,
             "design_effect": chosen.design_effect,
@@ -517,6 +520,7 @@ def calibrate_logits(logits: np.ndarray, prepared: Prepared, rows: np.ndarray, o
             "parents": {"uncertain": parent.uncertain, "answered": parent.answered, "precision": parent.precision,
                         "precision_bound": parent.precision_bound, "design_effect": parent.design_effect,
                         "target_reached": parent.threshold is not None},
+            "operating_points": [point.to_dict() for point in points],
             "accuracy": float((logits.argmax(1) == targets).mean()), "offers": int(len(rows))}
 
 
@@ -654,6 +658,7 @@ def train_bundle(data: str | Path, out_dir: str | Path, options: TrainOptions, *
         "threshold": threshold,
         "parent_threshold": calibration["parent_threshold"],
         "temperature": temperature,
+        "operating_points": calibration["operating_points"],
         "pretrained_image_weights": str(prepared.pretrained_weights) if prepared.pretrained_weights else None,
         "training": {
             "data": str(Path(data).resolve()),

@@ -51,6 +51,8 @@ def test_bad_cli_input_gives_a_readable_error(tmp_path, marketplace):
     assert missing.returncode == 2 and "does not exist" in missing.stderr and "Traceback" not in missing.stderr
     wrong = catstream("train", "--data", str(marketplace), "--out", str(tmp_path / "m"), "--label-column", "nope")
     assert wrong.returncode == 2 and "missing column(s) nope" in wrong.stderr
+    bad_threshold = catstream("evaluate", "--model", str(tmp_path / "m"), "--data", str(marketplace), "--threshold", "1.5")
+    assert bad_threshold.returncode == 2 and "1.5 is outside [0, 1]" in bad_threshold.stderr
     no_model = catstream("run", "--model", str(tmp_path / "absent"), "--bootstrap-servers", "127.0.0.1:1")
     assert no_model.returncode == 2 and "Traceback" not in no_model.stderr
 

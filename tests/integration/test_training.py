@@ -75,6 +75,13 @@ def test_random_split_calibrates_on_out_of_fold_predictions_of_every_training_of
     assert parents["target_reached"] == (first.config["parent_threshold"] is not None)
     if parents["target_reached"]:
         assert parents["precision"] >= parents["precision_bound"] >= training["options"]["target_precision"]
+    # what other leaf thresholds gave on the same offers, for an operator who overrides it
+    points = first.config["operating_points"]
+    assert len(points) == 41 and points[0]["threshold"] == 0.0 and points[0]["coverage"] == 1.0
+    assert all(a["threshold"] < b["threshold"] and a["coverage"] >= b["coverage"] for a, b in zip(points, points[1:]))
+    below = max((p for p in points if p["threshold"] <= first.config["threshold"]), key=lambda p: p["threshold"])
+    assert below["coverage"] >= training["validation"]["coverage"]
+    assert all(0 <= p["parent_offers"] <= round((1 - p["coverage"]) * training["calibration"]["offers"]) for p in points)
     assert all(0.0 < record["val_accuracy"] <= 1.0 for record in training["history"])
     assert training["stage_seconds"]["fit"] > 0
 
@@ -202,6 +209,27 @@ def test_cli_evaluates_the_champion_from_the_registry(champion_run, marketplace,
     assert "interval by product" in result.stdout
     parents = results["catstream"]["at_threshold"]["parents"]
     assert ("Uncertain offers filed under a parent category" in result.stdout) == (parents["uncertain"] > 0)
+
+
+def test_cli_evaluates_the_bundle_served_at_another_threshold(champion_run, marketplace, tmp_path):
+    first, _ = champion_run
+    bundle_dir = first.report["model"]
+    point = first.config["operating_points"][25]  # a threshold other than the bundle's
+    assert point["threshold"] != first.config["threshold"]
+    result = subprocess.run(
+        [sys.executable, "-m", "catstream.cli", "evaluate", "--model", str(bundle_dir), "--data", str(marketplace),
+         "--no-baselines", "--threshold", repr(point["threshold"]), "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "evaluation.json").read_text())
+    at = report["results"]["catstream"]["at_threshold"]
+    assert at["threshold"] == point["threshold"] and at["parents"]["threshold"] == point["parent_threshold"]
+    assert report["served_at"]["bundle_threshold"] == first.config["threshold"]
+    assert report["served_at"]["operating_point"] == point
+    assert f"Served at threshold {point['threshold']:.4f} (the bundle's: {first.config['threshold']:.4f})" in result.stdout
+    # the same offers as the bundle's own evaluation, only the threshold moved
+    assert report["results"]["catstream"]["accuracy"] == first.report["results"]["catstream"]["accuracy"]
 
 
 def test_group_split_holds_out_whole_title_groups_and_cross_fits_on_them(champion_run, marketplace, tmp_path):

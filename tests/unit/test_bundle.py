@@ -26,3 +26,45 @@ def test_unreadable_record_and_mismatched_lengths_are_refused(tmp_path):
     (tmp_path / TRAINING_OFFERS_FILE).write_text("1\n2\n")
     with pytest.raises(BundleError, match="offer_id and fingerprint"):
         TrainingOffers.read(tmp_path)
+
+
+def bundle_with(config):
+    from pathlib import Path
+
+    from catstream.bundle import ModelBundle
+    from catstream.dictionaries import Dictionaries
+    return ModelBundle(path=Path("."), config=config, labels=("A > x", "A > y"), dictionaries=Dictionaries())
+
+
+POINTS = [{"threshold": t, "coverage": c, "precision": 0.99, "precision_bound": b, "parent_threshold": p,
+           "parent_offers": 10, "parent_precision": 1.0}
+          for t, c, b, p in ((0.0, 1.0, 0.97, None), (0.9, 0.95, 0.985, 0.99), (0.99, 0.9, 0.996, 0.9))]
+
+
+def test_served_thresholds_default_to_the_bundles():
+    bundle = bundle_with({"threshold": 0.99, "parent_threshold": 0.95, "operating_points": POINTS})
+    assert bundle.with_thresholds() is bundle
+    same = bundle.with_thresholds(threshold=0.99)  # the bundle's own leaf threshold keeps its parent threshold
+    assert (same.threshold, same.parent_threshold) == (0.99, 0.95)
+
+
+def test_an_overridden_leaf_threshold_takes_the_parent_threshold_of_its_operating_point():
+    bundle = bundle_with({"threshold": 0.99, "parent_threshold": 0.95, "operating_points": POINTS})
+    assert bundle.operating_point(0.95)["threshold"] == 0.9  # the highest tabled at or below it
+    assert bundle.operating_point(0.99)["threshold"] == 0.99 and bundle.operating_point(-1.0) is None
+    served = bundle.with_thresholds(threshold=0.95)
+    assert (served.threshold, served.parent_threshold) == (0.95, 0.99)
+    assert served.config["served_at"]["parent_threshold_from"] == "operating_point"
+    assert served.config["served_at"]["operating_point"]["threshold"] == 0.9
+    assert bundle_with({"threshold": 0.99, "operating_points": POINTS}).with_thresholds(threshold=0.5).parent_threshold is None
+    assert (bundle.threshold, bundle.parent_threshold) == (0.99, 0.95)  # the loaded bundle is untouched
+
+
+def test_a_given_parent_threshold_wins_and_old_bundles_keep_theirs():
+    bundle = bundle_with({"threshold": 0.99, "parent_threshold": 0.95, "operating_points": POINTS})
+    both = bundle.with_thresholds(threshold=0.95, parent_threshold=0.7)
+    assert (both.threshold, both.parent_threshold, both.config["served_at"]["parent_threshold_from"]) == (0.95, 0.7, "override")
+    old = bundle_with({"threshold": 0.99, "parent_threshold": 0.95}).with_thresholds(threshold=0.95)
+    assert (old.parent_threshold, old.config["served_at"]["parent_threshold_from"]) == (0.95, "bundle")
+    older = bundle_with({"threshold": 0.99}).with_thresholds(threshold=0.95)  # before the parent threshold: the leaf one
+    assert older.parent_threshold == 0.99

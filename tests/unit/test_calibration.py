@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 
 from training.calibration import (
-    choose_parent_threshold, choose_threshold, effective_counts, fit_temperature, precision_lower_bound,
+    OPERATING_GRID, choose_parent_threshold, choose_threshold, effective_counts, effective_totals, fit_temperature,
+    operating_points, precision_lower_bound,
 )
 
 
@@ -204,3 +205,46 @@ def test_parent_threshold_is_the_lowest_whose_parents_reach_the_target():
     few = choose_parent_threshold(probabilities[:20], targets[:20], TREE, leaf_threshold=0.9, target_precision=0.99,
                                   confidence=0.95)
     assert few.threshold is None and few.answered == 0
+
+
+def test_effective_totals_are_the_last_prefix_of_effective_counts():
+    rng = np.random.default_rng(3)
+    for size, products in ((1, 1), (50, 1), (400, 30), (3000, 900)):
+        right = rng.random(size) < 0.9
+        groups = rng.integers(0, products, size).astype(str)
+        assert effective_totals(right, groups) == pytest.approx(tuple(c[-1] for c in effective_counts(right, groups)))
+    assert effective_totals(np.zeros(0, bool), np.zeros(0)) == (0.0, 0.0)
+
+
+def easy_and_hard_doubts(rng, easy=5000, hard=250):
+    """Two kinds of uncertain offers, both doubting between Casual and Sports Shoes. Easy ones (leaf
+    0.79, "Men > Footwear > Shoes" 0.99) are always shoes; hard ones (leaf below 0.55, the parent
+    0.9-1) are shoes 90% of the time, always from a parent probability of 0.98."""
+    s = np.concatenate([np.full(easy, 0.99), rng.uniform(0.9, 1.0, hard)])
+    a = np.concatenate([np.full(easy, 0.8), np.full(hard, 0.55)])
+    probabilities = np.zeros((easy + hard, len(TREE)))
+    probabilities[:, 0], probabilities[:, 1], probabilities[:, 4] = a * s, (1 - a) * s, 1.0 - s
+    shoes = (s >= 0.98) | (rng.random(len(s)) < 0.9)
+    return probabilities, np.where(shoes, 0, 4)
+
+
+def test_each_operating_point_has_the_parent_threshold_of_its_own_uncertain_offers():
+    probabilities, targets = easy_and_hard_doubts(np.random.default_rng(0))
+    points = operating_points(probabilities, targets, TREE, target_precision=0.99)
+    assert [p.threshold for p in points] == pytest.approx(OPERATING_GRID.tolist())
+    confidence = probabilities.max(1)
+    for point in points:
+        accepted = confidence >= point.threshold
+        assert point.coverage == accepted.mean()
+        if accepted.any():
+            assert point.precision == (probabilities.argmax(1) == targets)[accepted].mean()
+        alone = choose_parent_threshold(probabilities, targets, TREE, leaf_threshold=point.threshold,
+                                        target_precision=0.99)
+        assert (point.parent_threshold, point.parent_offers) == (alone.threshold, alone.answered)
+    by_leaf = {round(p.threshold, 3): p for p in points}
+    # Below 0.6 only the hard doubts are uncertain: their parent must reach 0.98. Below 0.9 the easy
+    # ones join them, and together they keep 99% from the lowest candidate up.
+    assert by_leaf[0.602].coverage == 5000 / 5250 and by_leaf[0.602].parent_threshold > 0.97
+    assert by_leaf[0.9].parent_offers == 5250 and by_leaf[0.9].parent_threshold == 0.5
+    assert by_leaf[0.0].coverage == 1.0 and by_leaf[0.0].parent_threshold is None  # nothing left uncertain
+    assert by_leaf[0.0].to_dict()["parent_precision"] is None  # JSON-ready, no NaN

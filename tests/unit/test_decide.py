@@ -66,6 +66,24 @@ def test_uncertain_leaf_is_filed_under_the_deepest_confident_parent():
     assert decisions[0].parent[1] == pytest.approx(0.96)
 
 
+def test_confident_parent_is_the_deepest_reaching_then_the_most_probable():
+    """``confident`` against its definition, ranked directly over every parent, on random rows."""
+    labels = TREE + ("Men > Footwear", "Women > Apparel > Dresses", "Women > Apparel > Tops")
+    parents = ParentCategories.of(labels)
+    rng = np.random.default_rng(7)
+    for concentration in (0.05, 0.3, 2.0):
+        probs = rng.dirichlet(np.full(len(labels), concentration), 400)
+        probs[:50] = probs[:50].round(1)  # exact ties between parents of one depth
+        for threshold in (None, 0.5, 0.7, 0.9, 0.99):
+            parent, probability = parents.confident(probs, threshold)
+            summed = probs @ parents.members
+            for row in range(len(probs)):
+                reaching = [p for p in range(len(parents.names)) if threshold is not None and summed[row, p] >= threshold]
+                expected = max(reaching, key=lambda p: (parents.depths[p], summed[row, p], -p), default=-1)
+                assert parent[row] == expected
+                assert probability[row] == (summed[row, expected] if expected >= 0 else 0.0)
+
+
 def test_the_parent_threshold_is_its_own():
     probs = np.array([[0.40, 0.30, 0.27, 0.02, 0.01]])  # Shoes 0.70, Men > Footwear 0.97
     def parent(threshold):
