@@ -33,7 +33,7 @@ from training.splits import SplitSpec, split_offers, title_groups
 from training.train import data_fingerprint, load_labeled, progress_bar, select_labels
 
 __all__ = ["COVERAGE_LEVELS", "Served", "evaluate_bundle", "held_out", "parent_answers", "points_interval", "render_markdown", "score",
-           "serve", "serve_held_out", "served_probabilities", "write_report"]
+           "operating_answers", "serve", "serve_held_out", "served_probabilities", "write_report"]
 
 log = logging.getLogger(__name__)
 
@@ -189,11 +189,36 @@ def parent_answers(labels: tuple[str, ...], probabilities: np.ndarray, targets: 
         "threshold": parent_threshold,
         "uncertain": int(uncertain.sum()),
         "offers": int(found.sum()),
+        "right": int(right.sum()),
         "precision": float(right.mean()) if found.any() else float("nan"),
         "coverage_with_parents": float(((~uncertain).sum() + found.sum()) / max(1, len(probabilities))),
         "by_depth": {int(depth): {"offers": int((depths == depth).sum()), "precision": float(right[depths == depth].mean())}
                      for depth in np.unique(depths)},
     }
+
+
+def operating_answers(bundle: ModelBundle, probabilities: np.ndarray, targets: np.ndarray) -> list[dict]:
+    """Each of the bundle's operating points (what a leaf threshold gave on the offers it was
+    calibrated on, with the parent threshold chosen for it) beside what it gives on these offers:
+    ``probabilities`` ``(N, K)`` as served, ``targets`` ``(N,)``. Empty for bundles without them."""
+    confidence = probabilities.max(axis=1)
+    correct = probabilities.argmax(axis=1) == targets
+    rows = []
+    for point in bundle.operating_points:
+        accepted = confidence >= point["threshold"]
+        parents = parent_answers(bundle.labels, probabilities, targets, threshold=point["threshold"],
+                                 parent_threshold=point["parent_threshold"])
+        filed = int(accepted.sum()) + parents["offers"]
+        rows.append({
+            "threshold": point["threshold"],
+            "calibration": point,
+            "coverage": float(accepted.mean()),
+            "precision": float(correct[accepted].mean()) if accepted.any() else float("nan"),
+            "parents": {k: parents[k] for k in ("threshold", "uncertain", "offers", "right", "precision")},
+            "filed": filed / max(1, len(targets)),
+            "filed_precision": (int(correct[accepted].sum()) + parents["right"]) / filed if filed else float("nan"),
+        })
+    return rows
 
 
 def serve_held_out(bundle: ModelBundle, data: str | Path, *, split: str = "auto", batch_size: int = 256,
@@ -232,7 +257,8 @@ def evaluate_bundle(
         served = serve_held_out(bundle, data, split=split, batch_size=batch_size, threads=threads, progress=progress)
     bundle, test, train, labels, targets = served.bundle, served.test, served.train, served.bundle.labels, served.targets
     groups = title_groups(test["title"].fillna("").astype(str))
-    model_result = served.score() | {"accuracy_interval_by_product": accuracy_interval_by_group(served.correct, groups)}
+    model_result = served.score() | {"accuracy_interval_by_product": accuracy_interval_by_group(served.correct, groups),
+                                     "operating_points": operating_answers(bundle, served.masked, targets)}
     report = {
         "model": str(Path(model).resolve()),
         "model_version": bundle.version,
@@ -336,6 +362,26 @@ def _served_at(report: dict) -> list[str]:
     return [text + ".", ""]
 
 
+def _operating_points(rows: list[dict] | None, *, lowest: float = 0.9) -> list[str]:
+    """The operating points from ``lowest`` up as a Markdown section (``evaluation.json`` has all)."""
+    rows = [row for row in rows or [] if row["threshold"] >= lowest]
+    if not rows:
+        return []
+    lines = ["", "## Other leaf thresholds (catstream)", "",
+             "What serving at another leaf threshold gives (`catstream run --threshold T`), with the parent threshold "
+             "chosen for it in training: first on the offers the bundle was calibrated on, then on these offers.", "",
+             "| leaf threshold | calibration: coverage / precision / lower bound | parent threshold | coverage here | "
+             "precision here | filed under a parent (right) | filed, leaf or parent | precision, leaf or parent |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        point, parents = row["calibration"], row["parents"]
+        parent = "none" if parents["threshold"] is None else f"{parents['threshold']:.4f}"
+        lines.append(f"| {row['threshold']:.5f} | {_pct(point['coverage'])} / {_pct(point['precision'])} / "
+                     f"{_pct(point['precision_bound'])} | {parent} | {_pct(row['coverage'])} | {_pct(row['precision'])} | "
+                     f"{parents['offers']} ({parents['right']}) | {_pct(row['filed'])} | {_pct(row['filed_precision'])} |")
+    return lines
+
+
 def _pct(value: float) -> str:
     return "–" if value is None or value != value else f"{100 * value:.2f}%"
 
@@ -412,6 +458,7 @@ def render_markdown(report: dict) -> str:
                   f"{_pct(parents['coverage_with_parents'])} of all offers.", "",
                   "| parent depth | offers | category under the parent |", "|---|---|---|"]
         lines += [f"| {depth} | {row['offers']} | {_pct(row['precision'])} |" for depth, row in parents["by_depth"].items()]
+    lines += _operating_points(model.get("operating_points"))
     lines += ["", "## Coverage vs precision (catstream)", "", "| coverage | threshold | precision |", "|---|---|---|"]
     lines += [f"| {_pct(p['coverage'])} | {p['threshold']:.3f} | {_pct(p['precision'])} |" for p in model["coverage_curve"]]
     lines += ["", "## Most confused category pairs (catstream)", "", "| true | predicted | offers |", "|---|---|---|"]

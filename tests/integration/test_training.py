@@ -100,6 +100,12 @@ def test_evaluation_report_has_every_section_and_both_baselines(champion_run):
     assert sum(row["offers"] for row in parents["by_depth"].values()) == parents["offers"]
     assert parents["coverage_with_parents"] == pytest.approx(
         model["at_threshold"]["coverage"] + parents["offers"] / report["test_offers"])
+    # every operating point of the bundle, scored on these offers with its own parent threshold
+    rows = model["operating_points"]
+    assert [row["calibration"] for row in rows] == champion_run[0].config["operating_points"]
+    assert rows[0]["coverage"] == 1.0 and all(row["parents"]["threshold"] == row["calibration"]["parent_threshold"]
+                                              for row in rows)
+    assert all(row["filed"] == pytest.approx(row["coverage"] + row["parents"]["offers"] / 300) for row in rows)
     # the synthetic marketplace is easy: the fusion model must be clearly better than chance
     assert model["accuracy"] > 0.85
 
@@ -228,6 +234,8 @@ def test_cli_evaluates_the_bundle_served_at_another_threshold(champion_run, mark
     assert report["served_at"]["bundle_threshold"] == first.config["threshold"]
     assert report["served_at"]["operating_point"] == point
     assert f"Served at threshold {point['threshold']:.4f} (the bundle's: {first.config['threshold']:.4f})" in result.stdout
+    markdown = (tmp_path / "evaluation.md").read_text()
+    assert "## Other leaf thresholds (catstream)" in markdown and f"| {point['threshold']:.5f} |" in markdown
     # the same offers as the bundle's own evaluation, only the threshold moved
     assert report["results"]["catstream"]["accuracy"] == first.report["results"]["catstream"]["accuracy"]
 

@@ -134,3 +134,34 @@ def test_evaluation_counts_parent_answers_and_whether_the_category_lies_under_th
     assert (lower["threshold"], lower["offers"], lower["precision"]) == (0.5, 4, 0.25)
     none = parent_answers(TREE, probs, np.array([1, 2, 3, 4, 0]), threshold=0.9, parent_threshold=None)
     assert (none["uncertain"], none["offers"], none["coverage_with_parents"]) == (4, 0, pytest.approx(1 / 5))
+
+
+def test_evaluation_scores_each_operating_point_with_its_own_parent_threshold():
+    from pathlib import Path
+
+    from catstream.bundle import ModelBundle
+    from catstream.dictionaries import Dictionaries
+    from training.evaluate import operating_answers
+
+    probs = np.array([
+        [0.50, 0.46, 0.02, 0.01, 0.01],  # "Men > Footwear > Shoes" 0.96; truth Sports Shoes: right
+        [0.50, 0.46, 0.02, 0.01, 0.01],  # the same, truth Sandals: wrong
+        [0.40, 0.10, 0.05, 0.40, 0.05],  # "Men" 0.95; truth Tshirts: right
+        [0.95, 0.02, 0.01, 0.01, 0.01],  # leaf 0.95, right
+        [0.97, 0.01, 0.01, 0.00, 0.01],  # leaf 0.97, wrong (Flats)
+    ])
+    points = [{"threshold": 0.9, "coverage": 0.5, "precision": 0.99, "precision_bound": 0.98, "parent_threshold": None,
+               "parent_offers": 0, "parent_precision": None},
+              {"threshold": 0.96, "coverage": 0.2, "precision": 0.99, "precision_bound": 0.98, "parent_threshold": 0.955,
+               "parent_offers": 9, "parent_precision": 1.0}]
+    bundle = ModelBundle(path=Path("."), config={"threshold": 0.9, "operating_points": points}, labels=TREE,
+                         dictionaries=Dictionaries())
+    low, high = operating_answers(bundle, probs, np.array([1, 2, 3, 0, 4]))
+    assert (low["coverage"], low["precision"], low["parents"]["offers"]) == (0.4, 0.5, 0)  # no parent threshold
+    assert (low["filed"], low["filed_precision"]) == (0.4, 0.5)
+    # At 0.96 the 0.95 leaf joins the uncertain ones; the parent threshold 0.955 files the two shoe
+    # doubts (Shoes 0.96, one right) and the 0.95 leaf under "Men > Footwear > Shoes" (0.97, right)
+    assert (high["coverage"], high["precision"]) == (0.2, 0.0)
+    assert (high["parents"]["uncertain"], high["parents"]["offers"], high["parents"]["right"]) == (4, 3, 2)
+    assert (high["filed"], high["filed_precision"]) == (4 / 5, 2 / 4)
+    assert high["calibration"] is points[1]
