@@ -79,6 +79,20 @@ def effective_counts(correct: np.ndarray, groups: np.ndarray) -> tuple[np.ndarra
     return right / design_effect, offers / design_effect
 
 
+def _prefixes(probabilities: np.ndarray, targets: np.ndarray, *, confidence: float, groups: np.ndarray | None):
+    """``(confidences, correct, order, offers, bound)``: the offers ``(N,)`` from most to least
+    confident (``order``), and for every prefix of that order its effective count of offers and the
+    lower bound on its precision (by product with ``groups``), which a threshold accepts."""
+    confidences = probabilities.max(axis=1)
+    correct = probabilities.argmax(axis=1) == targets
+    order = np.argsort(-confidences, kind="stable")
+    if groups is None:
+        right, offers = np.cumsum(correct[order]), np.arange(1, len(order) + 1, dtype=float)
+    else:
+        right, offers = effective_counts(correct[order], np.asarray(groups)[order])
+    return confidences, correct, order, offers, precision_lower_bound(right, offers, confidence)
+
+
 @dataclass(frozen=True)
 class Threshold:
     threshold: float
@@ -112,14 +126,7 @@ def choose_threshold(
     If no threshold reaches the target, the one with the best bound is returned.
     """
     probabilities, _ = apply_exclusions(_softmax(logits, temperature), exclusion)
-    confidences = probabilities.max(axis=1)
-    correct = probabilities.argmax(axis=1) == targets
-    order = np.argsort(-confidences, kind="stable")
-    if groups is None:
-        right, offers = np.cumsum(correct[order]), np.arange(1, len(order) + 1, dtype=float)
-    else:
-        right, offers = effective_counts(correct[order], np.asarray(groups)[order])
-    bound = precision_lower_bound(right, offers, confidence)
+    confidences, correct, order, offers, bound = _prefixes(probabilities, targets, confidence=confidence, groups=groups)
     # A threshold accepts every offer at least as confident, so only prefixes that end where the
     # confidence drops can be accepted (colour variants often tie).
     ordered = confidences[order]
@@ -251,14 +258,7 @@ def operating_points(
     """
     parents = ParentCategories.of(tuple(labels))
     targets = np.asarray(targets)
-    confidences = probabilities.max(axis=1)
-    correct = probabilities.argmax(axis=1) == targets
-    order = np.argsort(-confidences, kind="stable")
-    if groups is None:
-        right, offers = np.cumsum(correct[order]), np.arange(1, len(order) + 1, dtype=float)
-    else:
-        right, offers = effective_counts(correct[order], np.asarray(groups)[order])
-    bounds = precision_lower_bound(right, offers, confidence)
+    confidences, correct, order, _, bounds = _prefixes(probabilities, targets, confidence=confidence, groups=groups)
     parent, probability = parents.by_depth(probabilities)
     ordered = confidences[order]
     points = []
