@@ -187,6 +187,28 @@ class ModelBundle:
         config["served_at"] = served_at
         return dataclasses.replace(self, config=config)
 
+    def served_at_note(self) -> str | None:
+        """A sentence on overridden thresholds: where the parent threshold came from, and what the
+        operating point gave on the offers the bundle was calibrated on. None for the bundle's own."""
+        served_at = self.config.get("served_at")
+        if not served_at:
+            return None
+        text = f"served at threshold {self.threshold:.4f} (the bundle's: {served_at['bundle_threshold']:.4f})"
+        text += " and no parent threshold" if self.parent_threshold is None else f", parent threshold {self.parent_threshold:.4f}"
+        point, source = served_at.get("operating_point"), served_at.get("parent_threshold_from")
+        if source == "operating_point":
+            text += (": none reached the target" if self.parent_threshold is None else ": the one chosen in training") + (
+                f" on the offers its operating point at {point['threshold']:.4f} leaves uncertain")
+        elif source == "bundle":
+            text += ": the bundle's own, as it has no operating points to choose one for this threshold"
+        elif source == "override":
+            text += ", as given"
+        if point is not None:
+            precision = "–" if point["precision"] is None else f"{100 * point['precision']:.2f}%"
+            text += (f"; on the offers the bundle was calibrated on, that operating point categorised "
+                     f"{100 * point['coverage']:.2f}% at precision {precision} (lower bound {100 * point['precision_bound']:.2f}%)")
+        return text
+
     @property
     def temperature(self) -> float:
         return float(self.config.get("temperature", 1.0))

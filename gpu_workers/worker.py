@@ -157,28 +157,15 @@ class InferenceWorker:
 
 def _log_thresholds(bundle: ModelBundle) -> None:
     """Say what the served thresholds are, and for an overridden one what it gave held out."""
-    served_at = bundle.config.get("served_at")
-    parent = "no parent threshold" if bundle.parent_threshold is None else f"parent threshold {bundle.parent_threshold:.4f}"
-    if not served_at:
-        log.info("serving at the bundle's threshold %.4f, %s", bundle.threshold, parent)
+    note = bundle.served_at_note()
+    if note is None:
+        parent = "none" if bundle.parent_threshold is None else f"{bundle.parent_threshold:.4f}"
+        log.info("serving at the bundle's threshold %.4f, parent threshold %s", bundle.threshold, parent)
         return
-    point = served_at.get("operating_point")
-    source = {
-        "override": "as given",
-        "bundle": "the bundle's own: it has no operating points to choose one for this threshold",
-        "operating_point": point and (f"{'none reached' if bundle.parent_threshold is None else 'chosen for'} the "
-                                      f"target on the offers its operating point at {point['threshold']:.4f} leaves "
-                                      "uncertain"),
-    }.get(served_at.get("parent_threshold_from"), "the bundle's")
-    log.info("serving at threshold %.4f (the bundle's: %.4f), %s (%s)", bundle.threshold, served_at["bundle_threshold"],
-             parent, source)
-    if point is None:
-        return
-    log.info("on the offers the bundle was calibrated on, its operating point at %.4f categorised %.1f%% of them at "
-             "precision %.2f%% (lower bound %.2f%%)", point["threshold"], 100 * point["coverage"],
-             100 * (point["precision"] or 0), 100 * point["precision_bound"])
+    log.info("%s", note)
+    point = bundle.config["served_at"].get("operating_point")
     target = bundle.config.get("training", {}).get("options", {}).get("target_precision")
-    if target is not None and point["precision_bound"] < target:
+    if point is not None and target is not None and point["precision_bound"] < target:
         log.warning("that lower bound is below the target precision the bundle was calibrated for, %.2f%%: expect "
                     "less precise answers at threshold %.4f", 100 * target, bundle.threshold)
 

@@ -268,7 +268,8 @@ def evaluate_bundle(
         "train_offers_for_baselines": int(len(train)),
         "categories": len(labels),
         "interval_level": INTERVAL_LEVEL,
-        **({"served_at": bundle.config["served_at"]} if "served_at" in bundle.config else {}),
+        **({"served_at": bundle.config["served_at"] | {"note": bundle.served_at_note()}}
+           if "served_at" in bundle.config else {}),
         "results": {
             "catstream": model_result,
         },
@@ -341,25 +342,8 @@ def _parent_threshold(parents: dict) -> str:
 
 def _served_at(report: dict) -> list[str]:
     """A paragraph on overridden thresholds (none when the bundle's own are served)."""
-    served_at = report.get("served_at")
-    if not served_at:
-        return []
-    model = report["results"]["catstream"].get("at_threshold", {})
-    parent = model.get("parents", {}).get("threshold")
-    text = f"Served at threshold {model.get('threshold', float('nan')):.4f} (the bundle's: {served_at['bundle_threshold']:.4f})"
-    text += " and no parent threshold" if parent is None else f", parent threshold {parent:.4f}"
-    point = served_at.get("operating_point")
-    source = served_at.get("parent_threshold_from")
-    if source == "operating_point" and point is not None:
-        text += (": none reached the target" if parent is None else ": the one chosen in training") + (
-            f" on the offers its operating point at {point['threshold']:.4f} leaves uncertain (that threshold, on the "
-            f"offers the bundle was calibrated on: coverage {_pct(point['coverage'])} at precision "
-            f"{_pct(point['precision'])}, lower bound {_pct(point['precision_bound'])})")
-    elif source == "bundle":
-        text += ": the bundle's own, as it has no operating points to choose one for this threshold"
-    elif source == "override":
-        text += ", as given"
-    return [text + ".", ""]
+    note = report.get("served_at", {}).get("note")
+    return [note[0].upper() + note[1:] + ".", ""] if note else []
 
 
 def _operating_points(rows: list[dict] | None, *, lowest: float = 0.9) -> list[str]:

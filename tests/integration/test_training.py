@@ -232,7 +232,7 @@ def test_cli_evaluates_the_bundle_served_at_another_threshold(champion_run, mark
     at = report["results"]["catstream"]["at_threshold"]
     assert at["threshold"] == point["threshold"] and at["parents"]["threshold"] == point["parent_threshold"]
     assert report["served_at"]["bundle_threshold"] == first.config["threshold"]
-    assert report["served_at"]["operating_point"] == point
+    assert report["served_at"]["operating_point"] == point and report["served_at"]["note"].startswith("served at")
     assert f"Served at threshold {point['threshold']:.4f} (the bundle's: {first.config['threshold']:.4f})" in result.stdout
     markdown = (tmp_path / "evaluation.md").read_text()
     assert "## Other leaf thresholds (catstream)" in markdown and f"| {point['threshold']:.5f} |" in markdown

@@ -68,3 +68,16 @@ def test_a_given_parent_threshold_wins_and_old_bundles_keep_theirs():
     assert (old.parent_threshold, old.config["served_at"]["parent_threshold_from"]) == (0.95, "bundle")
     older = bundle_with({"threshold": 0.99}).with_thresholds(threshold=0.95)  # before the parent threshold: the leaf one
     assert older.parent_threshold == 0.99
+
+
+def test_the_note_on_served_thresholds_says_where_the_parent_threshold_came_from():
+    bundle = bundle_with({"threshold": 0.99, "parent_threshold": 0.95, "operating_points": POINTS})
+    assert bundle.served_at_note() is None
+    assert bundle.with_thresholds(threshold=0.95).served_at_note() == (
+        "served at threshold 0.9500 (the bundle's: 0.9900), parent threshold 0.9900: the one chosen in training on "
+        "the offers its operating point at 0.9000 leaves uncertain; on the offers the bundle was calibrated on, that "
+        "operating point categorised 95.00% at precision 99.00% (lower bound 98.50%)")
+    assert bundle.with_thresholds(threshold=0.5).served_at_note().startswith(
+        "served at threshold 0.5000 (the bundle's: 0.9900) and no parent threshold: none reached the target")
+    assert bundle.with_thresholds(parent_threshold=0.8).served_at_note() == (
+        "served at threshold 0.9900 (the bundle's: 0.9900), parent threshold 0.8000, as given")
