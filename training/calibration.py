@@ -258,6 +258,7 @@ def operating_points(
     """
     parents = ParentCategories.of(tuple(labels))
     targets = np.asarray(targets)
+    groups = None if groups is None else np.asarray(groups)
     confidences, correct, order, _, bounds = _prefixes(probabilities, targets, confidence=confidence, groups=groups)
     parent, probability = parents.by_depth(probabilities)
     ordered = confidences[order]
@@ -267,7 +268,7 @@ def operating_points(
         uncertain = confidences < threshold
         chosen = _choose_parent_threshold(parents, parent[uncertain], probability[uncertain], targets[uncertain],
                                           target_precision=target_precision, confidence=confidence,
-                                          groups=None if groups is None else np.asarray(groups)[uncertain])
+                                          groups=None if groups is None else groups[uncertain])
         points.append(OperatingPoint(
             threshold=float(threshold), coverage=accepted / max(1, len(order)),
             precision=float(correct[order[:accepted]].mean()) if accepted else float("nan"),
