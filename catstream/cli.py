@@ -251,7 +251,8 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
                        help="precision the 'uncertain' threshold must reach on held-out data (default 0.995)")
     group.add_argument("--threshold-confidence", type=float, default=0.95,
                        help="confidence with which the held-out precision must reach the target (one-sided "
-                       "Clopper-Pearson lower bound; 0 = the observed precision; default 0.95)")
+                       "Clopper-Pearson lower bound; thresholds tested strictest first, up to the first that misses, "
+                       "so the chosen one misses with at most this error; 0 = the observed precision; default 0.95)")
     group.add_argument("--threshold-by", choices=("product", "offer"), default="product",
                        help="what the precision bound counts as independent evidence: products (title groups; a "
                        "product's colour variants are right or wrong together) or single offers (default product)")

@@ -54,7 +54,9 @@ from catstream.lexical import LEXICAL_DIR, LexicalModel
 from catstream.model import BACKBONE_BLOCKS, FusionConfig, FusionModel, find_pretrained_weights
 from catstream.offer_files import LABEL, offer_fingerprints, offers_from_frame, read_offer_file
 from catstream.tokenizer import train_tokenizer
-from training.calibration import choose_parent_threshold, choose_threshold, fit_temperature, operating_points
+from training.calibration import (
+    SEQUENCE_START_SHARE, choose_parent_threshold, choose_threshold, fit_temperature, operating_points,
+)
 from training.cleaning import CLEANING_MODES, find_issues, out_of_sample_probabilities
 from training.export import check_parity, export_onnx
 from training.history import HistoryStore, season_balanced_weights
@@ -515,7 +517,8 @@ def calibrate_logits(logits: np.ndarray, prepared: Prepared, rows: np.ndarray, o
                               confidence=options.threshold_confidence, groups=groups)
     return {"temperature": temperature, "threshold": chosen.threshold, "coverage": chosen.coverage,
             "precision": chosen.precision, "precision_bound": chosen.precision_bound,
-            "design_effect": chosen.design_effect,
+            "design_effect": chosen.design_effect, "target_reached": chosen.target_reached,
+            "tested_from": chosen.tested_from,
             "parent_threshold": parent.threshold,
             "parents": {"uncertain": parent.uncertain, "answered": parent.answered, "precision": parent.precision,
                         "precision_bound": parent.precision_bound, "design_effect": parent.design_effect,
@@ -610,7 +613,6 @@ def train_bundle(data: str | Path, out_dir: str | Path, options: TrainOptions, *
              calibration["accuracy"], calibration["offers"], temperature, threshold, calibration["coverage"],
              calibration["precision"], 100 * options.threshold_confidence, calibration["precision_bound"],
              options.threshold_by, calibration["design_effect"])
-    calibration["target_reached"] = calibration["precision_bound"] >= options.target_precision
     parents = calibration["parents"]
     if parents["target_reached"]:
         log.info("parent threshold %.4f: %d of the %d uncertain offers filed under a parent category at precision "
@@ -620,11 +622,12 @@ def train_bundle(data: str | Path, out_dir: str | Path, options: TrainOptions, *
         log.warning("no parent threshold reaches the target precision %.4f on the %d uncertain offers: the model "
                     "will name no parent category for uncertain offers", options.target_precision, parents["uncertain"])
     if not calibration["target_reached"]:
-        log.warning("no threshold reaches the target precision %.4f on these %d offers (their accuracy %.4f): the "
-                    "threshold %.3f has the best lower bound, %.4f, at coverage %.3f. Either the labels are noisier "
-                    "than the target allows or there are too few offers to show it; see --target-precision, "
-                    "--cleaning and `catstream audit`", options.target_precision, calibration["offers"],
-                    calibration["accuracy"], threshold, calibration["precision_bound"], calibration["coverage"])
+        log.warning("no threshold reaches the target precision %.4f on these %d offers (their accuracy %.4f; the "
+                    "thresholds are tested strictest first, from the one accepting %.0f%% of them): the threshold "
+                    "%.3f has the best lower bound, %.4f, at coverage %.3f. Either the labels are noisier than the "
+                    "target allows or there are too few offers to show it; see --target-precision, --cleaning and "
+                    "`catstream audit`", options.target_precision, calibration["offers"], calibration["accuracy"],
+                    100 * SEQUENCE_START_SHARE, threshold, calibration["precision_bound"], calibration["coverage"])
 
     clock = time.monotonic()
     export_onnx(model, out_dir / "model.onnx")
@@ -668,7 +671,7 @@ def train_bundle(data: str | Path, out_dir: str | Path, options: TrainOptions, *
             "history": history,
             "validation": {k: calibration[k]
                            for k in ("accuracy", "coverage", "precision", "precision_bound", "design_effect",
-                                     "target_reached", "parents")},
+                                     "target_reached", "tested_from", "parents")},
             "calibration": {"mode": options.calibration, "offers": calibration["offers"], "folds": calibration.get("folds"),
                             "threshold_confidence": options.threshold_confidence, "threshold_by": options.threshold_by}
                            | {k: calibration[k] for k in ("fold_title_groups",) if k in calibration},

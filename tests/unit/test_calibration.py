@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 
 from training.calibration import (
-    OPERATING_GRID, choose_parent_threshold, choose_threshold, effective_counts, effective_totals, fit_temperature,
-    operating_points, precision_lower_bound,
+    OPERATING_GRID, choose_parent_threshold, choose_threshold, effective_counts, effective_totals, fewest_offers,
+    fit_temperature, operating_points, precision_lower_bound,
 )
 
 
@@ -62,6 +62,50 @@ def test_the_confidence_bound_keeps_new_offers_at_the_target():
             misses[confidence] += precision_of_prefix[accepted - 1] < 0.98
     assert misses[0.0] >= 10
     assert misses[0.95] <= 6
+
+
+def test_the_scan_stops_at_the_first_threshold_that_misses():
+    """Thresholds are a fixed sequence: a dip ends it, even if a looser threshold passes again."""
+    logits = np.zeros((1000, 2))
+    logits[:, 0] = np.linspace(10.0, 0.0, 1000)  # offer i is the i-th most confident
+    targets = np.zeros(1000, dtype=int)
+    targets[[99, 199, 299, 399]] = 1  # at least 99% right up to offer 400 ...
+    targets[[400, 401, 402]] = 1  # ... 98.3% at 403, 99% again from 700 on, 99.3% over all
+    chosen = choose_threshold(logits, targets, target_precision=0.99)
+    assert chosen.target_reached and chosen.tested_from == 0.1  # a tenth of the offers
+    assert chosen.coverage == 0.4 and chosen.precision == 0.99
+    # Two more wrong labels among the first hundred: the sequence fails at its start, and what is
+    # returned is the tested threshold with the best bound (all offers, 99.1%), not a certified one
+    targets[[10, 20]] = 1
+    failed = choose_threshold(logits, targets, target_precision=0.99)
+    assert not failed.target_reached and failed.coverage == 1.0 and failed.precision == 0.991
+
+
+def test_no_threshold_is_certified_where_every_one_misses_the_target_but_rarely():
+    """Offers 97.8% right whatever the threshold, target 98%: every threshold the scan certifies is a
+    mistake. Testing the thresholds in a fixed sequence keeps that to the 5% of a single bound;
+    taking the lowest of all that pass, as many thresholds as offers get their 5% chance."""
+    rng = np.random.default_rng(0)
+    certified, any_passes = 0, 0
+    for _ in range(100):
+        logits = np.zeros((3000, 2))
+        logits[:, 0] = rng.uniform(0.0, 10.0, 3000)
+        targets = (rng.random(3000) >= 0.978).astype(int)
+        certified += choose_threshold(logits, targets, target_precision=0.98, confidence=0.95).target_reached
+        right = targets[np.argsort(-logits[:, 0])] == 0
+        any_passes += (precision_lower_bound(np.cumsum(right), np.arange(1, 3001), 0.95) >= 0.98).any()
+    assert certified <= 5
+    assert any_passes >= 10
+
+
+def test_fewest_offers_is_the_first_perfect_record_to_reach_the_target():
+    for target, confidence in ((0.995, 0.95), (0.98, 0.95), (0.9, 0.99)):
+        n = fewest_offers(target, confidence)
+        bounds = precision_lower_bound(np.array([n - 1, n]), np.array([n - 1, n]), confidence)
+        assert bounds[0] < target <= bounds[1]
+    assert fewest_offers(0.995, 0.95) == 598 and fewest_offers(0.995, 0.0) == 1
+    with pytest.raises(ValueError):
+        fewest_offers(1.0, 0.95)
 
 
 def test_clopper_pearson_bound():
@@ -205,6 +249,27 @@ def test_parent_threshold_is_the_lowest_whose_parents_reach_the_target():
     few = choose_parent_threshold(probabilities[:20], targets[:20], TREE, leaf_threshold=0.9, target_precision=0.99,
                                   confidence=0.95)
     assert few.threshold is None and few.answered == 0
+
+
+def test_the_parent_scan_stops_at_the_first_candidate_that_misses():
+    """Parents right from 0.9 up, 30 wrong just below it, right again further down: the candidates
+    below 0.9 miss 99% until the right ones dilute the 30 (from about 0.69), and by then the
+    sequence has ended."""
+    share = np.linspace(0.99, 0.5, 4900)
+    probabilities = np.zeros((len(share), len(TREE)))
+    probabilities[:, 0], probabilities[:, 1], probabilities[:, 4] = 0.55 * share, 0.45 * share, 1.0 - share
+    targets = np.zeros(len(share), dtype=int)
+    targets[np.flatnonzero(share < 0.9)[:30]] = 4  # filed under "Men > Footwear > Shoes", these are Women's Flats
+    chosen = choose_parent_threshold(probabilities, targets, TREE, leaf_threshold=0.9, target_precision=0.99)
+    assert chosen.threshold == pytest.approx(0.9, abs=0.002) and chosen.precision == 1.0
+    every = np.array([parents_right(probabilities, targets, threshold) for threshold in (0.8, 0.6, 0.5)])
+    assert (every >= 0.99).tolist() == [False, True, True]  # what the lowest that passes would have taken
+
+
+def parents_right(probabilities, targets, threshold):
+    """Share of the offers with "Men > Footwear > Shoes" at ``threshold`` or above that are shoes."""
+    answered = probabilities[:, :2].sum(1) >= threshold
+    return (targets[answered] < 2).mean()
 
 
 def test_effective_totals_are_the_last_prefix_of_effective_counts():
