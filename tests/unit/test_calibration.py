@@ -65,20 +65,22 @@ def test_the_confidence_bound_keeps_new_offers_at_the_target():
 
 
 def test_the_scan_stops_at_the_first_threshold_that_misses():
-    """Thresholds are a fixed sequence: a dip ends it, even if a looser threshold passes again."""
+    """Thresholds are a fixed sequence from the one accepting half the offers: a dip ends it, even
+    if a looser threshold passes again."""
     logits = np.zeros((1000, 2))
     logits[:, 0] = np.linspace(10.0, 0.0, 1000)  # offer i is the i-th most confident
     targets = np.zeros(1000, dtype=int)
-    targets[[99, 199, 299, 399]] = 1  # at least 99% right up to offer 400 ...
-    targets[[400, 401, 402]] = 1  # ... 98.3% at 403, 99% again from 700 on, 99.3% over all
+    targets[[99, 199, 299, 399, 499, 599]] = 1  # at least 99% right up to offer 600 ...
+    targets[[600, 601, 602]] = 1  # ... 98.8% at 603, 99% again from 900 on, 99.1% over all
     chosen = choose_threshold(logits, targets, target_precision=0.99)
-    assert chosen.target_reached and chosen.tested_from == 0.1  # a tenth of the offers
-    assert chosen.coverage == 0.4 and chosen.precision == 0.99
-    # Two more wrong labels among the first hundred: the sequence fails at its start, and what is
-    # returned is the tested threshold with the best bound (all offers, 99.1%), not a certified one
-    targets[[10, 20]] = 1
+    assert chosen.target_reached and chosen.tested_from == 0.5
+    assert chosen.coverage == 0.6 and chosen.precision == 0.99
+    # One more wrong label among the first hundred, and the start misses (98.8% at offer 500): no
+    # threshold is certified, and the one returned is the lowest whose own bound reaches the
+    # target, uncorrected for the scan (all offers, 99.0%)
+    targets[10] = 1
     failed = choose_threshold(logits, targets, target_precision=0.99)
-    assert not failed.target_reached and failed.coverage == 1.0 and failed.precision == 0.991
+    assert not failed.target_reached and failed.coverage == 1.0 and failed.precision == 0.99
 
 
 def test_no_threshold_is_certified_where_every_one_misses_the_target_but_rarely():
