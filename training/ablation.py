@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from catstream.decision import apply_exclusions, softmax
-from training.evaluate import points_interval, score
+from training.evaluate import parent_answers, points_interval, score
 from training.significance import paired_comparison
 from training.splits import title_groups
 from training.train import (Prepared, TrainOptions, calibrate, fit_model, lexical_scores, predict_logits, prepare,
@@ -65,6 +65,9 @@ def score_configuration(prepared: Prepared, options: TrainOptions, *, progress: 
     predicted = probabilities.argmax(1)
     result = score(prepared.labels, prepared.targets[test], predicted, confidence=probabilities.max(1),
                    threshold=calibration["threshold"], listed_at=prepared.frame["listed_at"].iloc[test])
+    result["at_threshold"]["parents"] = parent_answers(prepared.labels, probabilities, prepared.targets[test],
+                                                       threshold=calibration["threshold"],
+                                                       parent_threshold=calibration["parent_threshold"])
     result["training_offers"] = int(len(rows))
     if "lexical" in calibration:
         result["lexical_weight"] = calibration["lexical"]["weight"]
@@ -123,10 +126,10 @@ def render_ablation(report: dict) -> str:
         f"# Ablation ({report['protocol']} split, {report['test_offers']} held-out offers, "
         f"{report['categories']} categories, {report['image_size']} px)",
         "",
-        "| configuration | accuracy | macro-F1 | coverage at threshold | precision at threshold | worst month | "
-        "training offers | against the row it builds on | p-value | products better here / there | p by product | "
-        "interval by product |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| configuration | accuracy | macro-F1 | coverage at threshold | precision at threshold | "
+        "filed, leaf or parent / precision | worst month | training offers | against the row it builds on | p-value | "
+        "products better here / there | p by product | interval by product |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in report["rows"]:
         at = row.get("at_threshold", {})
@@ -144,8 +147,11 @@ def render_ablation(report: dict) -> str:
             products = f"{by_group['groups_this']} / {by_group['groups_other']}"
             p_products = f"{by_group['p_value']:.2g}"
             interval = points_interval(by_group.get("difference_interval"))
+        parents = at.get("parents")
+        with_parents = (f"{pct(parents['coverage_with_parents'])} / {pct(parents['precision_with_parents'])}"
+                        if parents and "precision_with_parents" in parents else "–")
         lines.append(f"| {row['row']} | {pct(row['accuracy'])} | {row['macro_f1']:.4f} | {pct(at.get('coverage'))} | "
-                     f"{pct(at.get('precision'))} | {worst_text} | {row['training_offers']} | {versus} | {p_value} | "
+                     f"{pct(at.get('precision'))} | {with_parents} | {worst_text} | {row['training_offers']} | {versus} | {p_value} | "
                      f"{products} | {p_products} | {interval} |")
     months = list(report["rows"][0].get("per_month", {}))
     if months:

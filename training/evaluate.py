@@ -177,7 +177,8 @@ def parent_answers(labels: tuple[str, ...], probabilities: np.ndarray, targets: 
 
     ``probabilities`` ``(N, K)`` as served, ``targets`` ``(N,)``. Returns how many uncertain offers
     get a parent reaching ``parent_threshold`` (None: none does), how often the offer's category
-    lies under it, per depth, and the share of all offers filed somewhere (leaf or parent).
+    lies under it, per depth, and the share of all offers filed somewhere (leaf or parent) with
+    the precision of those answers together.
     """
     uncertain = probabilities.max(axis=1) < threshold
     parents = ParentCategories.of(tuple(labels))
@@ -185,13 +186,16 @@ def parent_answers(labels: tuple[str, ...], probabilities: np.ndarray, targets: 
     found = parent >= 0
     right = parents.holds(targets[uncertain][found], parent[found])
     depths = parents.depths[parent[found]]
+    leaf_right = int((probabilities.argmax(axis=1) == targets)[~uncertain].sum())
+    filed = int((~uncertain).sum() + found.sum())
     return {
         "threshold": parent_threshold,
         "uncertain": int(uncertain.sum()),
         "offers": int(found.sum()),
         "right": int(right.sum()),
         "precision": float(right.mean()) if found.any() else float("nan"),
-        "coverage_with_parents": float(((~uncertain).sum() + found.sum()) / max(1, len(probabilities))),
+        "coverage_with_parents": filed / max(1, len(probabilities)),
+        "precision_with_parents": (leaf_right + int(right.sum())) / filed if filed else float("nan"),
         "by_depth": {int(depth): {"offers": int((depths == depth).sum()), "precision": float(right[depths == depth].mean())}
                      for depth in np.unique(depths)},
     }
@@ -208,15 +212,14 @@ def operating_answers(bundle: ModelBundle, probabilities: np.ndarray, targets: n
         accepted = confidence >= point["threshold"]
         parents = parent_answers(bundle.labels, probabilities, targets, threshold=point["threshold"],
                                  parent_threshold=point["parent_threshold"])
-        filed = int(accepted.sum()) + parents["offers"]
         rows.append({
             "threshold": point["threshold"],
             "calibration": point,
             "coverage": float(accepted.mean()),
             "precision": float(correct[accepted].mean()) if accepted.any() else float("nan"),
             "parents": {k: parents[k] for k in ("threshold", "uncertain", "offers", "right", "precision")},
-            "filed": filed / max(1, len(targets)),
-            "filed_precision": (int(correct[accepted].sum()) + parents["right"]) / filed if filed else float("nan"),
+            "filed": parents["coverage_with_parents"],
+            "filed_precision": parents["precision_with_parents"],
         })
     return rows
 

@@ -344,8 +344,20 @@ def test_ablation_measures_every_row(marketplace, tmp_path):
         assert by_group["groups_this"] + by_group["groups_other"] <= row["paired"]["only_this"] + row["paired"]["only_other"]
         assert by_group["difference_interval"][0] <= row["paired"]["difference"] <= by_group["difference_interval"][1]
     assert len({row["paired"]["by_group"]["groups"] for row in report["rows"][1:]}) == 1
+    # each row also says what filing its uncertain offers under a parent category adds
+    for row in report["rows"]:
+        at = row["at_threshold"]
+        parents = at["parents"]
+        assert parents["uncertain"] == round((1 - at["coverage"]) * report["test_offers"])
+        assert parents["coverage_with_parents"] == pytest.approx(at["coverage"] + parents["offers"] / report["test_offers"])
+        accepted = at["coverage"] * report["test_offers"]
+        leaf_right = at["precision"] * accepted if accepted else 0.0
+        if accepted + parents["offers"]:
+            assert parents["precision_with_parents"] == pytest.approx(
+                (leaf_right + parents["right"]) / (accepted + parents["offers"]))
     assert "| + exclusion dictionary |" in render_ablation(report)
     assert "p by product" in render_ablation(report) and "interval by product" in render_ablation(report)
+    assert "filed, leaf or parent / precision" in render_ablation(report)
 
 
 def test_tune_tracks_every_trial(marketplace, registry, tmp_path):
