@@ -156,8 +156,8 @@ def choose_threshold(
     thresholds that pass would be.
 
     If the sequence fails at its start, ``target_reached`` is False and the threshold is the lowest
-    whose own bound reaches the target, uncorrected for the scan as the sequence would have been,
-    or with none reaching it, the one with the best bound.
+    whose own bound reaches the target, without the sequence's protection against the scan (with
+    none reaching it, the one with the best bound).
     """
     probabilities, _ = apply_exclusions(_softmax(logits, temperature), exclusion)
     confidences, correct, order, offers, bound = _prefixes(probabilities, targets, confidence=confidence, groups=groups)
