@@ -23,11 +23,12 @@ PARENT_THRESHOLD_GRID = 1.0 - 0.5 * np.logspace(0.0, -4.0, 81)
 # Leaf thresholds an operator may serve at (``operating_points``): 0 to 0.9999, evenly spaced in
 # log(1 - threshold) like the parent grid.
 OPERATING_GRID = 1.0 - np.logspace(0.0, -4.0, 41)
-# Leaf thresholds are tested in a fixed sequence, strictest first, from the first one that accepts
-# this share of the offers (``choose_threshold``). The start is fixed before the labels are seen, and
-# is half rather than the few most confident offers: label errors gather there (a title filed both
-# ways is learnt confidently), and on Myntra's time split the sequence started at a tenth of the
-# offers failed there, where 49% of them had a lower bound of 99.78%.
+# Leaf and parent thresholds are tested in a fixed sequence, strictest first, from the first one
+# that files this share of the offers it judges (``choose_threshold``). The start is fixed before
+# the labels are seen, and is half rather than the few most confident offers: label errors gather
+# there (a title filed both ways is learnt confidently). On Myntra's time split a leaf sequence
+# started at a tenth of the offers failed at once, where 49% of them had a lower bound of 99.78%,
+# and a parent sequence started at the strictest candidate with enough answers failed as well.
 SEQUENCE_START_SHARE = 0.5
 
 
@@ -62,6 +63,12 @@ def fewest_offers(target_precision: float, confidence: float) -> int:
         raise ValueError("no number of offers shows a precision of 1 with a confidence bound")
     # All n right: the one-sided Clopper-Pearson lower bound is (1 - confidence) ** (1 / n)
     return int(np.ceil(np.log(1.0 - confidence) / np.log(target_precision) - 1e-9))
+
+
+def _sequence_start(judged: int, target_precision: float, confidence: float) -> int:
+    """Offers a threshold must file to open the fixed sequence over ``judged`` offers: half of them,
+    and at least as many as a perfect record needs to show the target."""
+    return max(fewest_offers(target_precision, confidence), int(np.ceil(SEQUENCE_START_SHARE * judged)))
 
 
 def _passing_run(passes: np.ndarray) -> int:
@@ -149,7 +156,7 @@ def choose_threshold(
     cannot carry a threshold that new products will miss.
 
     The thresholds are a fixed-sequence test: from the strictest one that accepts
-    :data:`SEQUENCE_START_SHARE` of the offers (and at least :func:`fewest_offers`) downwards, each
+    :data:`SEQUENCE_START_SHARE` of the offers (and at least :func:`fewest_offers`) down, each
     is accepted while its bound reaches the target, and the first that misses ends the scan. So the
     chosen threshold is below the target with at most the error rate of a single bound (5% at
     ``confidence`` 0.95), not that rate once per threshold tried, as taking the lowest of all the
@@ -165,8 +172,7 @@ def choose_threshold(
     # confidence drops can be accepted (colour variants often tie).
     ordered = confidences[order]
     ends = np.flatnonzero(np.append(ordered[1:] < ordered[:-1], True))
-    start = max(fewest_offers(target_precision, confidence), int(np.ceil(SEQUENCE_START_SHARE * len(order))))
-    tested = ends[ends + 1 >= start]
+    tested = ends[ends + 1 >= _sequence_start(len(order), target_precision, confidence)]
     passing = _passing_run(bound[tested] >= target_precision)
     if passing:  # the longest prefix (most offers) the sequence reaches
         cut = int(tested[passing - 1])
@@ -227,11 +233,11 @@ def choose_parent_threshold(
     whose summed probability reaches the candidate (``ParentCategories.confident``), right when
     the offer's category lies under it. The bound and the scan are held as for the leaf threshold
     (:func:`choose_threshold`: one-sided Clopper-Pearson at ``confidence``, by product with
-    ``groups``; a fixed sequence over :data:`PARENT_THRESHOLD_GRID`, ended by the first candidate
-    that misses). It starts at the strictest candidate answering :func:`fewest_offers`, not at a
-    share of the uncertain offers: a parent threshold that files a few of them is still worth
-    serving. A lower threshold answers a superset of the offers, some under deeper parents, so
-    precision need not fall steadily as it is lowered; the sequence stops where it first dips.
+    ``groups``; a fixed sequence over :data:`PARENT_THRESHOLD_GRID` from the strictest candidate
+    that files :data:`SEQUENCE_START_SHARE` of the uncertain offers, ended by the first that
+    misses). So a parent threshold is named only where it files at least half of them. A lower
+    threshold answers a superset of the offers, some under deeper parents, so precision need not
+    fall steadily as it is lowered; the sequence stops where it first dips.
     With the sequence failing at its start (or no uncertain offers to judge by) the threshold is
     None: naming no parent is the answer the evidence supports, and unlike the leaf threshold,
     which every bundle needs, nothing is served in its place.
@@ -248,7 +254,7 @@ def _choose_parent_threshold(parents: ParentCategories, parent: np.ndarray, prob
                              groups: np.ndarray | None) -> ParentThreshold:
     """:func:`choose_parent_threshold` on the uncertain offers' ``ParentCategories.by_depth`` arrays."""
     chosen = ParentThreshold(None, len(truth), 0, float("nan"), 0.0)
-    start = fewest_offers(target_precision, confidence)
+    start = _sequence_start(len(truth), target_precision, confidence)
     for threshold in PARENT_THRESHOLD_GRID[::-1]:  # strictest first, down to the first that misses
         answer, _ = parents.deepest(parent, probability, float(threshold))
         found = answer >= 0

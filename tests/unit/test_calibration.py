@@ -226,8 +226,8 @@ TREE = ("Men > Footwear > Shoes > Casual Shoes", "Men > Footwear > Shoes > Sport
 
 def doubting_between_shoes(n, rng):
     """Offers split between Casual and Sports Shoes, "Men > Footwear > Shoes" holding ``s`` in
-    [0.5, 1), the rest on Women's Flats; the parent is right from 0.9 up and 80% of the time below."""
-    s = rng.uniform(0.5, 1.0, n)
+    [0.85, 1), the rest on Women's Flats; the parent is right from 0.9 up and 80% of the time below."""
+    s = rng.uniform(0.85, 1.0, n)
     probabilities = np.zeros((n, len(TREE)))
     probabilities[:, 0], probabilities[:, 1], probabilities[:, 4] = 0.55 * s, 0.45 * s, 1.0 - s
     right = (s >= 0.9) | (rng.random(n) < 0.8)
@@ -254,14 +254,14 @@ def test_parent_threshold_is_the_lowest_whose_parents_reach_the_target():
 
 
 def test_the_parent_scan_stops_at_the_first_candidate_that_misses():
-    """Parents right from 0.9 up, 30 wrong just below it, right again further down: the candidates
-    below 0.9 miss 99% until the right ones dilute the 30 (from about 0.69), and by then the
-    sequence has ended."""
-    share = np.linspace(0.99, 0.5, 4900)
+    """Parents right from 0.9 up (over half the offers, so the sequence starts there), 100 wrong just
+    below it, right again further down: the candidates below 0.9 miss 99% until the right ones
+    dilute the 100 (from about 0.65), and by then the sequence has ended."""
+    share = np.concatenate([np.linspace(0.99, 0.9, 6500), np.linspace(0.8999, 0.5, 5500)])
     probabilities = np.zeros((len(share), len(TREE)))
     probabilities[:, 0], probabilities[:, 1], probabilities[:, 4] = 0.55 * share, 0.45 * share, 1.0 - share
     targets = np.zeros(len(share), dtype=int)
-    targets[np.flatnonzero(share < 0.9)[:30]] = 4  # filed under "Men > Footwear > Shoes", these are Women's Flats
+    targets[np.flatnonzero(share < 0.9)[:100]] = 4  # filed under "Men > Footwear > Shoes", these are Women's Flats
     chosen = choose_parent_threshold(probabilities, targets, TREE, leaf_threshold=0.9, target_precision=0.99)
     assert chosen.threshold == pytest.approx(0.9, abs=0.002) and chosen.precision == 1.0
     every = np.array([parents_right(probabilities, targets, threshold) for threshold in (0.8, 0.6, 0.5)])
@@ -286,8 +286,8 @@ def test_effective_totals_are_the_last_prefix_of_effective_counts():
 def easy_and_hard_doubts(rng, easy=5000, hard=250):
     """Two kinds of uncertain offers, both doubting between Casual and Sports Shoes. Easy ones (leaf
     0.79, "Men > Footwear > Shoes" 0.99) are always shoes; hard ones (leaf below 0.55, the parent
-    0.9-1) are shoes 90% of the time, always from a parent probability of 0.98."""
-    s = np.concatenate([np.full(easy, 0.99), rng.uniform(0.9, 1.0, hard)])
+    0.97-1) are shoes 90% of the time, always from a parent probability of 0.98."""
+    s = np.concatenate([np.full(easy, 0.99), rng.uniform(0.97, 1.0, hard)])
     a = np.concatenate([np.full(easy, 0.8), np.full(hard, 0.55)])
     probabilities = np.zeros((easy + hard, len(TREE)))
     probabilities[:, 0], probabilities[:, 1], probabilities[:, 4] = a * s, (1 - a) * s, 1.0 - s
