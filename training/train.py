@@ -619,8 +619,10 @@ def train_bundle(data: str | Path, out_dir: str | Path, options: TrainOptions, *
                  "%.4f (lower bound %.4f)", calibration["parent_threshold"], parents["answered"], parents["uncertain"],
                  parents["precision"], parents["precision_bound"])
     else:
-        log.warning("no parent threshold reaches the target precision %.4f on the %d uncertain offers: the model "
-                    "will name no parent category for uncertain offers", options.target_precision, parents["uncertain"])
+        log.warning("no parent threshold reaches the target precision %.4f on the %d uncertain offers (candidates "
+                    "tested strictest first, from the one filing %.0f%% of them): the model will name no parent "
+                    "category for uncertain offers", options.target_precision, parents["uncertain"],
+                    100 * SEQUENCE_START_SHARE)
     if not calibration["target_reached"]:
         log.warning("no threshold reaches the target precision %.4f on these %d offers (their accuracy %.4f; the "
                     "thresholds are tested strictest first, from the one accepting %.0f%% of them): the threshold "
