@@ -145,7 +145,7 @@ def choose_threshold(
     exclusion: np.ndarray | None = None,
     groups: np.ndarray | None = None,
 ) -> Threshold:
-    """Lowest confidence threshold whose accepted offers reach ``target_precision``.
+    """Lowest confidence threshold the fixed sequence below certifies at ``target_precision``.
 
     The confidences are those serving will see: softmax at ``temperature``, then the exclusion
     mask ``(N, K)`` if given. With ``confidence`` > 0 the target must be met by the one-sided
@@ -226,7 +226,7 @@ def choose_parent_threshold(
     confidence: float = 0.0,
     groups: np.ndarray | None = None,
 ) -> ParentThreshold:
-    """Lowest threshold on a parent category's probability whose answers reach ``target_precision``.
+    """Lowest threshold on a parent category's probability the fixed sequence certifies at ``target_precision``.
 
     ``probabilities`` ``(N, K)`` as served (temperature, exclusion mask), ``targets`` ``(N,)``. Only
     the offers below ``leaf_threshold`` are filed under a parent: each under the deepest parent
