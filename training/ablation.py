@@ -65,6 +65,11 @@ def score_configuration(prepared: Prepared, options: TrainOptions, *, progress: 
     predicted = probabilities.argmax(1)
     result = score(prepared.labels, prepared.targets[test], predicted, confidence=probabilities.max(1),
                    threshold=calibration["threshold"], listed_at=prepared.frame["listed_at"].iloc[test])
+    # Certified: the threshold's precision bound held its target in the fixed sequence; otherwise
+    # the row serves the uncorrected choice (see choose_threshold) and the table says so
+    result["at_threshold"]["certified"] = bool(calibration["target_reached"])
+    result["at_threshold"]["threshold"] = float(calibration["threshold"])
+    result["at_threshold"]["parent_threshold"] = calibration["parent_threshold"]
     result["at_threshold"]["parents"] = parent_answers(prepared.labels, probabilities, prepared.targets[test],
                                                        threshold=calibration["threshold"],
                                                        parent_threshold=calibration["parent_threshold"])
@@ -122,6 +127,12 @@ def render_ablation(report: dict) -> str:
     def pct(value):
         return "–" if value is None or value != value else f"{100 * value:.2f}%"
 
+    notes = []
+    if any(row.get("at_threshold", {}).get("certified") is False for row in report["rows"]):
+        notes = ["", "Not certified: no threshold's 95% precision bound reached the target from the start of the "
+                 "fixed sequence on this row's validation offers; the row serves the lowest threshold whose own "
+                 "bound passes, uncorrected for the thresholds tried (with none passing, the one with the best "
+                 "bound)."]
     lines = [
         f"# Ablation ({report['protocol']} split, {report['test_offers']} held-out offers, "
         f"{report['categories']} categories, {report['image_size']} px)",
@@ -150,9 +161,11 @@ def render_ablation(report: dict) -> str:
         parents = at.get("parents")
         with_parents = (f"{pct(parents['coverage_with_parents'])} / {pct(parents['precision_with_parents'])}"
                         if parents and "precision_with_parents" in parents else "–")
-        lines.append(f"| {row['row']} | {pct(row['accuracy'])} | {row['macro_f1']:.4f} | {pct(at.get('coverage'))} | "
+        coverage = pct(at.get("coverage")) + (" (not certified)" if at.get("certified") is False else "")
+        lines.append(f"| {row['row']} | {pct(row['accuracy'])} | {row['macro_f1']:.4f} | {coverage} | "
                      f"{pct(at.get('precision'))} | {with_parents} | {worst_text} | {row['training_offers']} | {versus} | {p_value} | "
                      f"{products} | {p_products} | {interval} |")
+    lines += notes
     months = list(report["rows"][0].get("per_month", {}))
     if months:
         lines += ["", "## Accuracy per listing month", "", "| configuration | " + " | ".join(months) + " |",

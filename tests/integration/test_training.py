@@ -358,6 +358,15 @@ def test_ablation_measures_every_row(marketplace, tmp_path):
     assert "| + exclusion dictionary |" in render_ablation(report)
     assert "p by product" in render_ablation(report) and "interval by product" in render_ablation(report)
     assert "filed, leaf or parent / precision" in render_ablation(report)
+    # and whether its threshold was certified by the fixed sequence or is the uncorrected fallback
+    for row in report["rows"]:
+        assert isinstance(row["at_threshold"]["certified"], bool) and 0 < row["at_threshold"]["threshold"] <= 1
+    uncertified = dict(report, rows=[dict(row, at_threshold=dict(row["at_threshold"], certified=False))
+                                     for row in report["rows"][:1]])
+    assert "(not certified)" in render_ablation(uncertified) and "Not certified:" in render_ablation(uncertified)
+    certified = dict(report, rows=[dict(row, at_threshold=dict(row["at_threshold"], certified=True))
+                                   for row in report["rows"][:1]])
+    assert "certified" not in render_ablation(certified).lower()
 
 
 def test_tune_tracks_every_trial(marketplace, registry, tmp_path):
