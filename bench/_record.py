@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
-import platform
 from pathlib import Path
+
+from training.machine import describe_machine  # the scripts put the repository on sys.path first
 
 
 def record(benchmark: str, report: dict, out_dir: Path) -> Path:
     """Write ``report`` (with ``benchmark``, ``when`` and ``machine`` put first) to a new file in ``out_dir``."""
     now = dt.datetime.now(dt.timezone.utc)
-    stamped = {"benchmark": benchmark, "when": now.isoformat(timespec="seconds"),
-               "machine": {"cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-                           "platform": platform.platform(), "python": platform.python_version()},
+    stamped = {"benchmark": benchmark, "when": now.isoformat(timespec="seconds"), "machine": describe_machine(),
                **report}
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{benchmark}-{now:%Y%m%dT%H%M%S}.json"

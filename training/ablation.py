@@ -22,6 +22,7 @@ import numpy as np
 
 from catstream.decision import apply_exclusions, softmax
 from training.evaluate import parent_answers, points_interval, score
+from training.machine import describe_machine
 from training.significance import paired_comparison
 from training.splits import title_groups
 from training.train import (Prepared, TrainOptions, calibrate, fit_model, lexical_scores, predict_logits, prepare,
@@ -89,7 +90,8 @@ def run_ablation(data: str | Path, work_dir: str | Path, options: TrainOptions, 
     work_dir.mkdir(parents=True, exist_ok=True)
     prepared = prepare(data, work_dir, options, progress=progress)
     report = {"data": str(Path(data).resolve()), "protocol": options.split, "image_size": options.image_size,
-              "test_offers": int(len(prepared.split.test)), "categories": len(prepared.labels), "rows": []}
+              "test_offers": int(len(prepared.split.test)), "categories": len(prepared.labels),
+              "machine": describe_machine(), "rows": []}
     cleaning = options.cleaning if options.cleaning != "off" else "drop"
     # Rows are also compared product by product: colour variants are right or wrong together
     groups = title_groups(prepared.frame["title"].iloc[prepared.split.test])
@@ -137,6 +139,7 @@ def render_ablation(report: dict) -> str:
         f"# Ablation ({report['protocol']} split, {report['test_offers']} held-out offers, "
         f"{report['categories']} categories, {report['image_size']} px)",
         "",
+        *_machine_line(report.get("machine")),
         "| configuration | accuracy | macro-F1 | coverage at threshold | precision at threshold | "
         "filed, leaf or parent / precision | worst month | training offers | against the row it builds on | p-value | "
         "products better here / there | p by product | interval by product |",
@@ -174,6 +177,18 @@ def render_ablation(report: dict) -> str:
         for row in report["rows"]:
             lines.append(f"| {row['row']} | " + " | ".join(pct(row["per_month"].get(m, {}).get("accuracy")) for m in months) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _machine_line(machine: dict | None) -> list[str]:
+    """The machine the rows were measured on: seeded rows reproduce to the digit on the same CPU
+    and its libraries, not across CPUs (see :mod:`training.machine`)."""
+    if not machine:
+        return []
+    versions = ", ".join(f"{name} {version}" for name, version in machine.get("versions", {}).items())
+    features = ", ".join(machine.get("cpu_features", []))
+    capability = f"; torch uses {machine['torch_cpu_capability']}" if machine.get("torch_cpu_capability") else ""
+    return [f"Measured on {machine['cpu']} ({machine['cpus']} cores; {features or 'no vector extensions listed'}"
+            f"{capability}); {versions}.", ""]
 
 
 def write_ablation(report: dict, out_dir: str | Path) -> tuple[Path, Path]:

@@ -61,6 +61,7 @@ from training.cleaning import CLEANING_MODES, find_issues, out_of_sample_probabi
 from training.export import check_parity, export_onnx
 from training.history import HistoryStore, season_balanced_weights
 from training.lexical import choose_lexical_weight, fit_lexical
+from training.machine import describe_machine
 from training.shops import estimate_shop_weights
 from training.splits import Split, SplitSpec, assign_folds, split_offers, title_groups
 
@@ -684,6 +685,7 @@ def train_bundle(data: str | Path, out_dir: str | Path, options: TrainOptions, *
             "seconds": round(time.monotonic() - started, 1),
             "device": str(prepared.device),
             "threads": options.threads,
+            "machine": describe_machine(),
         },
     }
     (out_dir / "config.json").write_text(json.dumps(bundle_config, ensure_ascii=False, indent=2, default=str))

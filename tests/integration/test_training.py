@@ -11,6 +11,7 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from catstream.bundle import TRAINING_OFFERS_FILE, ModelBundle
 from catstream.features import Featurizer
@@ -49,6 +50,7 @@ def test_first_registered_version_becomes_champion_and_the_run_is_complete(champ
     parents = first.report["results"]["catstream"]["at_threshold"]["parents"]
     assert run.data.metrics["test_catstream_parent_offers"] == parents["offers"]
     assert run.data.metrics["validation_parent_uncertain"] == first.config["training"]["validation"]["parents"]["uncertain"]
+    assert first.config["training"]["machine"]["cpus"] >= 1 and "numpy" in first.config["training"]["machine"]["versions"]
     artifacts = {a.path for a in client.list_artifacts(first.run_id, "bundle")}
     assert {"bundle/model.onnx", "bundle/config.json", "bundle/shops.json"} <= artifacts
     assert {a.path for a in client.list_artifacts(first.run_id, "evaluation")} == {
@@ -358,6 +360,11 @@ def test_ablation_measures_every_row(marketplace, tmp_path):
     assert "| + exclusion dictionary |" in render_ablation(report)
     assert "p by product" in render_ablation(report) and "interval by product" in render_ablation(report)
     assert "filed, leaf or parent / precision" in render_ablation(report)
+    # and the machine they were measured on: seeded rows reproduce on the same CPU, not across CPUs
+    machine = report["machine"]
+    assert machine["cpu"] and machine["versions"]["torch"].split("+")[0] == torch.__version__.split("+")[0]
+    assert machine["torch_cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert f"Measured on {machine['cpu']} ({machine['cpus']} cores; " in render_ablation(report)
     # and whether its threshold was certified by the fixed sequence or is the uncorrected fallback
     for row in report["rows"]:
         assert isinstance(row["at_threshold"]["certified"], bool) and 0 < row["at_threshold"]["threshold"] <= 1
