@@ -374,6 +374,13 @@ def test_ablation_measures_every_row(marketplace, tmp_path):
     certified = dict(report, rows=[dict(row, at_threshold=dict(row["at_threshold"], certified=True))
                                    for row in report["rows"][:1]])
     assert "certified" not in render_ablation(certified).lower()
+    # a row without a parent threshold files leaf answers alone, and says so
+    no_parent = dict(report, rows=[dict(row, at_threshold=dict(row["at_threshold"], parents=dict(
+        row["at_threshold"]["parents"], threshold=None))) for row in report["rows"][:1]])
+    assert "(no parent threshold)" in render_ablation(no_parent)
+    with_parent = dict(report, rows=[dict(row, at_threshold=dict(row["at_threshold"], parents=dict(
+        row["at_threshold"]["parents"], threshold=0.9))) for row in report["rows"][:1]])
+    assert "(no parent threshold)" not in render_ablation(with_parent)
 
 
 def test_tune_tracks_every_trial(marketplace, registry, tmp_path):
