@@ -162,10 +162,11 @@ def render_ablation(report: dict) -> str:
             p_products = f"{by_group['p_value']:.2g}"
             interval = points_interval(by_group.get("difference_interval"))
         parents = at.get("parents")
-        with_parents = (f"{pct(parents['coverage_with_parents'])} / {pct(parents['precision_with_parents'])}"
-                        if parents and "precision_with_parents" in parents else "–")
-        if parents and parents.get("threshold") is None and with_parents != "–":
-            with_parents += " (no parent threshold)"  # the leaf answers alone: no parent threshold held its bound
+        with_parents = "–"
+        if parents and "precision_with_parents" in parents:
+            with_parents = f"{pct(parents['coverage_with_parents'])} / {pct(parents['precision_with_parents'])}"
+            if parents.get("threshold") is None:  # the leaf answers alone: no parent threshold held its bound
+                with_parents += " (no parent threshold)"
         coverage = pct(at.get("coverage")) + (" (not certified)" if at.get("certified") is False else "")
         lines.append(f"| {row['row']} | {pct(row['accuracy'])} | {row['macro_f1']:.4f} | {coverage} | "
                      f"{pct(at.get('precision'))} | {with_parents} | {worst_text} | {row['training_offers']} | {versus} | {p_value} | "
