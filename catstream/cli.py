@@ -126,6 +126,9 @@ def _build_parser() -> argparse.ArgumentParser:
                           help="also train the full model without ImageNet weights")
     ablation.add_argument("--without-char-ngrams", action="store_true",
                           help="also train the full model without the title's character n-grams")
+    ablation.add_argument("--fresh", action="store_true",
+                          help="train every row again; by default a rerun in the same --out reuses the rows an "
+                               "interrupted run finished with the same settings, data and machine (OUT/work/rows/)")
 
     tune = commands.add_parser("tune", help="random search over learning rate, fusion width and dropout (MLflow)")
     tune.add_argument("--data", required=True, type=Path, help="labeled offer file or history store")
@@ -459,7 +462,8 @@ def _cmd_ablation(args) -> int:
 
     sizes = [int(v) for v in args.image_sizes.split(",") if v.strip()]
     report = run_ablation(args.data, args.out / "work", _training_options(args), image_sizes=sizes,
-                          without_pretrained=args.without_pretrained, without_char_ngrams=args.without_char_ngrams)
+                          without_pretrained=args.without_pretrained, without_char_ngrams=args.without_char_ngrams,
+                          fresh=args.fresh)
     json_path, md_path = write_ablation(report, args.out)
     print(md_path.read_text().split("\n## ")[0].strip())
     print(f"\nreport: {md_path} and {json_path}")

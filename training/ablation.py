@@ -8,13 +8,22 @@ validation data. Each row is compared offer by offer with the row it builds on (
 with the full model): the exact McNemar p-value says whether its step is more than the noise of
 one test set. Scoring uses the PyTorch model (the ONNX export of the same weights agrees to
 about 1e-6, see the export parity check).
+
+A full ablation trains seven to ten rows (17-25 minutes on the shared data on 2 cores). Each
+finished row is saved under the work directory (``rows/``) with a key over everything that decides
+its figures: the row, its resolved options, the labeled offers, the test offers and the machine
+(seeded rows reproduce on the same CPU and libraries, not across them). Running the same command
+again after an interruption reuses the rows whose key matches and trains the rest; ``fresh=True``
+trains all.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -28,11 +37,14 @@ from training.splits import title_groups
 from training.train import (Prepared, TrainOptions, calibrate, fit_model, lexical_scores, predict_logits, prepare,
                             training_rows)
 
-__all__ = ["ABLATION_ROWS", "run_ablation", "render_ablation", "score_configuration"]
+__all__ = ["ABLATION_ROWS", "ROWS_DIR", "run_ablation", "render_ablation", "score_configuration"]
 
 log = logging.getLogger(__name__)
 
 CLEANED = "cleaned"  # the run's --cleaning mode, or drop when it is off (the default)
+ROWS_DIR = "rows"  # under the work directory: one finished row per file, reused by a rerun
+# The machine facts that decide a seeded row's figures (the kernel's platform string does not)
+_MACHINE_KEYS = ("cpu", "cpu_features", "cpus", "torch_cpu_capability", "torch_threads", "cuda_device", "versions")
 
 ABLATION_ROWS: tuple[tuple[str, dict], ...] = (
     ("title only", dict(inputs=("title",), season_balance=False, cleaning="off", use_exclusions=False, lexical=False)),
@@ -84,23 +96,40 @@ def score_configuration(prepared: Prepared, options: TrainOptions, *, progress: 
 
 
 def run_ablation(data: str | Path, work_dir: str | Path, options: TrainOptions, *, image_sizes: list[int] = (),
-                 without_pretrained: bool = False, without_char_ngrams: bool = False, progress: bool = True) -> dict:
-    """The ablation report (see :func:`render_ablation`)."""
+                 without_pretrained: bool = False, without_char_ngrams: bool = False, fresh: bool = False,
+                 progress: bool = True) -> dict:
+    """The ablation report (see :func:`render_ablation`).
+
+    Rows finished by an earlier run in ``work_dir`` with the same key are reused (``fresh`` trains
+    every row again); the report lists them under ``reused_rows``.
+    """
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     prepared = prepare(data, work_dir, options, progress=progress)
+    machine = describe_machine()
     report = {"data": str(Path(data).resolve()), "protocol": options.split, "image_size": options.image_size,
               "test_offers": int(len(prepared.split.test)), "categories": len(prepared.labels),
-              "machine": describe_machine(), "rows": []}
+              "machine": machine, "rows": [], "reused_rows": []}
+    checkpoints = _RowCheckpoints(work_dir / ROWS_DIR, prepared, machine, fresh=fresh)
     cleaning = options.cleaning if options.cleaning != "off" else "drop"
     # Rows are also compared product by product: colour variants are right or wrong together
     groups = title_groups(prepared.frame["title"].iloc[prepared.split.test])
+
+    def measure(name: str, variant: TrainOptions, prepare_variant) -> tuple[dict, np.ndarray]:
+        """The row's result and which test offers it got right: from its checkpoint, or trained now."""
+        if (saved := checkpoints.load(name, variant)) is not None:
+            report["reused_rows"].append(name)
+            return saved
+        result, correct = score_configuration(prepare_variant(), variant, progress=progress)
+        checkpoints.save(name, variant, result, correct)
+        return result, correct
+
     previous = None
     for name, overrides in ABLATION_ROWS:
         log.info("ablation row: %s", name)
         if overrides.get("cleaning") == CLEANED:
             overrides = overrides | {"cleaning": cleaning}
-        result, correct = score_configuration(prepared, dataclasses.replace(options, **overrides), progress=progress)
+        result, correct = measure(name, dataclasses.replace(options, **overrides), lambda: prepared)
         if previous is not None:
             result["paired"] = {"against": previous[0]} | paired_comparison(correct, previous[1], groups=groups)
         report["rows"].append({"row": name} | result)
@@ -115,14 +144,67 @@ def run_ablation(data: str | Path, work_dir: str | Path, options: TrainOptions, 
         extra.append(("full model without character n-grams", dataclasses.replace(options, char_buckets=0)))
     for name, variant in extra:
         log.info("ablation row: %s", name)
-        variant_prepared = prepare(data, work_dir / name.replace(" ", "-"), variant, progress=progress)
-        if not np.array_equal(variant_prepared.frame["offer_id"].iloc[variant_prepared.split.test],
-                              prepared.frame["offer_id"].iloc[prepared.split.test]):
-            raise RuntimeError(f"{name}: the test offers differ from the other rows'; the rows cannot be compared")
-        result, correct = score_configuration(variant_prepared, variant, progress=progress)
+
+        def prepare_variant(name=name, variant=variant) -> Prepared:
+            variant_prepared = prepare(data, work_dir / name.replace(" ", "-"), variant, progress=progress)
+            if not np.array_equal(variant_prepared.frame["offer_id"].iloc[variant_prepared.split.test],
+                                  prepared.frame["offer_id"].iloc[prepared.split.test]):
+                raise RuntimeError(f"{name}: the test offers differ from the other rows'; the rows cannot be compared")
+            return variant_prepared
+
+        result, correct = measure(name, variant, prepare_variant)
         result["paired"] = {"against": full_model[0]} | paired_comparison(correct, full_model[1], groups=groups)
         report["rows"].append({"row": name} | result)
     return report
+
+
+class _RowCheckpoints:
+    """Finished ablation rows on disk, one JSON file each: the result and which test offers it got right.
+
+    A row is reused only when its key matches: the row's name, its resolved options, the labeled
+    offers (:func:`~training.train.data_fingerprint`), the test offers and the machine.
+    """
+
+    def __init__(self, directory: Path, prepared: Prepared, machine: dict, *, fresh: bool):
+        self.directory = directory
+        self.fresh = fresh
+        test_ids = prepared.frame["offer_id"].iloc[prepared.split.test].tolist()
+        self._common = {"data": prepared.report["fingerprint"],
+                        "test": hashlib.sha256("\x1f".join(test_ids).encode()).hexdigest()[:16],
+                        "test_offers": len(test_ids), "machine": {k: machine.get(k) for k in _MACHINE_KEYS}}
+
+    def key(self, name: str, options: TrainOptions) -> str:
+        spec = self._common | {"row": name, "options": options.to_dict()}
+        return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+    def path(self, name: str) -> Path:
+        return self.directory / f"{name.strip('+ ').replace(' ', '-')}.json"
+
+    def load(self, name: str, options: TrainOptions) -> tuple[dict, np.ndarray] | None:
+        path = self.path(name)
+        if self.fresh or not path.is_file():
+            return None
+        try:
+            saved = json.loads(path.read_text())
+            correct = np.frombuffer(saved["correct"].encode(), dtype=np.uint8) == ord("1")
+        except (OSError, ValueError, KeyError, AttributeError) as error:
+            log.warning("ablation row '%s': checkpoint %s unreadable (%s); measuring it again", name, path, error)
+            return None
+        if saved.get("key") != self.key(name, options) or len(correct) != self._common["test_offers"]:
+            log.info("ablation row '%s': checkpoint %s was measured with other settings, data or machine; "
+                     "measuring it again", name, path)
+            return None
+        log.info("ablation row '%s': reusing the result finished at %s (%s)", name, saved.get("finished"), path)
+        return saved["result"], correct
+
+    def save(self, name: str, options: TrainOptions, result: dict, correct: np.ndarray) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        path = self.path(name)
+        record = {"row": name, "key": self.key(name, options), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                  "result": result, "correct": "".join("1" if right else "0" for right in correct)}
+        temporary = path.with_suffix(f".{os.getpid()}.tmp")  # a crash mid-write never leaves half a row
+        temporary.write_text(json.dumps(record))
+        temporary.replace(path)
 
 
 def render_ablation(report: dict) -> str:
@@ -172,6 +254,10 @@ def render_ablation(report: dict) -> str:
                      f"{pct(at.get('precision'))} | {with_parents} | {worst_text} | {row['training_offers']} | {versus} | {p_value} | "
                      f"{products} | {p_products} | {interval} |")
     lines += notes
+    if report.get("reused_rows"):
+        lines += ["", "Carried over from an earlier run of the same command in the same work directory (same "
+                  "settings, data, test offers and machine; the run was interrupted or extended): "
+                  + ", ".join(f"'{name}'" for name in report["reused_rows"]) + "."]
     months = list(report["rows"][0].get("per_month", {}))
     if months:
         lines += ["", "## Accuracy per listing month", "", "| configuration | " + " | ".join(months) + " |",

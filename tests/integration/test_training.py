@@ -383,6 +383,41 @@ def test_ablation_measures_every_row(marketplace, tmp_path):
     assert "(no parent threshold)" not in render_ablation(with_parent)
 
 
+
+def test_ablation_rerun_reuses_finished_rows(marketplace, tmp_path):
+    """An interrupted ablation resumes: a rerun in the same work directory reuses the rows finished
+    with the same key and trains only the missing or stale ones, to the same figures."""
+    from training.ablation import ABLATION_ROWS, ROWS_DIR, render_ablation, run_ablation
+
+    options = small_training_options(tmp_path / "cache", epochs=2, cleaning="off")
+    first = run_ablation(marketplace, tmp_path, options, progress=False)
+    assert first["reused_rows"] == [] and "Carried over" not in render_ablation(first)
+    saved = sorted((tmp_path / ROWS_DIR).glob("*.json"))
+    assert len(saved) == len(ABLATION_ROWS)
+
+    def figures(report):  # as JSON text: a NaN (no parent answers) equals itself there
+        return json.dumps([{k: v for k, v in row.items() if k != "seconds"} for row in report["rows"]])
+
+    again = run_ablation(marketplace, tmp_path, options, progress=False)
+    assert again["reused_rows"] == [name for name, _ in ABLATION_ROWS]
+    assert figures(again) == figures(first)  # the paired comparisons too: the right/wrong offers were kept
+    assert "Carried over from an earlier run" in render_ablation(again)
+
+    # a lost row and a row recorded under other settings are trained again, to the same figures
+    (tmp_path / ROWS_DIR / "image.json").unlink()
+    stale = tmp_path / ROWS_DIR / "title-only.json"
+    stale.write_text(json.dumps(json.loads(stale.read_text()) | {"key": "other settings"}))
+    (tmp_path / ROWS_DIR / "mall-category.json").write_text("{half a row")
+    resumed = run_ablation(marketplace, tmp_path, options, progress=False)
+    assert resumed["reused_rows"] == [name for name, _ in ABLATION_ROWS
+                                      if name not in ("title only", "+ mall category", "+ image")]
+    assert figures(resumed) == figures(first)
+
+    # other options, or fresh=True, reuse nothing
+    assert run_ablation(marketplace, tmp_path, small_training_options(tmp_path / "cache", epochs=1, cleaning="off"),
+                        progress=False)["reused_rows"] == []
+    assert run_ablation(marketplace, tmp_path, options, fresh=True, progress=False)["reused_rows"] == []
+
 def test_tune_tracks_every_trial(marketplace, registry, tmp_path):
     from training.tune import tune
 
