@@ -187,7 +187,7 @@ class _RowCheckpoints:
         try:
             saved = json.loads(path.read_text())
             correct = np.frombuffer(saved["correct"].encode(), dtype=np.uint8) == ord("1")
-        except (OSError, ValueError, KeyError, AttributeError) as error:
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
             log.warning("ablation row '%s': checkpoint %s unreadable (%s); measuring it again", name, path, error)
             return None
         if saved.get("key") != self.key(name, options) or len(correct) != self._common["test_offers"]:
