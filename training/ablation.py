@@ -34,8 +34,8 @@ from training.evaluate import parent_answers, points_interval, score
 from training.machine import describe_machine
 from training.significance import paired_comparison
 from training.splits import title_groups
-from training.train import (Prepared, TrainOptions, calibrate, fit_model, lexical_scores, predict_logits, prepare,
-                            training_rows)
+from training.train import (Prepared, TrainOptions, calibrate, data_fingerprint, fit_model, lexical_scores,
+                            predict_logits, prepare, training_rows)
 
 __all__ = ["ABLATION_ROWS", "ROWS_DIR", "run_ablation", "render_ablation", "score_configuration"]
 
@@ -168,10 +168,9 @@ class _RowCheckpoints:
     def __init__(self, directory: Path, prepared: Prepared, machine: dict, *, fresh: bool):
         self.directory = directory
         self.fresh = fresh
-        test_ids = prepared.frame["offer_id"].iloc[prepared.split.test].tolist()
         self._common = {"data": prepared.report["fingerprint"],
-                        "test": hashlib.sha256("\x1f".join(test_ids).encode()).hexdigest()[:16],
-                        "test_offers": len(test_ids), "machine": {k: machine.get(k) for k in _MACHINE_KEYS}}
+                        "test": data_fingerprint(prepared.frame.iloc[prepared.split.test]),
+                        "test_offers": len(prepared.split.test), "machine": {k: machine.get(k) for k in _MACHINE_KEYS}}
 
     def key(self, name: str, options: TrainOptions) -> str:
         spec = self._common | {"row": name, "options": options.to_dict()}
