@@ -400,6 +400,9 @@ def _cmd_train(args) -> int:
         print(f"  parent threshold {config['parent_threshold']:.3f}: {parents['answered']} of {parents['uncertain']} "
               f"uncertain offers filed under a parent category at precision {parents['precision']:.4f} "
               f"(lower bound {parents['precision_bound']:.4f})")
+    elif parents and not parents["uncertain"]:
+        print(f"  no {held_out} offer is left uncertain, so there is no parent threshold: "
+              "the model names no parent category")
     elif parents:
         print(f"  no parent threshold reaches the target on the {parents['uncertain']} uncertain offers: "
               "the model names no parent category")

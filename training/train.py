@@ -619,6 +619,9 @@ def train_bundle(data: str | Path, out_dir: str | Path, options: TrainOptions, *
         log.info("parent threshold %.4f: %d of the %d uncertain offers filed under a parent category at precision "
                  "%.4f (lower bound %.4f)", calibration["parent_threshold"], parents["answered"], parents["uncertain"],
                  parents["precision"], parents["precision_bound"])
+    elif not parents["uncertain"]:
+        log.info("the threshold leaves none of the %d held-out offers uncertain, so no parent threshold can be chosen: "
+                 "the model will name no parent category for uncertain offers", calibration["offers"])
     else:
         log.warning("no parent threshold reaches the target precision %.4f on the %d uncertain offers (candidates "
                     "tested strictest first, from the one filing %.0f%% of them): the model will name no parent "
