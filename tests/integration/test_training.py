@@ -383,7 +383,6 @@ def test_ablation_measures_every_row(marketplace, tmp_path):
     assert "(no parent threshold)" not in render_ablation(with_parent)
 
 
-
 def test_ablation_rerun_reuses_finished_rows(marketplace, tmp_path):
     """An interrupted ablation resumes: a rerun in the same work directory reuses the rows finished
     with the same key and trains only the missing or stale ones, to the same figures."""
@@ -417,6 +416,7 @@ def test_ablation_rerun_reuses_finished_rows(marketplace, tmp_path):
     assert run_ablation(marketplace, tmp_path, small_training_options(tmp_path / "cache", epochs=1, cleaning="off"),
                         progress=False)["reused_rows"] == []
     assert run_ablation(marketplace, tmp_path, options, fresh=True, progress=False)["reused_rows"] == []
+
 
 def test_tune_tracks_every_trial(marketplace, registry, tmp_path):
     from training.tune import tune
