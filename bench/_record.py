@@ -11,9 +11,13 @@ from training.machine import describe_machine  # the scripts put the repository 
 
 def record(benchmark: str, report: dict, out_dir: Path) -> Path:
     """Write ``report`` (with ``benchmark``, ``when`` and ``machine`` put first) to a new file in ``out_dir``."""
-    now = dt.datetime.now(dt.timezone.utc)
-    stamped = {"benchmark": benchmark, "when": now.isoformat(timespec="seconds"), "machine": describe_machine(),
-               **report}
+    now = dt.datetime.now(dt.UTC)
+    stamped = {
+        "benchmark": benchmark,
+        "when": now.isoformat(timespec="seconds"),
+        "machine": describe_machine(),
+        **report,
+    }
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{benchmark}-{now:%Y%m%dT%H%M%S}.json"
     path.write_text(json.dumps(stamped, indent=2))

@@ -31,11 +31,11 @@ sys.path.insert(0, str(REPO))
 
 from _record import record  # noqa: E402  (bench/, the script's own folder)
 
-from catstream.bundle import BundleError, ModelBundle  # noqa: E402
-from catstream.features import Featurizer  # noqa: E402
-from catstream.lexical import LexicalModel  # noqa: E402
-from catstream.offer_files import OfferFileError, offers_from_frame, read_offer_file  # noqa: E402
-from catstream.text import forget_remembered_grams  # noqa: E402
+from core.bundle import BundleError, ModelBundle  # noqa: E402
+from core.features import Featurizer  # noqa: E402
+from core.lexical import LexicalModel  # noqa: E402
+from core.offer_files import OfferFileError, offers_from_frame, read_offer_file  # noqa: E402
+from core.text import forget_remembered_grams  # noqa: E402
 
 MYNTRA = REPO.parent / "shared" / "datasets" / "myntra-fashion" / "offers.csv"
 
@@ -45,8 +45,12 @@ def main() -> None:
     parser.add_argument("--model", type=Path, required=True, help="model bundle (a `catstream train` output)")
     parser.add_argument("--data", type=Path, default=MYNTRA, help="offer file (default: the shared Myntra offers)")
     parser.add_argument("--offers", type=int, default=2_000, help="offers timed (default: %(default)s)")
-    parser.add_argument("--warm-offers", type=int, default=5_000,
-                        help="other offers featurised before the warm runs (default: %(default)s)")
+    parser.add_argument(
+        "--warm-offers",
+        type=int,
+        default=5_000,
+        help="other offers featurised before the warm runs (default: %(default)s)",
+    )
     parser.add_argument("--passes", type=int, default=5, help="timed passes per way (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results", help="JSON output directory")
     args = parser.parse_args()
@@ -57,7 +61,7 @@ def main() -> None:
     except (BundleError, OfferFileError) as error:
         sys.exit(f"error: {error}")
     offers = list(offers_from_frame(frame.sample(frac=1.0, random_state=1).reset_index(drop=True)))
-    timed_offers, warm_offers = offers[:args.offers], offers[args.offers:args.offers + args.warm_offers]
+    timed_offers, warm_offers = offers[: args.offers], offers[args.offers : args.offers + args.warm_offers]
     if len(timed_offers) < args.offers:
         sys.exit(f"error: {args.data} has {len(offers)} offers, fewer than --offers {args.offers}")
     base_dir = args.data.parent
@@ -92,13 +96,21 @@ def main() -> None:
 
     us = {name: float(np.median(values)) / len(timed_offers) * 1e6 for name, values in seconds.items()}
     baseline = us["no caches"]
-    path = record("featurize", {
-        "model": str(args.model.resolve()), "data": str(args.data.resolve()), "offers": len(timed_offers),
-        "warm_offers": len(warm_offers), "passes": args.passes,
-        "us_per_offer_median": {name: round(value, 1) for name, value in us.items()},
-        "us_per_offer_passes": {name: [round(s / len(timed_offers) * 1e6, 1) for s in values]
-                                for name, values in seconds.items()},
-    }, args.out)
+    path = record(
+        "featurize",
+        {
+            "model": str(args.model.resolve()),
+            "data": str(args.data.resolve()),
+            "offers": len(timed_offers),
+            "warm_offers": len(warm_offers),
+            "passes": args.passes,
+            "us_per_offer_median": {name: round(value, 1) for name, value in us.items()},
+            "us_per_offer_passes": {
+                name: [round(s / len(timed_offers) * 1e6, 1) for s in values] for name, values in seconds.items()
+            },
+        },
+        args.out,
+    )
     print(f"\n{len(timed_offers):,} offers of {args.data}, median of {args.passes} passes")
     print(f"{'way':<34}{'µs/offer':>10}{'speed-up':>10}")
     for name, value in us.items():
@@ -108,8 +120,8 @@ def main() -> None:
 
 def _check_same_inputs(reference: list, other: list) -> None:
     """Both ways must give the same model inputs (the lexical scores to float32 rounding)."""
-    for a, b in zip(reference, other):
-        for name in ("image", "title_ids", "mall_ids", "title_grams", "exclusion_mask"):
+    for a, b in zip(reference, other, strict=True):
+        for name in ("image", "title_ids", "mall_ids", "title_grams", "exclusion"):
             if not np.array_equal(getattr(a, name), getattr(b, name)):
                 sys.exit(f"error: the cached path changed {name}")
         np.testing.assert_allclose(a.lexical, b.lexical, rtol=1e-4, atol=1e-4, err_msg="lexical scores disagree")

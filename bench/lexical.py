@@ -35,9 +35,9 @@ sys.path.insert(0, str(REPO))
 
 from _record import record  # noqa: E402  (bench/, the script's own folder)
 
-from catstream.bundle import ModelBundle  # noqa: E402
-from catstream.lexical import MALL_CACHE, LexicalModel  # noqa: E402
-from catstream.offer_files import OfferFileError, read_offer_file  # noqa: E402
+from core.bundle import ModelBundle  # noqa: E402
+from core.lexical import MALL_CACHE, LexicalModel  # noqa: E402
+from core.offer_files import OfferFileError, read_offer_file  # noqa: E402
 from training.lexical import fit_lexical  # noqa: E402
 
 MYNTRA = REPO.parent / "shared" / "datasets" / "myntra-fashion" / "offers.csv"
@@ -48,8 +48,10 @@ def scikit_learn_scorer(model: LexicalModel):
     vectorizers = [field.vectorizer() for field in model.fields]
 
     def score(title: str, mall: str) -> np.ndarray:
-        rows = [vectorizer.transform([title if field.source == "title" else mall])
-                for field, vectorizer in zip(model.fields, vectorizers)]
+        rows = [
+            vectorizer.transform([title if field.source == "title" else mall])
+            for field, vectorizer in zip(model.fields, vectorizers, strict=True)
+        ]
         return np.asarray(sparse.hstack(rows).tocsr() @ model.coef, dtype=np.float32)[0] + model.intercept
 
     return score
@@ -66,12 +68,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, help="bundle whose lexical model to use (default: fit one on --data)")
     parser.add_argument("--data", type=Path, default=MYNTRA, help="offer file (default: the shared Myntra offers)")
-    parser.add_argument("--label-columns", default="gender,master_category,sub_category,article_type",
-                        help="label path when fitting a model (default: %(default)s)")
+    parser.add_argument(
+        "--label-columns",
+        default="gender,master_category,sub_category,article_type",
+        help="label path when fitting a model (default: %(default)s)",
+    )
     parser.add_argument("--fit-offers", type=int, default=20_000, help="offers to fit on (default: %(default)s)")
     parser.add_argument("--offers", type=int, default=2_000, help="offers timed (default: %(default)s)")
-    parser.add_argument("--warm-offers", type=int, default=5_000,
-                        help="other offers scored before the warm run (default: %(default)s)")
+    parser.add_argument(
+        "--warm-offers", type=int, default=5_000, help="other offers scored before the warm run (default: %(default)s)"
+    )
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results", help="JSON output directory")
     args = parser.parse_args()
 
@@ -80,29 +86,32 @@ def main() -> None:
     except OfferFileError as error:
         sys.exit(f"error: {error}")
     frame = frame.sample(frac=1.0, random_state=0).reset_index(drop=True)
-    texts = list(zip(frame["title"].fillna(""), frame["mall_category"].fillna("")))
+    texts = list(zip(frame["title"].fillna(""), frame["mall_category"].fillna(""), strict=True))
     if args.model:
         source = str(args.model)
         model = ModelBundle.load(args.model).lexical()
         if model is None:
             sys.exit(f"error: bundle {args.model} has no lexical model (trained with --no-lexical?)")
     else:
-        fit = texts[:args.fit_offers]
-        labels = {label: i for i, label in enumerate(sorted(frame["label"][:len(fit)].unique()))}
+        fit = texts[: args.fit_offers]
+        labels = {label: i for i, label in enumerate(sorted(frame["label"][: len(fit)].unique()))}
         print(f"fitting a lexical model on {len(fit):,} offers of {args.data} ...", flush=True)
-        model = fit_lexical([t for t, _ in fit], [m for _, m in fit],
-                            np.array([labels[label] for label in frame["label"][:len(fit)]]), num_classes=len(labels))
+        model = fit_lexical(
+            [t for t, _ in fit],
+            [m for _, m in fit],
+            np.array([labels[label] for label in frame["label"][: len(fit)]]),
+            num_classes=len(labels),
+        )
         source = f"fitted on {len(fit):,} offers of {args.data}"
-    rest = texts[args.fit_offers if not args.model else 0:]
-    timed_texts, warm_texts = rest[:args.offers], rest[args.offers:args.offers + args.warm_offers]
+    rest = texts[args.fit_offers if not args.model else 0 :]
+    timed_texts, warm_texts = rest[: args.offers], rest[args.offers : args.offers + args.warm_offers]
     if len(timed_texts) < args.offers:
         sys.exit(f"error: only {len(timed_texts)} offers left to time; lower --fit-offers or --offers")
 
     with tempfile.TemporaryDirectory() as tmp:
         saved = model.save(Path(tmp) / "lexical")
         results = {"scikit-learn": timed(scikit_learn_scorer(model), timed_texts)}
-        results["catstream, no caches"] = timed(LexicalModel.load(saved, word_cache=0, mall_cache=0).score,
-                                                timed_texts)
+        results["catstream, no caches"] = timed(LexicalModel.load(saved, word_cache=0, mall_cache=0).score, timed_texts)
         results["catstream, cold caches"] = timed(LexicalModel.load(saved).score, timed_texts)
         for name, mall_cache in (("catstream, warm, word cache only", 0), ("catstream, warm caches", MALL_CACHE)):
             warm = LexicalModel.load(saved, mall_cache=mall_cache)
@@ -114,11 +123,18 @@ def main() -> None:
     for name, (_, scores) in results.items():
         np.testing.assert_allclose(scores, reference, rtol=1e-4, atol=1e-4, err_msg=f"{name} disagrees")
     baseline = results["scikit-learn"][0]
-    path = record("lexical", {
-        "model": source, "features": model.num_features, "categories": model.num_classes,
-        "offers": len(timed_texts), "warm_offers": len(warm_texts),
-        "us_per_offer": {name: round(us, 1) for name, (us, _) in results.items()},
-    }, args.out)
+    path = record(
+        "lexical",
+        {
+            "model": source,
+            "features": model.num_features,
+            "categories": model.num_classes,
+            "offers": len(timed_texts),
+            "warm_offers": len(warm_texts),
+            "us_per_offer": {name: round(us, 1) for name, (us, _) in results.items()},
+        },
+        args.out,
+    )
     print(f"\n{model.num_features:,} features, {model.num_classes} categories, {len(timed_texts):,} offers")
     print(f"{'path':<34}{'µs/offer':>10}{'speed-up':>10}")
     for name, (us, _) in results.items():

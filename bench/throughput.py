@@ -33,32 +33,39 @@ sys.path.insert(0, str(REPO))
 
 from _record import record  # noqa: E402  (bench/, the script's own folder)
 
-from catstream.broker import EmbeddedBroker  # noqa: E402
-from catstream.bundle import ModelBundle  # noqa: E402
 from catstream.demo import start_node, stop_node  # noqa: E402
-from catstream.features import Featurizer  # noqa: E402
-from catstream.kafka import consumer_config, ensure_topics, producer_config, read_topic, wait_for_broker  # noqa: E402
-from catstream.model import FusionConfig, FusionModel  # noqa: E402
-from catstream.offer_files import offers_from_frame, read_offer_file  # noqa: E402
-from catstream.schemas import Offer, Prediction, parse_offer  # noqa: E402
-from catstream.settings import Settings  # noqa: E402
-from gpu_workers.inference import decide, softmax  # noqa: E402
+from core.broker import EmbeddedBroker  # noqa: E402
+from core.bundle import ModelBundle  # noqa: E402
+from core.decision import decide, softmax  # noqa: E402
+from core.feature_queue import FeatureBatch  # noqa: E402
+from core.features import Featurizer  # noqa: E402
+from core.kafka import consumer_config, ensure_topics, producer_config, read_topic, wait_for_broker  # noqa: E402
+from core.model import FusionModel  # noqa: E402
+from core.offer_files import offers_from_frame, read_offer_file  # noqa: E402
+from core.schemas import Offer, Prediction, parse_offer  # noqa: E402
+from core.settings import Settings  # noqa: E402
 from producers.publish import publish_offers  # noqa: E402
 
 
 def fresh_settings(bootstrap: str) -> Settings:
     run = uuid.uuid4().hex[:8]
-    return Settings(bootstrap_servers=bootstrap, offers_topic=f"offers-{run}", categorized_topic=f"out-{run}",
-                    dead_letter_topic=f"dlq-{run}", consumer_group=f"bench-{run}")
+    return Settings(
+        bootstrap_servers=bootstrap,
+        offers_topic=f"offers-{run}",
+        categorized_topic=f"out-{run}",
+        dead_letter_topic=f"dlq-{run}",
+        consumer_group=f"bench-{run}",
+    )
 
 
 def naive_loop(bundle: ModelBundle, settings: Settings, expected: int, threads: int) -> dict:
     """One process, one offer at a time, PyTorch eager on a batch of one."""
     torch.set_num_threads(threads)
-    model = FusionModel(FusionConfig(**bundle.config["model"]))
+    model = FusionModel(bundle.config.model)
     model.load_state_dict(torch.load(bundle.path / "model.pt", map_location="cpu", weights_only=True))
     model.eval()
     featurizer = Featurizer.from_bundle(bundle)
+    network_inputs = [field.name for field in featurizer.fields if field.name not in ("exclusion", "lexical")]
     consumer = Consumer(consumer_config(settings, group_id=settings.consumer_group, **{"enable.auto.commit": True}))
     producer = Producer(producer_config(settings))
     consumer.subscribe([settings.offers_topic])
@@ -73,17 +80,29 @@ def naive_loop(bundle: ModelBundle, settings: Settings, expected: int, threads: 
             if not isinstance(offer, Offer):
                 continue
             features = featurizer.featurize(offer)
-            logits = model(torch.from_numpy(features.image)[None], torch.tensor([float(features.has_image)]),
-                           torch.from_numpy(features.title_ids)[None], torch.from_numpy(features.mall_ids)[None],
-                           torch.tensor([features.mall_weight]), torch.from_numpy(features.title_grams)[None])
-            logits = logits.numpy()
+            batch = FeatureBatch.stack([features], featurizer.fields).inputs
+            network = {name: torch.from_numpy(batch[name]) for name in network_inputs}
+            logits = model(**network).numpy()
             if features.lexical.size:
                 logits = logits + features.lexical[None]
             probabilities = softmax(logits, bundle.temperature)
-            (decision,) = decide(probabilities, features.exclusion_mask[None], labels=bundle.labels,
-                                 threshold=bundle.threshold, parent_threshold=bundle.parent_threshold)
-            prediction = Prediction(offer.offer_id, decision.category, decision.confidence, decision.top3,
-                                    bundle.version, features.has_image, features.image_status, {})
+            (decision,) = decide(
+                probabilities,
+                features.exclusion[None],
+                labels=bundle.labels,
+                threshold=bundle.threshold,
+                parent_threshold=bundle.parent_threshold,
+            )
+            prediction = Prediction(
+                offer.offer_id,
+                decision.category,
+                decision.confidence,
+                decision.top3,
+                bundle.version,
+                features.has_image,
+                features.image_status,
+                {},
+            )
             producer.produce(settings.categorized_topic, key=offer.offer_id.encode(), value=prediction.to_bytes())
             producer.poll(0)
             done += 1
@@ -95,25 +114,48 @@ def naive_loop(bundle: ModelBundle, settings: Settings, expected: int, threads: 
     return {"offers": done, "seconds": elapsed, "offers_per_second": (done - 1) / elapsed if elapsed else 0.0}
 
 
-def pipeline(bundle_path: Path, settings: Settings, expected: int, workers: int, log_path: Path,
-             batch: int, wait_ms: float, threads: int) -> dict:
-    node = start_node(bundle_path, settings, log_path=log_path, workers=workers,
-                      extra_env={"CATSTREAM_INTRA_OP_THREADS": str(threads)},
-                      extra_args=("--max-batch-size", str(batch), "--max-wait-ms", str(wait_ms)))
+def pipeline(
+    bundle_path: Path,
+    settings: Settings,
+    expected: int,
+    workers: int,
+    log_path: Path,
+    batch: int,
+    wait_ms: float,
+    threads: int,
+) -> dict:
+    node = start_node(
+        bundle_path,
+        settings,
+        log_path=log_path,
+        workers=workers,
+        extra_env={"CATSTREAM_INTRA_OP_THREADS": str(threads)},
+        extra_args=("--max-batch-size", str(batch), "--max-wait-ms", str(wait_ms)),
+    )
     try:
-        messages = read_topic(settings, settings.categorized_topic, timeout_s=1800,
-                              until=lambda ms: len({m.key() for m in ms}) >= expected)
+        messages = read_topic(
+            settings,
+            settings.categorized_topic,
+            timeout_s=1800,
+            until=lambda ms: len({m.key() for m in ms}) >= expected,
+        )
     finally:
         stop_node(node)
     stamps = sorted(m.timestamp()[1] for m in messages)
     seconds = (stamps[-1] - stamps[0]) / 1000.0
     predictions = [json.loads(m.value()) for m in messages]
-    return {"offers": len({p["offer_id"] for p in predictions}), "seconds": seconds,
-            "offers_per_second": (len(stamps) - 1) / seconds if seconds else 0.0,
-            "mean_batch_size": float(np.mean([p["timings_ms"]["batch_size"] for p in predictions])),
-            "mean_stage_ms": {stage: float(np.mean([p["timings_ms"][stage] for p in predictions]))
-                              for stage in ("preprocess", "queue_wait", "inference")},
-            "preprocess_workers": workers, "intra_op_threads": threads}
+    return {
+        "offers": len({p["offer_id"] for p in predictions}),
+        "seconds": seconds,
+        "offers_per_second": (len(stamps) - 1) / seconds if seconds else 0.0,
+        "mean_batch_size": float(np.mean([p["timings_ms"]["batch_size"] for p in predictions])),
+        "mean_stage_ms": {
+            stage: float(np.mean([p["timings_ms"][stage] for p in predictions]))
+            for stage in ("preprocess", "queue_wait", "inference")
+        },
+        "preprocess_workers": workers,
+        "intra_op_threads": threads,
+    }
 
 
 def main() -> int:
@@ -126,8 +168,12 @@ def main() -> int:
     parser.add_argument("--max-batch-size", type=int, default=32, help="pipeline batch size (default 32)")
     parser.add_argument("--max-wait-ms", type=float, default=10.0, help="pipeline batch wait (default 10)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="PyTorch threads of the naive loop")
-    parser.add_argument("--intra-op-threads", type=int, default=1,
-                        help="ONNX Runtime threads of the pipeline's inference process (default 1)")
+    parser.add_argument(
+        "--intra-op-threads",
+        type=int,
+        default=1,
+        help="ONNX Runtime threads of the pipeline's inference process (default 1)",
+    )
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results", help="JSON output directory")
     args = parser.parse_args()
 
@@ -138,12 +184,16 @@ def main() -> int:
         args.data = write_marketplace(work / "stream", offers=args.offers, seed=11)
     if args.model is None:
         from producers.synthetic import write_marketplace
-        from training.train import TrainOptions, train_bundle
+        from training.options import TrainOptions
+        from training.train import train_bundle
 
         train_csv = write_marketplace(work / "train", offers=1500, seed=10)
         args.model = work / "model"
-        train_bundle(train_csv, args.model, TrainOptions(label_columns=["category"], image_size=args.image_size,
-                                                         epochs=6, calibration="validation"))
+        train_bundle(
+            train_csv,
+            args.model,
+            TrainOptions(label_columns=["category"], image_size=args.image_size, epochs=6, calibration="validation"),
+        )
     bundle = ModelBundle.load(args.model)
     offers = list(offers_from_frame(read_offer_file(args.data).head(args.offers)))
 
@@ -158,18 +208,33 @@ def main() -> int:
             if name == "naive":
                 results[name] = naive_loop(bundle, settings, len(offers), args.threads)
             else:
-                results[name] = pipeline(args.model, settings, len(offers), args.preprocess_workers,
-                                         work / "node.log", args.max_batch_size, args.max_wait_ms,
-                                         args.intra_op_threads)
+                results[name] = pipeline(
+                    args.model,
+                    settings,
+                    len(offers),
+                    args.preprocess_workers,
+                    work / "node.log",
+                    args.max_batch_size,
+                    args.max_wait_ms,
+                    args.intra_op_threads,
+                )
     ratio = results["pipeline"]["offers_per_second"] / max(1e-9, results["naive"]["offers_per_second"])
-    path = record("throughput", {
-        "cuda": torch.cuda.is_available(),
-        "model": {"version": bundle.version, "image_size": bundle.image_size, "classes": len(bundle.labels)},
-        "offers": len(offers),
-        "results": results,
-        "speedup": ratio,
-    }, args.out)
-    print(f"\nmodel {bundle.image_size}px, {len(offers)} offers, {os.cpu_count()} CPUs")
+    path = record(
+        "throughput",
+        {
+            "cuda": torch.cuda.is_available(),
+            "model": {
+                "version": bundle.version,
+                "image_size": bundle.config.model.image_size,
+                "classes": len(bundle.labels),
+            },
+            "offers": len(offers),
+            "results": results,
+            "speedup": ratio,
+        },
+        args.out,
+    )
+    print(f"\nmodel {bundle.config.model.image_size}px, {len(offers)} offers, {os.cpu_count()} CPUs")
     print(f"{'variant':<10} {'offers/s':>10} {'seconds':>9}")
     for name, result in results.items():
         print(f"{name:<10} {result['offers_per_second']:>10.1f} {result['seconds']:>9.1f}")

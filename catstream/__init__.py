@@ -1,23 +1,9 @@
-"""catstream core: the types and helpers that cross stage boundaries.
+"""catstream's entry points, the top layer: the ``catstream`` command (``catstream.cli``), the demo,
+the node supervisor behind ``catstream run`` and its health server.
 
-Stages: ``producers`` → ``preprocess_workers`` → shared-memory queue → ``gpu_workers``;
-``training`` writes the model bundle they load.
+Below them, the pipeline's stages (``producers`` → ``preprocess_workers`` → shared-memory queue →
+``gpu_workers``; ``training`` writes the model bundle they load) and, under those, ``core``: the
+types and mechanics every stage shares. Imports point down only.
 """
 
-from catstream.bundle import ModelBundle
-from catstream.feature_queue import FeatureQueue, QueueLayout
-from catstream.schemas import SCHEMA_VERSION, UNCERTAIN, Offer, Prediction, Rejection, parse_offer
-from catstream.settings import Settings
-
-__all__ = [
-    "SCHEMA_VERSION",
-    "UNCERTAIN",
-    "FeatureQueue",
-    "ModelBundle",
-    "Offer",
-    "Prediction",
-    "QueueLayout",
-    "Rejection",
-    "Settings",
-    "parse_offer",
-]
+__all__: list[str] = []

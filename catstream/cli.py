@@ -1,7 +1,9 @@
-"""The ``catstream`` command. Every subcommand is documented in ``--help`` and the README.
+"""The ``catstream`` command (also ``python -m catstream``). Every subcommand is documented in
+``--help``, the README's command table and docs/.
 
-Settings come from ``CATSTREAM_*`` environment variables; flags override them. Heavy imports
-(torch) happen inside the subcommands that need them.
+Settings come from ``CATSTREAM_*`` environment variables; flags override them. A subcommand
+imports only what it needs: ``catstream run`` loads neither torch nor the training stage, and the
+training options become flags only for the commands that train.
 """
 
 from __future__ import annotations
@@ -15,14 +17,17 @@ from pathlib import Path
 from confluent_kafka import KafkaException
 from pydantic import ValidationError
 
-from catstream.settings import ENV_PREFIX, Settings
+from catstream.options_cli import add_training_options, training_options
+from core.registry import MODEL_NAME, Registry, resolve_model_uri
+from core.settings import ENV_PREFIX, Settings
 
 __all__ = ["main"]
 
 log = logging.getLogger("catstream")
 
-# training.splits.PROTOCOLS, spelt out so that parsing arguments does not import the training stack
+# training.splits.PROTOCOLS, spelt out so that parsing the arguments of `run` imports no training module
 PROTOCOLS = ("random", "time", "group")
+TRAINING_COMMANDS = ("train", "ablation", "tune")
 
 
 def _env(name: str) -> str:
@@ -31,6 +36,7 @@ def _env(name: str) -> str:
 
 def _threshold(low: float):
     """An argparse type: a threshold in [``low``, 1], with a readable error otherwise."""
+
     def parse(text: str) -> float:
         try:
             value = float(text)
@@ -39,6 +45,7 @@ def _threshold(low: float):
         if not low <= value <= 1:
             raise argparse.ArgumentTypeError(f"{value:g} is outside [{low:g}, 1]")
         return value
+
     return parse
 
 
@@ -46,13 +53,16 @@ def _add_kafka(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bootstrap-servers", help=f"Kafka bootstrap servers {_env('bootstrap_servers')}")
 
 
-def _build_parser() -> argparse.ArgumentParser:
+def _build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The whole parser; the training options are added only when ``command`` trains (or is None:
+    everything, for tests and docs), so that other commands do not import the training stage."""
+    with_training = command is None or command in TRAINING_COMMANDS
     parser = argparse.ArgumentParser(
         prog="catstream",
         description="Streaming product-category classifier: Kafka → CPU preprocessing → shared-memory "
         "queue → batched ONNX inference → categorized offers.",
         epilog=f"Kafka security, topics, batching and limits are read from {ENV_PREFIX}* environment "
-        "variables; see README.md, 'Configuration'.",
+        "variables; see docs/operations/configuration.md.",
     )
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING (default INFO)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -68,74 +78,117 @@ def _build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train the fusion model and write a model bundle (tracked in MLflow)")
     train.add_argument("--data", required=True, type=Path, help="offer file (.csv, .jsonl, .parquet) or history store")
     train.add_argument("--out", required=True, type=Path, help="model bundle directory to write")
-    _add_labels(train)
-    _add_training_options(train)
+    if with_training:
+        add_training_options(train)
     _add_tracking(train)
-    train.add_argument("--register", action="store_true",
-                       help="register the bundle in the MLflow model registry and promote it to 'champion' "
-                       "if it beats the current champion on the same held-out data")
+    train.add_argument(
+        "--register",
+        action="store_true",
+        help="register the bundle in the MLflow model registry and promote it to 'champion' "
+        "if it beats the current champion on the same held-out data",
+    )
     train.add_argument("--no-evaluate", action="store_true", help="skip the held-out evaluation after training")
 
-    evaluate = commands.add_parser("evaluate", help="score a model on held-out offers next to the TF-IDF baselines "
-                                   "(JSON + Markdown)")
+    evaluate = commands.add_parser(
+        "evaluate", help="score a model on held-out offers next to the TF-IDF baselines (JSON + Markdown)"
+    )
     evaluate.add_argument("--model", required=True, help="bundle directory or models:/NAME@ALIAS")
     evaluate.add_argument("--data", required=True, type=Path, help="labeled offer file or history store")
-    evaluate.add_argument("--split", choices=("auto", *PROTOCOLS, "all"), default="auto",
-                          help="auto: the model's own held-out split when DATA is its training data, else every "
-                          "offer (default auto)")
+    evaluate.add_argument(
+        "--split",
+        choices=("auto", *PROTOCOLS, "all"),
+        default="auto",
+        help="auto: the model's own held-out split when DATA is its training data, else every offer (default auto)",
+    )
     evaluate.add_argument("--out", type=Path, help="report directory (default: <model>/evaluation)")
     evaluate.add_argument("--no-baselines", action="store_true", help="skip the TF-IDF + LinearSVC baselines")
     evaluate.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="ONNX Runtime threads")
-    evaluate.add_argument("--threshold", type=_threshold(0.0),
-                          help="score it served at this leaf threshold instead of the bundle's, as `run --threshold` "
-                          "would; the parent threshold then comes from the bundle's operating point for it")
-    evaluate.add_argument("--parent-threshold", type=_threshold(0.5),
-                          help="score it served at this parent threshold instead of the bundle's")
+    evaluate.add_argument(
+        "--threshold",
+        type=_threshold(0.0),
+        help="score it served at this leaf threshold instead of the bundle's, as `run --threshold` "
+        "would; the parent threshold then comes from the bundle's operating point for it",
+    )
+    evaluate.add_argument(
+        "--parent-threshold",
+        type=_threshold(0.5),
+        help="score it served at this parent threshold instead of the bundle's",
+    )
     _add_tracking(evaluate)
 
-    audit = commands.add_parser("audit", help="per-category error audit with SHAP attributions: HTML report + JSON "
-                                "+ candidate dictionary entries")
+    audit = commands.add_parser(
+        "audit",
+        help="per-category error audit with SHAP attributions: HTML report + JSON + candidate dictionary entries",
+    )
     audit.add_argument("--model", required=True, help="bundle directory or models:/NAME@ALIAS")
     audit.add_argument("--data", required=True, type=Path, help="labeled offer file or history store")
-    audit.add_argument("--out", required=True, type=Path, help="report directory (audit.html, audit.json, "
-                       "candidates/category_exclusions.tsv)")
-    audit.add_argument("--split", choices=("auto", *PROTOCOLS, "all"), default="auto",
-                       help="auto: the model's own held-out offers when DATA is its training data, else every "
-                       "labeled offer (default auto)")
+    audit.add_argument(
+        "--out",
+        required=True,
+        type=Path,
+        help="report directory (audit.html, audit.json, candidates/category_exclusions.tsv)",
+    )
+    audit.add_argument(
+        "--split",
+        choices=("auto", *PROTOCOLS, "all"),
+        default="auto",
+        help="auto: the model's own held-out offers when DATA is its training data, else every "
+        "labeled offer (default auto)",
+    )
     audit.add_argument("--worst", type=int, default=10, help="categories explained in detail, worst first (default 10)")
-    audit.add_argument("--category", action="append", default=[], metavar="PATH",
-                       help="also explain this category in detail, e.g. 'Kids > Apparel > Dresses' (repeatable)")
-    audit.add_argument("--samples", type=int, default=6,
-                       help="misclassified offers explained per detailed category (default 6)")
-    audit.add_argument("--max-evals", type=int, default=300,
-                       help="model evaluations per explained offer; more is slower and less noisy (default 300)")
+    audit.add_argument(
+        "--category",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="also explain this category in detail, e.g. 'Kids > Apparel > Dresses' (repeatable)",
+    )
+    audit.add_argument(
+        "--samples", type=int, default=6, help="misclassified offers explained per detailed category (default 6)"
+    )
+    audit.add_argument(
+        "--max-evals",
+        type=int,
+        default=300,
+        help="model evaluations per explained offer; more is slower and less noisy (default 300)",
+    )
     audit.add_argument("--image-grid", type=int, default=4, help="image regions per side (default 4: 16 regions)")
     audit.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="ONNX Runtime threads")
     audit.add_argument("--seed", type=int, default=0, help="sampling and permutation seed (default 0)")
     _add_tracking(audit)
 
-    ablation = commands.add_parser("ablation", help="measure each ingredient: title → + mall → + image → + season "
-                                   "balance → + cleaning → + dictionary")
+    ablation = commands.add_parser(
+        "ablation",
+        help="measure each ingredient: title → + mall → + image → + season balance → + cleaning → + dictionary",
+    )
     ablation.add_argument("--data", required=True, type=Path, help="labeled offer file or history store")
     ablation.add_argument("--out", required=True, type=Path, help="report directory")
-    _add_labels(ablation)
-    _add_training_options(ablation)
-    ablation.add_argument("--image-sizes", default="",
-                          help="also train the full model at these sizes, e.g. 64,128 (comma-separated)")
-    ablation.add_argument("--without-pretrained", action="store_true",
-                          help="also train the full model without ImageNet weights")
-    ablation.add_argument("--without-char-ngrams", action="store_true",
-                          help="also train the full model without the title's character n-grams")
-    ablation.add_argument("--fresh", action="store_true",
-                          help="train every row again; by default a rerun in the same --out reuses the rows an "
-                               "interrupted run finished with the same settings, data and machine (OUT/work/rows/)")
+    if with_training:
+        add_training_options(ablation)
+    ablation.add_argument(
+        "--image-sizes", default="", help="also train the full model at these sizes, e.g. 64,128 (comma-separated)"
+    )
+    ablation.add_argument(
+        "--without-pretrained", action="store_true", help="also train the full model without ImageNet weights"
+    )
+    ablation.add_argument(
+        "--without-char-ngrams",
+        action="store_true",
+        help="also train the full model without the title's character n-grams",
+    )
+    ablation.add_argument(
+        "--fresh",
+        action="store_true",
+        help="train every row again; by default a rerun in the same --out reuses the rows an "
+        "interrupted run finished with the same settings, data and machine (OUT/work/rows/)",
+    )
 
     tune = commands.add_parser("tune", help="random search over learning rate, fusion width and dropout (MLflow)")
     tune.add_argument("--data", required=True, type=Path, help="labeled offer file or history store")
     tune.add_argument("--out", required=True, type=Path, help="work directory (tune.json)")
     tune.add_argument("--trials", type=int, default=10, help="number of trials; the first is the defaults (default 10)")
-    _add_labels(tune)
-    _add_training_options(tune)
+    if with_training:
+        add_training_options(tune)
     _add_tracking(tune)
 
     history = commands.add_parser("history", help="the labeled-offer history store (Parquet, one partition per month)")
@@ -147,21 +200,33 @@ def _build_parser() -> argparse.ArgumentParser:
     show = history_commands.add_parser("show", help="offers per listing month")
     show.add_argument("--store", required=True, type=Path, help="history store directory")
 
-    mine = commands.add_parser("mine-exclusions", help="write candidate (keyword → excluded category) rules with "
-                               "evidence, for review")
+    mine = commands.add_parser(
+        "mine-exclusions", help="write candidate (keyword → excluded category) rules with evidence, for review"
+    )
     mine.add_argument("--data", required=True, type=Path, help="labeled offer file or history store")
     mine.add_argument("--out", required=True, type=Path, help="TSV to write (category_exclusions.tsv format)")
     _add_labels(mine)
     mine.add_argument("--max-depth", type=int, default=1, help="deepest category level a rule may exclude (default 1)")
     mine.add_argument("--min-support", type=int, default=30, help="titles a keyword must occur in (default 30)")
-    mine.add_argument("--min-expected", type=float, default=10.0,
-                      help="violations expected by chance for a rule to be worth proposing (default 10)")
-    mine.add_argument("--max-violation-rate", type=float, default=0.005,
-                      help="largest share of the keyword's offers under the excluded branch (default 0.005)")
+    mine.add_argument(
+        "--min-expected",
+        type=float,
+        default=10.0,
+        help="violations expected by chance for a rule to be worth proposing (default 10)",
+    )
+    mine.add_argument(
+        "--max-violation-rate",
+        type=float,
+        default=0.005,
+        help="largest share of the keyword's offers under the excluded branch (default 0.005)",
+    )
     mine.add_argument("--dictionaries", type=Path, help="skip rules already here (default: the repo's dictionaries/)")
 
-    promote = commands.add_parser("promote", help="compare a registered version with the champion on its held-out "
-                                  "offers and move 'champion' if it is better")
+    promote = commands.add_parser(
+        "promote",
+        help="compare a registered version with the champion on its held-out "
+        "offers and move 'champion' if it is better",
+    )
     promote.add_argument("--version", required=True, help="registered model version")
     promote.add_argument("--data", required=True, type=Path, help="the data that version was trained on")
     _add_tracking(promote)
@@ -173,158 +238,73 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_kafka(produce)
 
     run = commands.add_parser("run", help="run preprocess workers and inference on this node until interrupted")
-    run.add_argument("--model", required=True,
-                     help="model bundle directory, or models:/catstream@champion from the MLflow registry")
+    run.add_argument(
+        "--model", required=True, help="model bundle directory, or models:/catstream@champion from the MLflow registry"
+    )
     run.add_argument("--preprocess-workers", type=int, help=f"preprocess processes {_env('preprocess_workers')}")
     run.add_argument("--max-batch-size", type=int, help=f"inference batch size {_env('max_batch_size')}")
     run.add_argument("--max-wait-ms", type=float, help=f"batch wait after its first offer {_env('max_wait_ms')}")
-    run.add_argument("--threshold", type=float,
-                     help=f"'uncertain' below this confidence {_env('threshold')}; unless --parent-threshold is "
-                     "given too, the parent threshold comes from the bundle's operating point for it")
-    run.add_argument("--parent-threshold", type=float,
-                     help=f"an uncertain offer's parent category is named from this probability {_env('parent_threshold')}")
-    run.add_argument("--tracking-uri", help="MLflow registry for models:/ URIs (env MLFLOW_TRACKING_URI; "
-                     "default sqlite:///mlflow.db)")
+    run.add_argument(
+        "--threshold",
+        type=float,
+        help=f"'uncertain' below this confidence {_env('threshold')}; unless --parent-threshold is "
+        "given too, the parent threshold comes from the bundle's operating point for it",
+    )
+    run.add_argument(
+        "--parent-threshold",
+        type=float,
+        help=f"an uncertain offer's parent category is named from this probability {_env('parent_threshold')}",
+    )
+    run.add_argument(
+        "--tracking-uri",
+        help="MLflow registry for models:/ URIs (env MLFLOW_TRACKING_URI; default sqlite:///mlflow.db)",
+    )
     _add_kafka(run)
 
     demo = commands.add_parser("demo", help="synth → train → embedded broker → pipeline → summary")
     demo.add_argument("--out", type=Path, default=Path("demo-output"), help="work directory (default ./demo-output)")
     demo.add_argument("--offers", type=int, default=3000, help="offers streamed through the pipeline (default 3000)")
     demo.add_argument("--train-offers", type=int, default=4000, help="offers to train on (default 4000)")
-    demo.add_argument("--image-size", type=int, default=96,
-                      help="model image size for the demo (default 96, so training takes about a minute)")
+    demo.add_argument(
+        "--image-size",
+        type=int,
+        default=96,
+        help="model image size for the demo (default 96, so training takes about a minute)",
+    )
     demo.add_argument("--preprocess-workers", type=int, default=1, help="preprocess processes (default 1)")
-    demo.add_argument("--target-precision", type=float, default=0.95,
-                      help="precision the threshold must reach on the validation offers, measured against their "
-                           "given labels (default 0.95: the synthetic shops mislabel 2-6%% of their offers, so "
-                           "99.5%%, the default of `train`, is out of reach there)")
+    demo.add_argument(
+        "--target-precision",
+        type=float,
+        default=0.95,
+        help="precision the threshold must reach on the validation offers, measured against their "
+        "given labels (default 0.95: the synthetic shops mislabel 2-6%% of their offers, so "
+        "99.5%%, the default of `train`, is out of reach there)",
+    )
     demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     return parser
 
 
 def _add_labels(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument("--label-column", help="the column holding the category (default: category)")
-    group.add_argument("--label-columns", help="columns joined with ' > ' into a category path, e.g. "
-                       "gender,master_category,sub_category,article_type")
-
-
-def _add_training_options(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("training")
-    group.add_argument("--split", choices=PROTOCOLS, default="random",
-                       help="held-out protocol: random rows; the newest rows by listed_at; or random title groups, "
-                       "colour variants of a product kept on one side (default random)")
-    group.add_argument("--test-share", type=float, default=0.2, help="share of offers held out for testing (default 0.2)")
-    group.add_argument("--image-size", type=int, default=96, help="model image input size in pixels (default 96)")
-    group.add_argument("--vocab-size", type=int, default=20_000, help="SentencePiece pieces (default 20000)")
-    group.add_argument("--char-buckets", type=int, default=50_000,
-                       help="hash buckets of the title's character 2-5-grams; 0 = no character n-gram input "
-                       "(default 50000)")
-    group.add_argument("--max-title-grams", type=int, default=192,
-                       help="character n-grams kept per title (default 192)")
-    group.add_argument("--finetune-blocks", type=int, default=0,
-                       help="last MobileNetV2 blocks trained with the head; 0 = frozen backbone (default 0)")
-    group.add_argument("--epochs", type=int, default=12, help="training epochs (default 12)")
-    group.add_argument("--batch-size", type=int, default=64, help="training batch size (default 64)")
-    group.add_argument("--learning-rate", type=float, default=3e-3, help="peak learning rate (default 3e-3)")
-    group.add_argument("--fusion-hidden", type=int, default=512, help="width of the fusion head (default 512)")
-    group.add_argument("--dropout", type=float, default=0.2, help="dropout in the fusion head (default 0.2)")
-    group.add_argument("--min-label-count", type=int, default=50,
-                       help="categories with fewer offers are not in the label set (default 50)")
-    group.add_argument("--rare-leaves", choices=("exclude", "parent"), default="exclude",
-                       help="offers of rarer categories: excluded, or filed under their nearest frequent parent "
-                       "(default exclude)")
-    group.add_argument("--season-balance", action="store_true",
-                       help="give every calendar month equal sampling weight (plus the recent share) instead of "
-                       "sampling offers uniformly (default off: it cost accuracy on Myntra, see README)")
-    group.add_argument("--recent-share", type=float, default=0.1,
-                       help="extra sampling weight for the most recent weeks (default 0.1)")
-    group.add_argument("--recent-weeks", type=float, default=4.0, help="how many weeks count as recent (default 4)")
-    group.add_argument("--cleaning", choices=("off", "drop", "relabel"), default="off",
-                       help="what to do with labels cleanlab flags (default off: dropping cost accuracy on Myntra)")
-    group.add_argument("--cleaning-folds", type=int, default=4, help="K of the K-fold cleaning predictions (default 4)")
-    group.add_argument("--no-exclusions", action="store_true",
-                       help="do not use category_exclusions.tsv (neither in training nor at inference)")
-    group.add_argument("--no-lexical", action="store_true",
-                       help="no lexical model (TF-IDF n-grams of title and mall category + linear SVM) added to the "
-                       "network's logits")
-    group.add_argument("--lexical-weight", type=float,
-                       help="weight of the lexical model's scores (default: the most accurate on held-out predictions)")
-    group.add_argument("--target-precision", type=float, default=0.995,
-                       help="precision the 'uncertain' threshold must reach on held-out data (default 0.995)")
-    group.add_argument("--threshold-confidence", type=float, default=0.95,
-                       help="confidence with which the held-out precision must reach the target (one-sided "
-                       "Clopper-Pearson lower bound; thresholds tested strictest first, up to the first that misses, "
-                       "so the chosen one misses with at most this error; 0 = the observed precision; default 0.95)")
-    group.add_argument("--threshold-by", choices=("product", "offer"), default="product",
-                       help="what the precision bound counts as independent evidence: products (title groups; a "
-                       "product's colour variants are right or wrong together) or single offers (default product)")
-    group.add_argument("--calibration", choices=("crossfit", "validation"), default="crossfit",
-                       help="where temperature and threshold come from: out-of-fold predictions of K models over the "
-                       "training and validation offers (crossfit; the served model then trains on all of them), or "
-                       "the validation offers alone (validation; the served model then trains without them; "
-                       "default crossfit)")
-    group.add_argument("--calibration-folds", type=int, default=4, help="folds for --calibration crossfit (default 4)")
-    group.add_argument("--dictionaries", type=Path, help="dictionary directory (default: the repo's dictionaries/)")
-    group.add_argument("--pretrained", type=Path, help="ImageNet MobileNetV2 weights file (default: torch hub cache)")
-    group.add_argument("--no-pretrained", action="store_true", help="random image-branch initialisation")
-    group.add_argument("--device", default="auto", help="torch device: auto (CUDA when present), cpu, cuda (default auto)")
-    group.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="PyTorch threads (default: all cores)")
-    group.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-
-
-def _training_options(args: argparse.Namespace, **overrides):
-    from training.train import DEFAULT_DICTIONARIES, TrainOptions
-
-    values = dict(
-        label_columns=_label_columns(args),
-        split=args.split,
-        test_share=args.test_share,
-        image_size=args.image_size,
-        vocab_size=args.vocab_size,
-        char_buckets=args.char_buckets,
-        max_title_grams=args.max_title_grams,
-        finetune_blocks=args.finetune_blocks,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        learning_rate=args.learning_rate,
-        min_label_count=args.min_label_count,
-        rare_leaves=args.rare_leaves,
-        season_balance=args.season_balance,
-        recent_share=args.recent_share,
-        recent_weeks=args.recent_weeks,
-        cleaning=args.cleaning,
-        cleaning_folds=args.cleaning_folds,
-        use_exclusions=not args.no_exclusions,
-        lexical=not args.no_lexical,
-        lexical_weight=args.lexical_weight,
-        target_precision=args.target_precision,
-        threshold_confidence=args.threshold_confidence,
-        threshold_by=args.threshold_by,
-        calibration=args.calibration,
-        calibration_folds=args.calibration_folds,
-        dictionaries=str(args.dictionaries or DEFAULT_DICTIONARIES),
-        pretrained=str(args.pretrained) if args.pretrained else None,
-        use_pretrained=not args.no_pretrained,
-        device=args.device,
-        threads=args.threads,
-        seed=args.seed,
-        model={"fusion_hidden": args.fusion_hidden, "dropout": args.dropout},
+    parser.add_argument(
+        "--label-columns",
+        "--label-column",
+        default="category",
+        help="the column holding the category, or columns joined with ' > ' into a category path, "
+        "e.g. gender,master_category,sub_category,article_type (default category)",
     )
-    return TrainOptions(**(values | overrides))
 
 
 def _add_tracking(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--tracking-uri", help="MLflow tracking URI (env MLFLOW_TRACKING_URI; "
-                        "default sqlite:///mlflow.db in the working directory)")
+    parser.add_argument(
+        "--tracking-uri",
+        help="MLflow tracking URI (env MLFLOW_TRACKING_URI; default sqlite:///mlflow.db in the working directory)",
+    )
     parser.add_argument("--experiment", default="catstream", help="MLflow experiment name (default catstream)")
     parser.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
 
 
 def _label_columns(args: argparse.Namespace) -> list[str]:
-    if args.label_columns:
-        return [c.strip() for c in args.label_columns.split(",") if c.strip()]
-    return [args.label_column or "category"]
+    return [column.strip() for column in args.label_columns.split(",") if column.strip()]
 
 
 def _settings(args: argparse.Namespace, **overrides) -> Settings:
@@ -340,8 +320,20 @@ def _settings(args: argparse.Namespace, **overrides) -> Settings:
     return base.model_copy(update={k: v for k, v in cli.items() if v is not None}) if cli else base
 
 
+def _command_of(argv: list[str]) -> str | None:
+    """The subcommand named in ``argv`` (after the global ``--log-level``), None if there is none."""
+    words = iter(argv)
+    for word in words:
+        if word == "--log-level":
+            next(words, None)
+        elif not word.startswith("-"):
+            return word
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = _build_parser(_command_of(argv)).parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         return _COMMANDS[args.command](args)
@@ -359,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _cmd_broker(args) -> int:
-    from catstream.broker import EmbeddedBroker
+    from core.broker import EmbeddedBroker
 
     with EmbeddedBroker(args.port or None) as broker:
         print(f"embedded broker on {broker.bootstrap_servers} (Ctrl-C to stop)", flush=True)
@@ -383,29 +375,41 @@ def _cmd_synth(args) -> int:
 def _cmd_train(args) -> int:
     from training.pipeline import train_evaluate_register
 
-    options = _training_options(args)
+    options = training_options(args)
     result = train_evaluate_register(
-        args.data, args.out, options, evaluate=not args.no_evaluate, register=args.register,
+        args.data,
+        args.out,
+        options,
+        evaluate=not args.no_evaluate,
+        register=args.register,
         tracking=None if args.no_tracking else _tracking(args),
     )
     config = result.config
-    validation = config["training"]["validation"]
-    held_out = "out-of-fold" if config["training"]["calibration"]["mode"] == "crossfit" else "validation"
-    print(f"model bundle {args.out} (version {config['model_version']}) in {config['training']['seconds']:.0f} s: "
-          f"{held_out} accuracy {validation['accuracy']:.4f}, threshold {config['threshold']:.3f} → coverage "
-          f"{validation['coverage']:.3f} at precision {validation['precision']:.4f} "
-          f"(lower bound {validation['precision_bound']:.4f})")
-    parents = validation.get("parents")
-    if parents and parents["target_reached"]:
-        print(f"  parent threshold {config['parent_threshold']:.3f}: {parents['answered']} of {parents['uncertain']} "
-              f"uncertain offers filed under a parent category at precision {parents['precision']:.4f} "
-              f"(lower bound {parents['precision_bound']:.4f})")
-    elif parents and not parents["uncertain"]:
-        print(f"  no {held_out} offer is left uncertain, so there is no parent threshold: "
-              "the model names no parent category")
-    elif parents:
-        print(f"  no parent threshold reaches the target on the {parents['uncertain']} uncertain offers: "
-              "the model names no parent category")
+    validation, calibration = config.training.validation, config.training.calibration
+    held_out = "out-of-fold" if calibration.mode == "crossfit" else "validation"
+    print(
+        f"model bundle {args.out} (version {config.model_version}) in {config.training.seconds:.0f} s: "
+        f"{held_out} accuracy {validation.accuracy:.4f}, threshold {config.threshold:.3f} → coverage "
+        f"{validation.coverage:.3f} at precision {validation.precision:.4f} "
+        f"(lower bound {validation.precision_bound:.4f})"
+    )
+    parents = validation.parents
+    if parents.target_reached and config.parent_threshold is not None:
+        print(
+            f"  parent threshold {config.parent_threshold:.3f}: {parents.answered} of {parents.uncertain} "
+            f"uncertain offers filed under a parent category at precision {parents.precision:.4f} "
+            f"(lower bound {parents.precision_bound:.4f})"
+        )
+    elif not parents.uncertain:
+        print(
+            f"  no {held_out} offer is left uncertain, so there is no parent threshold: "
+            "the model names no parent category"
+        )
+    else:
+        print(
+            f"  no parent threshold reaches the target on the {parents.uncertain} uncertain offers: "
+            "the model names no parent category"
+        )
     if result.report is not None:
         print(result.report_summary)
     if result.registered is not None:
@@ -421,38 +425,64 @@ def _tracking(args):
 
 def _cmd_evaluate(args) -> int:
     from training.evaluate import evaluate_bundle, write_report
-    from training.tracking import resolve_model_uri
 
-    model = resolve_model_uri(args.model, tracking=_tracking(args))
-    report = evaluate_bundle(model, args.data, split=args.split, baselines=not args.no_baselines, threads=args.threads,
-                             threshold=args.threshold, parent_threshold=args.parent_threshold)
-    json_path, md_path = write_report(report, args.out or Path(model) / "evaluation")
+    model = resolve_model_uri(args.model, registry=Registry(args.tracking_uri))
+    report = evaluate_bundle(
+        model,
+        args.data,
+        split=args.split,
+        baselines=not args.no_baselines,
+        threads=args.threads,
+        threshold=args.threshold,
+        parent_threshold=args.parent_threshold,
+    )
+    written = write_report(report, args.out or Path(model) / "evaluation")
+    json_path, md_path = written.json, written.markdown
     sections = md_path.read_text().split("\n## ")
     # The summary table, the paired test that says whether the lead over the baselines is real, and
     # what becomes of the offers left uncertain.
-    print("\n\n## ".join([sections[0].strip()] + [section.strip() for section in sections[1:]
-                                                 if section.startswith(("catstream against", "Uncertain offers"))]))
+    print(
+        "\n\n## ".join(
+            [sections[0].strip()]
+            + [
+                section.strip()
+                for section in sections[1:]
+                if section.startswith(("catstream against", "Uncertain offers"))
+            ]
+        )
+    )
     print(f"\nreport: {md_path} and {json_path}")
     return 0
 
 
 def _cmd_audit(args) -> int:
     from training.audit import AuditOptions, run_audit, write_audit
-    from training.tracking import resolve_model_uri
 
-    for name, value, least in (("--worst", args.worst, 0), ("--samples", args.samples, 1),
-                               ("--image-grid", args.image_grid, 1)):
+    for name, value, least in (
+        ("--worst", args.worst, 0),
+        ("--samples", args.samples, 1),
+        ("--image-grid", args.image_grid, 1),
+    ):
         if value < least:
             raise ValueError(f"{name} must be at least {least}, got {value}")
-    model = resolve_model_uri(args.model, tracking=_tracking(args))
-    options = AuditOptions(split=args.split, worst=args.worst, categories=tuple(args.category),
-                           samples_per_category=args.samples, max_evals=args.max_evals, image_grid=args.image_grid,
-                           threads=args.threads, seed=args.seed)
+    model = resolve_model_uri(args.model, registry=Registry(args.tracking_uri))
+    options = AuditOptions(
+        split=args.split,
+        worst=args.worst,
+        categories=tuple(args.category),
+        samples_per_category=args.samples,
+        max_evals=args.max_evals,
+        image_grid=args.image_grid,
+        threads=args.threads,
+        seed=args.seed,
+    )
     report = run_audit(model, args.data, options)
     paths = write_audit(report, args.out)
     s = report.summary
-    print(f"audited {s['offers']} offers: top-1 accuracy {100 * s['accuracy']:.2f}%, "
-          f"uncertain {100 * s['uncertain_rate']:.1f}%, {s['explained_offers']} errors explained in {s['seconds']} s")
+    print(
+        f"audited {s['offers']} offers: top-1 accuracy {100 * s['accuracy']:.2f}%, "
+        f"uncertain {100 * s['uncertain_rate']:.1f}%, {s['explained_offers']} errors explained in {s['seconds']} s"
+    )
     for row in report.categories[:5]:
         print(f"  {100 * row['error_rate']:5.1f}%  {row['category']}  ({row['support']} offers)")
     print(f"report: {paths['html']} (and {paths['json'].name})")
@@ -464,9 +494,15 @@ def _cmd_ablation(args) -> int:
     from training.ablation import run_ablation, write_ablation
 
     sizes = [int(v) for v in args.image_sizes.split(",") if v.strip()]
-    report = run_ablation(args.data, args.out / "work", _training_options(args), image_sizes=sizes,
-                          without_pretrained=args.without_pretrained, without_char_ngrams=args.without_char_ngrams,
-                          fresh=args.fresh)
+    report = run_ablation(
+        args.data,
+        args.out / "work",
+        training_options(args),
+        image_sizes=sizes,
+        without_pretrained=args.without_pretrained,
+        without_char_ngrams=args.without_char_ngrams,
+        fresh=args.fresh,
+    )
     json_path, md_path = write_ablation(report, args.out)
     print(md_path.read_text().split("\n## ")[0].strip())
     print(f"\nreport: {md_path} and {json_path}")
@@ -476,14 +512,24 @@ def _cmd_ablation(args) -> int:
 def _cmd_tune(args) -> int:
     from training.tune import tune
 
-    report = tune(args.data, args.out, _training_options(args), trials=args.trials,
-                  tracking=None if args.no_tracking else _tracking(args))
+    report = tune(
+        args.data,
+        args.out,
+        training_options(args),
+        trials=args.trials,
+        tracking=None if args.no_tracking else _tracking(args),
+    )
     best = report["best"]
     for trial in report["trials"]:
-        print(f"trial {trial['trial']:2d}: learning rate {trial['learning_rate']:.2e}, fusion width "
-              f"{trial['fusion_hidden']}, dropout {trial['dropout']:.2f} → validation accuracy {trial['val_accuracy']:.4f}")
-    print(f"best: trial {best['trial']} → catstream train ... --learning-rate {best['learning_rate']:.2e} "
-          f"--fusion-hidden {best['fusion_hidden']} --dropout {best['dropout']:.2f}")
+        print(
+            f"trial {trial['trial']:2d}: learning rate {trial['learning_rate']:.2e}, fusion width "
+            f"{trial['fusion_hidden']}, dropout {trial['dropout']:.2f} → validation accuracy "
+            f"{trial['val_accuracy']:.4f}"
+        )
+    print(
+        f"best: trial {best['trial']} → catstream train ... --learning-rate {best['learning_rate']:.2e} "
+        f"--fusion-hidden {best['fusion_hidden']} --dropout {best['dropout']:.2f}"
+    )
     return 0
 
 
@@ -492,7 +538,7 @@ def _cmd_history(args) -> int:
 
     store = HistoryStore(args.store)
     if args.history_command == "add":
-        from catstream.offer_files import read_offer_file
+        from core.offer_files import read_offer_file
 
         frame = read_offer_file(args.data, label_columns=_label_columns(args))
         written = store.add(frame)
@@ -503,31 +549,39 @@ def _cmd_history(args) -> int:
 
 
 def _cmd_mine_exclusions(args) -> int:
-    from catstream.dictionaries import Dictionaries
+    from core.dictionaries import Dictionaries
+    from dictionaries import DEFAULT_DIRECTORY
+    from training.data import load_labeled
     from training.mining import contradicted_rules, mine_exclusions, write_candidates
-    from training.train import DEFAULT_DICTIONARIES, load_labeled
 
     frame = load_labeled(args.data, _label_columns(args))
     frame = frame[frame["label"] != ""]
     candidates = mine_exclusions(
-        frame["title"], frame["label"], max_depth=args.max_depth, min_support=args.min_support,
-        min_expected=args.min_expected, max_violation_rate=args.max_violation_rate,
-        known=(known := Dictionaries.load(args.dictionaries or DEFAULT_DICTIONARIES)),
+        frame["title"],
+        frame["label"],
+        max_depth=args.max_depth,
+        min_support=args.min_support,
+        min_expected=args.min_expected,
+        max_violation_rate=args.max_violation_rate,
+        known=(known := Dictionaries.load(args.dictionaries or DEFAULT_DIRECTORY)),
     )
     write_candidates(candidates, args.out)
     for rule in contradicted_rules(frame["title"], frame["label"], known, max_violation_rate=args.max_violation_rate):
-        print(f"existing rule {rule.keyword!r} → not {rule.excluded} is contradicted by {rule.violations} of "
-              f"{rule.offers_with_keyword} labeled offers, e.g. {rule.examples[0]!r}: check those labels or drop the rule")
+        print(
+            f"existing rule {rule.keyword!r} → not {rule.excluded} is contradicted by {rule.violations} of "
+            f"{rule.offers_with_keyword} labeled offers, e.g. {rule.examples[0]!r}: check those labels or drop the rule"
+        )
     print(f"wrote {len(candidates)} candidate rules to {args.out}; review them before adding any to dictionaries/")
     for c in candidates[:10]:
-        print(f"  {c.keyword!r} → not {c.excluded}: {c.violations} of {c.offers_with_keyword} offers, "
-              f"{c.expected:g} expected by chance")
+        print(
+            f"  {c.keyword!r} → not {c.excluded}: {c.violations} of {c.offers_with_keyword} offers, "
+            f"{c.expected:g} expected by chance"
+        )
     return 0
 
 
 def _cmd_promote(args) -> int:
     from training.pipeline import compare_with_champion
-    from training.tracking import MODEL_NAME
 
     tracking = _tracking(args)
     bundle = tracking.download(MODEL_NAME, args.version)
@@ -536,8 +590,8 @@ def _cmd_promote(args) -> int:
 
 
 def _cmd_produce(args) -> int:
-    from catstream.kafka import ensure_topics
-    from catstream.offer_files import offers_from_frame, read_offer_file
+    from core.kafka import ensure_topics
+    from core.offer_files import offers_from_frame, read_offer_file
     from producers.publish import publish_offers
 
     settings = _settings(args)
@@ -553,17 +607,16 @@ def _cmd_produce(args) -> int:
 
 
 def _cmd_run(args) -> int:
-    from catstream.broker import EmbeddedBroker
-    from catstream.kafka import ensure_topics, wait_for_broker
     from catstream.node import Node
+    from core.broker import EmbeddedBroker
+    from core.bundle import ModelBundle
+    from core.kafka import ensure_topics, wait_for_broker
 
-    from catstream.bundle import ModelBundle
-
-    from training.tracking import Tracking, resolve_model_uri
-
-    args.model = resolve_model_uri(args.model, tracking=Tracking(args.tracking_uri))
+    args.model = resolve_model_uri(args.model, registry=Registry(args.tracking_uri))
     settings = _settings(args)
-    ModelBundle.load(args.model, dictionaries_dir=settings.dictionaries_dir)  # bad input fails here, before any connection
+    ModelBundle.load(
+        args.model, dictionaries_dir=settings.dictionaries_dir
+    )  # bad input fails here, before any connection
     broker = None
     if not settings.bootstrap_servers:
         broker = EmbeddedBroker().start()

@@ -17,9 +17,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from catstream.feature_queue import INFERENCE_COUNTERS, LATENCY_BUCKETS_MS, WORKER_COUNTERS, FeatureQueue
+from core.feature_queue import INFERENCE_COUNTERS, LATENCY_BUCKETS_MS, WORKER_COUNTERS, FeatureQueue
 
-__all__ = ["HEARTBEAT_TIMEOUT_S", "NodeStatus", "HealthServer", "render_metrics", "liveness", "readiness"]
+__all__ = [
+    "HEARTBEAT_TIMEOUT_S",
+    "INFERENCE_METRICS",
+    "NODE_METRICS",
+    "WORKER_METRICS",
+    "HealthServer",
+    "NodeStatus",
+    "liveness",
+    "readiness",
+    "render_metrics",
+]
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +72,8 @@ def readiness(queue: FeatureQueue, status: NodeStatus, now_ns: int) -> tuple[boo
     return True, "ok"
 
 
-_WORKER_METRICS = {
+# Every metric is declared here once; docs/operations/health-and-metrics.md is generated from it.
+WORKER_METRICS = {  # queue counter → (metric, type, help); one sample per worker
     "consumed": ("catstream_offers_consumed_total", "counter", "Offer messages consumed from Kafka."),
     "enqueued": ("catstream_offers_enqueued_total", "counter", "Offers featurised and put on the queue."),
     "dead_lettered": ("catstream_dead_letters_total", "counter", "Messages sent to the dead-letter topic."),
@@ -70,44 +81,62 @@ _WORKER_METRICS = {
     "pauses": ("catstream_backpressure_pauses_total", "counter", "Times a worker paused its partitions (queue full)."),
     "lag": ("catstream_consumer_lag", "gauge", "Offers waiting in Kafka on this worker's partitions."),
 }
-_INFERENCE_METRICS = {
+INFERENCE_METRICS = {  # queue counter → (metric, type, help); one sample per node
     "predicted": ("catstream_predictions_total", "counter", "Predictions produced (offers/s = rate of this)."),
     "uncertain": ("catstream_uncertain_total", "counter", "Predictions that answered 'uncertain'."),
-    "uncertain_with_parent": ("catstream_uncertain_with_parent_total", "counter",
-                              "Uncertain predictions that still name a confident parent category."),
+    "uncertain_with_parent": (
+        "catstream_uncertain_with_parent_total",
+        "counter",
+        "Uncertain predictions that still name a confident parent category.",
+    ),
     "batches": ("catstream_batches_total", "counter", "Inference batches (mean batch size = predictions/batches)."),
     "failed": ("catstream_inference_failures_total", "counter", "Offers whose inference batch failed."),
 }
+_LATENCY = "catstream_offer_latency_seconds"
+NODE_METRICS = (  # (metric, type, labels, help) of what the supervisor knows or computes
+    ("catstream_inference_seconds_total", "counter", "", "Time spent running the model."),
+    ("catstream_queue_depth", "gauge", "", "Offers waiting in the shared-memory queue."),
+    ("catstream_queue_slots", "gauge", "", "Slots of the shared-memory queue."),
+    ("catstream_worker_restarts_total", "counter", "", "Preprocess workers restarted by the supervisor."),
+    ("catstream_model_info", "gauge", "version", "The served model."),
+    (_LATENCY, "histogram", "le", "Time from a worker taking an offer to its prediction (preprocess + queue + model)."),
+)
 
 
 def render_metrics(queue: FeatureQueue, status: NodeStatus) -> str:
     """The Prometheus text exposition of one node."""
     lines: list[str] = []
 
-    def metric(name: str, kind: str, help_text: str, samples: list[tuple[str, float]]) -> None:
+    def header(name: str, kind: str, help_text: str) -> None:
         lines.append(f"# HELP {name} {help_text}")
         lines.append(f"# TYPE {name} {kind}")
+
+    def metric(name: str, kind: str, help_text: str, samples: list[tuple[str, float]]) -> None:
+        header(name, kind, help_text)
         lines.extend(f"{name}{labels} {value:g}" for labels, value in samples)
 
-    for counter, (name, kind, help_text) in _WORKER_METRICS.items():
+    for counter, (name, kind, help_text) in WORKER_METRICS.items():
         column = WORKER_COUNTERS.index(counter)
-        metric(name, kind, help_text,
-               [(f'{{worker="{w}"}}', float(queue.worker_stats[w, column])) for w in range(queue.layout.workers)])
-    for counter, (name, kind, help_text) in _INFERENCE_METRICS.items():
+        samples = [(f'{{worker="{w}"}}', float(queue.worker_stats[w, column])) for w in range(queue.layout.workers)]
+        metric(name, kind, help_text, samples)
+    for counter, (name, kind, help_text) in INFERENCE_METRICS.items():
         metric(name, kind, help_text, [("", float(queue.inference_stats[INFERENCE_COUNTERS.index(counter)]))])
-    metric("catstream_inference_seconds_total", "counter", "Time spent running the model.",
-           [("", queue.inference_stats[INFERENCE_COUNTERS.index("inference_ns")] / 1e9)])
-    metric("catstream_queue_depth", "gauge", "Offers waiting in the shared-memory queue.", [("", queue.depth())])
-    metric("catstream_queue_slots", "gauge", "Slots of the shared-memory queue.", [("", queue.layout.slots)])
-    metric("catstream_worker_restarts_total", "counter", "Preprocess workers restarted by the supervisor.",
-           [("", status.restarts)])
-    metric("catstream_model_info", "gauge", "The served model.", [(f'{{version="{status.model_version}"}}', 1)])
-
-    name = "catstream_offer_latency_seconds"
-    lines.append(f"# HELP {name} Time from a worker taking an offer to its prediction (preprocess + queue + model).")
-    lines.append(f"# TYPE {name} histogram")
+    node = {
+        "catstream_inference_seconds_total": [
+            ("", queue.inference_stats[INFERENCE_COUNTERS.index("inference_ns")] / 1e9)
+        ],
+        "catstream_queue_depth": [("", queue.depth())],
+        "catstream_queue_slots": [("", queue.layout.slots)],
+        "catstream_worker_restarts_total": [("", status.restarts)],
+        "catstream_model_info": [(f'{{version="{status.model_version}"}}', 1)],
+    }
+    for name, kind, _, help_text in NODE_METRICS:
+        if name != _LATENCY:
+            metric(name, kind, help_text, node[name])
+    name, kind, _, help_text = NODE_METRICS[-1]
+    header(name, kind, help_text)
     cumulative = 0
-    for bound, count in zip((*LATENCY_BUCKETS_MS, None), queue.latency_buckets):
+    for bound, count in zip((*LATENCY_BUCKETS_MS, None), queue.latency_buckets, strict=True):
         cumulative += int(count)
         le = "+Inf" if bound is None else f"{bound / 1000:g}"
         lines.append(f'{name}_bucket{{le="{le}"}} {cumulative}')
@@ -123,7 +152,7 @@ class HealthServer:
         queue_ref, status_ref = queue, status
 
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802 (http.server's naming)
+            def do_GET(self):
                 now = time.time_ns()
                 path = self.path.split("?")[0]
                 if path == "/metrics":
@@ -150,7 +179,7 @@ class HealthServer:
         self.port = self._server.server_address[1]
         self._thread = threading.Thread(target=self._server.serve_forever, name="health", daemon=True)
 
-    def start(self) -> "HealthServer":
+    def start(self) -> HealthServer:
         self._thread.start()
         log.info("health and metrics on http://%s:%d (/healthz /readyz /metrics)", *self._server.server_address[:2])
         return self

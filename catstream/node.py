@@ -14,10 +14,11 @@ import threading
 import time
 from pathlib import Path
 
-from catstream.bundle import ModelBundle
-from catstream.feature_queue import FeatureQueue, QueueLayout
 from catstream.health import HealthServer, NodeStatus
-from catstream.settings import Settings
+from core.bundle import ModelBundle
+from core.feature_queue import FeatureQueue, QueueLayout
+from core.features import input_fields_of
+from core.settings import Settings
 from gpu_workers.worker import run_inference_worker
 from preprocess_workers.worker import run_preprocess_worker
 
@@ -57,12 +58,7 @@ class Node:
         layout = QueueLayout(
             workers=self.settings.preprocess_workers,
             slots_per_worker=self.settings.slots_per_worker,
-            image_size=self.bundle.image_size,
-            max_title_tokens=self.bundle.max_title_tokens,
-            max_mall_tokens=self.bundle.max_mall_tokens,
-            max_title_grams=self.bundle.max_title_grams,
-            lexical=self.bundle.has_lexical,
-            num_classes=len(self.bundle.labels),
+            fields=input_fields_of(self.bundle),
         )
         queue = FeatureQueue.create(layout, directory=self.settings.queue_dir)
         log.info("queue %s: %d slots, %.1f MiB", queue.path, layout.slots, queue.nbytes / 2**20)
@@ -142,7 +138,9 @@ class Node:
                     now = time.monotonic()
                     recent_restarts = [t for t in recent_restarts if now - t < 60.0] + [now]
                     if len(recent_restarts) > _MAX_RESTARTS_PER_MINUTE:
-                        log.error("preprocess workers died %d times in a minute; stopping the node", len(recent_restarts))
+                        log.error(
+                            "preprocess workers died %d times in a minute; stopping the node", len(recent_restarts)
+                        )
                         return 1
                     self.restarts += 1
                     time.sleep(_RESTART_BACKOFF_S)

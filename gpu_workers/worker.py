@@ -14,13 +14,15 @@ import time
 import numpy as np
 from confluent_kafka import Producer
 
-from catstream.bundle import ModelBundle
-from catstream.feature_queue import INFERENCE_COUNTERS, FeatureQueue
-from catstream.kafka import producer_config
-from catstream.schemas import UNCERTAIN, Prediction
-from catstream.settings import Settings
+from core.bundle import ModelBundle
+from core.decision import decide, softmax
+from core.feature_queue import INFERENCE_COUNTERS, FeatureQueue
+from core.images import IMAGE_USED
+from core.kafka import producer_config
+from core.schemas import UNCERTAIN, Prediction
+from core.scoring import OnnxClassifier
+from core.settings import Settings
 from gpu_workers.batcher import DynamicBatcher
-from gpu_workers.inference import OnnxClassifier, decide, softmax
 
 __all__ = ["InferenceWorker", "run_inference_worker"]
 
@@ -80,7 +82,7 @@ class InferenceWorker:
                 wait = _IDLE_SLEEP_S if deadline is None else min(_IDLE_SLEEP_S, max(0.0, deadline - now))
                 time.sleep(wait)
         remaining = self.producer.flush(self.settings.drain_timeout_s)
-        counts = {name: int(v) for name, v in zip(INFERENCE_COUNTERS, self.queue.inference_stats)}
+        counts = {name: int(v) for name, v in zip(INFERENCE_COUNTERS, self.queue.inference_stats, strict=True)}
         log.info("inference stopped: %s, %d deliveries unconfirmed", counts, remaining)
         return 0
 
@@ -88,15 +90,17 @@ class InferenceWorker:
         batch = self.queue.claim(slots)
         started = time.perf_counter()
         try:
-            logits = self.classifier.logits(
-                batch.image, batch.has_image, batch.title_ids, batch.mall_ids, batch.mall_weight, batch.title_grams,
-                batch.lexical,
-            )
+            logits = self.classifier.logits(batch.features.inputs)
             if logits.shape[0] != len(slots):
                 raise RuntimeError(f"model returned {logits.shape[0]} rows for {len(slots)} inputs")
             probabilities = softmax(logits, self.bundle.temperature)
-            decisions = decide(probabilities, batch.exclusion, labels=self.bundle.labels, threshold=self.threshold,
-                                 parent_threshold=self.parent_threshold)
+            decisions = decide(
+                probabilities,
+                batch.features.exclusion,
+                labels=self.bundle.labels,
+                threshold=self.threshold,
+                parent_threshold=self.parent_threshold,
+            )
         except Exception as error:  # a failed batch fails every item in it; workers dead-letter them
             self.consecutive_failures += 1
             self.queue.count_inference("failed", len(slots))
@@ -109,25 +113,25 @@ class InferenceWorker:
         flushed_ns = time.time_ns()
         self.queue.count_inference("batches")
         self.queue.count_inference("inference_ns", int(inference_ms * 1e6))
-        in_node_ms = np.array([m["preprocess_ms"] for m in batch.metas]) + (flushed_ns - batch.enqueued_ns) / 1e6 + inference_ms
-        self.queue.observe_latency(in_node_ms)
-        for slot, meta, decision, enqueued_ns in zip(slots, batch.metas, decisions, batch.enqueued_ns):
+        preprocess_ms = np.array([offer.preprocess_ms for offer in batch.offers])
+        self.queue.observe_latency(preprocess_ms + (flushed_ns - batch.enqueued_ns) / 1e6 + inference_ms)
+        for slot, offer, decision, enqueued_ns in zip(slots, batch.offers, decisions, batch.enqueued_ns, strict=True):
             timings = {
-                "preprocess": meta["preprocess_ms"],
+                "preprocess": offer.preprocess_ms,
                 "queue_wait": (flushed_ns - int(enqueued_ns)) / 1e6,
                 "inference": inference_ms,
                 "batch_size": float(len(slots)),
             }
-            if meta.get("produced_ms"):
-                timings["end_to_end"] = time.time() * 1000.0 - meta["produced_ms"]
+            if offer.produced_ms:
+                timings["end_to_end"] = time.time() * 1000.0 - offer.produced_ms
             prediction = Prediction(
-                offer_id=meta["offer_id"],
+                offer_id=offer.offer_id,
                 category=decision.category,
                 confidence=decision.confidence,
                 top3=decision.top3,
                 model_version=self.bundle.version,
-                image_used=meta["image_status"] == "used",
-                image_status=meta["image_status"],
+                image_used=offer.image_status == IMAGE_USED,
+                image_status=offer.image_status,
                 timings_ms=timings,
                 excluded_categories=decision.excluded,
                 confident_parent=decision.parent,
@@ -135,7 +139,7 @@ class InferenceWorker:
             self.queue.count_inference("predicted")
             self.queue.count_inference("uncertain", int(decision.category == UNCERTAIN))
             self.queue.count_inference("uncertain_with_parent", int(decision.parent is not None))
-            self._produce(int(slot), meta["offer_id"], prediction.to_bytes())
+            self._produce(int(slot), offer.offer_id, prediction.to_bytes())
 
     def _produce(self, slot: int, key: str, value: bytes) -> None:
         def delivered(error, _message):
@@ -149,7 +153,9 @@ class InferenceWorker:
 
         while True:
             try:
-                self.producer.produce(self.settings.categorized_topic, key=key.encode(), value=value, on_delivery=delivered)
+                self.producer.produce(
+                    self.settings.categorized_topic, key=key.encode(), value=value, on_delivery=delivered
+                )
                 return
             except BufferError:
                 self.producer.poll(0.05)
@@ -163,11 +169,15 @@ def _log_thresholds(bundle: ModelBundle) -> None:
         log.info("serving at the bundle's threshold %.4f, parent threshold %s", bundle.threshold, parent)
         return
     log.info("%s", note)
-    point = bundle.config["served_at"].get("operating_point")
-    target = bundle.config.get("training", {}).get("options", {}).get("target_precision")
-    if point is not None and target is not None and point["precision_bound"] < target:
-        log.warning("that lower bound is below the target precision the bundle was calibrated for, %.2f%%: expect "
-                    "less precise answers at threshold %.4f", 100 * target, bundle.threshold)
+    point = bundle.served_at.operating_point if bundle.served_at else None
+    target = bundle.config.training.calibration.target_precision
+    if point is not None and point.precision_bound < target:
+        log.warning(
+            "that lower bound is below the target precision the bundle was calibrated for, %.2f%%: expect "
+            "less precise answers at threshold %.4f",
+            100 * target,
+            bundle.threshold,
+        )
 
 
 def run_inference_worker(settings: Settings, bundle_path: str, queue_path: str, log_level: str, ready) -> None:

@@ -15,13 +15,13 @@ from dataclasses import dataclass
 
 from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
 
-from catstream.bundle import ModelBundle
-from catstream.feature_queue import DONE, FAILED, FREE, FeatureQueue
-from catstream.features import Featurizer
-from catstream.images import ImageLimits
-from catstream.kafka import consumer_config, producer_config
-from catstream.schemas import Offer, Rejection, dead_letter_headers, parse_offer
-from catstream.settings import Settings
+from core.bundle import ModelBundle
+from core.feature_queue import DONE, FAILED, FREE, FeatureQueue, OfferMeta
+from core.features import Featurizer
+from core.images import ImageLimits
+from core.kafka import consumer_config, producer_config
+from core.schemas import Offer, Rejection, dead_letter_headers, parse_offer
+from core.settings import Settings
 from preprocess_workers.backpressure import BufferGate
 from preprocess_workers.offsets import OffsetTracker
 
@@ -179,42 +179,27 @@ class PreprocessWorker:
             features = self.featurizer.featurize(parsed)
         except Exception as error:  # a bug or a pathological input must not kill the worker
             log.exception("%s: featurising offer %s failed", self.name, parsed.offer_id)
-            self._dead_letter(message, Rejection(f"featurising failed: {error}", type(error).__name__), stage="preprocess")
+            self._dead_letter(
+                message, Rejection(f"featurising failed: {error}", type(error).__name__), stage="preprocess"
+            )
             return
         slot = self.free_slots.popleft()
-        meta = self._meta(parsed, message, features.image_status, started)
-        try:
-            self.queue.put(
-                slot,
-                image=features.image,
-                has_image=features.has_image,
-                title_ids=features.title_ids,
-                mall_ids=features.mall_ids,
-                exclusion=features.exclusion_mask,
-                meta=meta,
-                mall_weight=features.mall_weight,
-                title_grams=features.title_grams,
-                lexical=features.lexical,
-            )
-        except ValueError as error:
-            self.free_slots.appendleft(slot)
-            self._dead_letter(message, Rejection(str(error), "OversizedMessage"), stage="preprocess")
-            return
+        self.queue.put(slot, features, self._meta(parsed, message, features.image_status, started))
         self.in_flight[slot] = _InFlight((message.topic(), message.partition()), message.offset(), message)
         self.queue.count(self.index, "enqueued")
         self.queue.count(self.index, "image_unused", int(not features.has_image))
 
-    def _meta(self, offer: Offer, message: Message, image_status: str, started: float) -> dict:
+    @staticmethod
+    def _meta(offer: Offer, message: Message, image_status: str, started: float) -> OfferMeta:
         timestamp_type, timestamp_ms = message.timestamp()
-        return {
-            "offer_id": offer.offer_id,
-            "partition": message.partition(),
-            "offset": message.offset(),
-            "image_status": image_status,
-            "produced_ms": timestamp_ms if timestamp_type else None,
-            "preprocess_ms": (time.perf_counter() - started) * 1000.0,
-            "worker": self.index,
-        }
+        return OfferMeta(
+            offer_id=offer.offer_id,
+            partition=message.partition(),
+            offset=message.offset(),
+            image_status=image_status,
+            produced_ms=float(timestamp_ms) if timestamp_type else None,
+            preprocess_ms=(time.perf_counter() - started) * 1000.0,
+        )
 
     # --- completion ------------------------------------------------------------------------------
 
@@ -287,7 +272,9 @@ class PreprocessWorker:
         self._reap()
         self._commit(None, asynchronous=False)
         if self.in_flight:
-            log.warning("%s: %d offers still in flight at exit; they will be redelivered", self.name, len(self.in_flight))
+            log.warning(
+                "%s: %d offers still in flight at exit; they will be redelivered", self.name, len(self.in_flight)
+            )
 
 
 def run_preprocess_worker(index: int, settings: Settings, bundle_path: str, queue_path: str, log_level: str) -> None:
@@ -295,7 +282,9 @@ def run_preprocess_worker(index: int, settings: Settings, bundle_path: str, queu
     logging.basicConfig(level=log_level, format=f"%(asctime)s preprocess-{index} %(levelname)s %(message)s")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when we stop
     queue = FeatureQueue.attach(queue_path)
-    worker = PreprocessWorker(index, settings, ModelBundle.load(bundle_path, dictionaries_dir=settings.dictionaries_dir), queue)
+    worker = PreprocessWorker(
+        index, settings, ModelBundle.load(bundle_path, dictionaries_dir=settings.dictionaries_dir), queue
+    )
 
     def stop(*_):
         worker.stopping = True

@@ -9,9 +9,9 @@ from collections.abc import Iterable
 from confluent_kafka import KafkaException, Producer
 from tqdm import tqdm
 
-from catstream.kafka import producer_config
-from catstream.schemas import Offer
-from catstream.settings import Settings
+from core.kafka import producer_config
+from core.schemas import Offer
+from core.settings import Settings
 
 __all__ = ["publish_offers", "publish_raw"]
 
@@ -19,20 +19,29 @@ log = logging.getLogger(__name__)
 
 
 def publish_offers(
-    offers: Iterable[Offer], settings: Settings, *, rate: float | None = None, total: int | None = None,
+    offers: Iterable[Offer],
+    settings: Settings,
+    *,
+    rate: float | None = None,
+    total: int | None = None,
     progress: bool = True,
 ) -> int:
     """Produce every offer (at most ``rate`` per second) and wait until all are acknowledged.
 
     Returns the number delivered; raises if any delivery failed.
     """
-    return publish_raw(((o.offer_id.encode(), o.to_bytes()) for o in offers), settings,
-                       rate=rate, total=total, progress=progress)
+    return publish_raw(
+        ((o.offer_id.encode(), o.to_bytes()) for o in offers), settings, rate=rate, total=total, progress=progress
+    )
 
 
 def publish_raw(
-    messages: Iterable[tuple[bytes | None, bytes | None]], settings: Settings, *, rate: float | None = None,
-    total: int | None = None, progress: bool = False,
+    messages: Iterable[tuple[bytes | None, bytes | None]],
+    settings: Settings,
+    *,
+    rate: float | None = None,
+    total: int | None = None,
+    progress: bool = False,
 ) -> int:
     """Produce ``(key, value)`` pairs as they are (tests use it for malformed input)."""
     producer = Producer(producer_config(settings, **{"client.id": "catstream-producer"}))

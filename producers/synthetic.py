@@ -37,21 +37,77 @@ class SyntheticCategory:
 
 _WINTER, _SUMMER = (11, 12, 1, 2), (5, 6, 7, 8)
 CATEGORIES: tuple[SyntheticCategory, ...] = (
-    SyntheticCategory("Women > Clothing > Dresses", ("원피스", "드레스"), ("dress", "maxi dress"), "triangle", (220, 80, 140)),
-    SyntheticCategory("Women > Clothing > Blouses", ("블라우스",), ("blouse", "chiffon blouse"), "square", (240, 170, 200)),
-    SyntheticCategory("Women > Shoes > Sandals", ("샌들", "슬리퍼"), ("sandals", "slides"), "bar", (200, 120, 60), _SUMMER),
+    SyntheticCategory(
+        "Women > Clothing > Dresses", ("원피스", "드레스"), ("dress", "maxi dress"), "triangle", (220, 80, 140)
+    ),
+    SyntheticCategory(
+        "Women > Clothing > Blouses", ("블라우스",), ("blouse", "chiffon blouse"), "square", (240, 170, 200)
+    ),
+    SyntheticCategory(
+        "Women > Shoes > Sandals", ("샌들", "슬리퍼"), ("sandals", "slides"), "bar", (200, 120, 60), _SUMMER
+    ),
     SyntheticCategory("Men > Clothing > Shirts", ("셔츠", "남방"), ("shirt", "oxford shirt"), "square", (60, 90, 200)),
-    SyntheticCategory("Men > Clothing > Padded Jackets", ("패딩", "롱패딩"), ("puffer jacket", "down jacket"), "circle", (40, 40, 60), _WINTER),
-    SyntheticCategory("Men > Shoes > Sneakers", ("운동화", "스니커즈"), ("sneakers", "running shoes"), "bar", (230, 230, 230)),
-    SyntheticCategory("Kids > Clothing > Dresses", ("원피스", "드레스"), ("dress", "party dress"), "triangle", (250, 200, 80)),
-    SyntheticCategory("Kids > Shoes > Sneakers", ("운동화", "실내화"), ("sneakers", "light-up shoes"), "bar", (90, 200, 120)),
-    SyntheticCategory("Sports > Swim > Swimsuits", ("수영복", "래쉬가드"), ("swimsuit", "rash guard"), "cross", (30, 160, 220), _SUMMER),
-    SyntheticCategory("Digital > Audio > Earphones", ("이어폰", "블루투스 이어폰"), ("earbuds", "wireless earphones"), "ring", (20, 20, 20)),
-    SyntheticCategory("Digital > Phone > Cases", ("폰케이스", "휴대폰 케이스"), ("phone case", "bumper case"), "rounded", (150, 150, 170)),
-    SyntheticCategory("Beauty > Skincare > Sunscreen", ("선크림", "자외선 차단제"), ("sunscreen", "sun cream"), "rounded", (250, 240, 150), _SUMMER),
-    SyntheticCategory("Home > Bedding > Electric Blankets", ("전기요", "전기장판"), ("electric blanket", "heated throw"), "stripes", (200, 60, 40), _WINTER),
-    SyntheticCategory("Kitchen > Cookware > Frying Pans", ("프라이팬", "궁중팬"), ("frying pan", "skillet"), "circle", (90, 90, 90)),
-    SyntheticCategory("Food > Snacks > Chocolate", ("초콜릿", "초코바"), ("chocolate", "chocolate bar"), "stripes", (110, 60, 30)),
+    SyntheticCategory(
+        "Men > Clothing > Padded Jackets",
+        ("패딩", "롱패딩"),
+        ("puffer jacket", "down jacket"),
+        "circle",
+        (40, 40, 60),
+        _WINTER,
+    ),
+    SyntheticCategory(
+        "Men > Shoes > Sneakers", ("운동화", "스니커즈"), ("sneakers", "running shoes"), "bar", (230, 230, 230)
+    ),
+    SyntheticCategory(
+        "Kids > Clothing > Dresses", ("원피스", "드레스"), ("dress", "party dress"), "triangle", (250, 200, 80)
+    ),
+    SyntheticCategory(
+        "Kids > Shoes > Sneakers", ("운동화", "실내화"), ("sneakers", "light-up shoes"), "bar", (90, 200, 120)
+    ),
+    SyntheticCategory(
+        "Sports > Swim > Swimsuits",
+        ("수영복", "래쉬가드"),
+        ("swimsuit", "rash guard"),
+        "cross",
+        (30, 160, 220),
+        _SUMMER,
+    ),
+    SyntheticCategory(
+        "Digital > Audio > Earphones",
+        ("이어폰", "블루투스 이어폰"),
+        ("earbuds", "wireless earphones"),
+        "ring",
+        (20, 20, 20),
+    ),
+    SyntheticCategory(
+        "Digital > Phone > Cases",
+        ("폰케이스", "휴대폰 케이스"),
+        ("phone case", "bumper case"),
+        "rounded",
+        (150, 150, 170),
+    ),
+    SyntheticCategory(
+        "Beauty > Skincare > Sunscreen",
+        ("선크림", "자외선 차단제"),
+        ("sunscreen", "sun cream"),
+        "rounded",
+        (250, 240, 150),
+        _SUMMER,
+    ),
+    SyntheticCategory(
+        "Home > Bedding > Electric Blankets",
+        ("전기요", "전기장판"),
+        ("electric blanket", "heated throw"),
+        "stripes",
+        (200, 60, 40),
+        _WINTER,
+    ),
+    SyntheticCategory(
+        "Kitchen > Cookware > Frying Pans", ("프라이팬", "궁중팬"), ("frying pan", "skillet"), "circle", (90, 90, 90)
+    ),
+    SyntheticCategory(
+        "Food > Snacks > Chocolate", ("초콜릿", "초코바"), ("chocolate", "chocolate bar"), "stripes", (110, 60, 30)
+    ),
 )
 
 _AUDIENCE_WORDS = {
@@ -181,16 +237,18 @@ def write_marketplace(out_dir: str | Path, *, offers: int, seed: int = 0, progre
         label = category
         if rng.random() < mall.wrong_label_rate:
             label = CATEGORIES[rng.integers(len(CATEGORIES))]
-        rows.append({
-            "offer_id": offer_id,
-            "title": _title(category, mall, rng),
-            "mall_id": mall.mall_id,
-            "mall_category": _mall_category(mall, category, rng),
-            "image": image_ref,
-            "listed_at": _listed_at(category, rng).isoformat(),
-            "category": label.path,
-            "true_category": category.path,
-        })
+        rows.append(
+            {
+                "offer_id": offer_id,
+                "title": _title(category, mall, rng),
+                "mall_id": mall.mall_id,
+                "mall_category": _mall_category(mall, category, rng),
+                "image": image_ref,
+                "listed_at": _listed_at(category, rng).isoformat(),
+                "category": label.path,
+                "true_category": category.path,
+            }
+        )
     path = out_dir / "offers.csv"
     with path.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))

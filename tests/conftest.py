@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from catstream.broker import EmbeddedBroker
 from catstream.demo import start_node as start_node_process
-from catstream.kafka import ensure_topics, read_topic, wait_for_broker
-from catstream.settings import Settings
+from core.broker import EmbeddedBroker
+from core.kafka import ensure_topics, read_topic, wait_for_broker
+from core.settings import Settings
 
 TEST_IMAGE_SIZE = 64
 
@@ -36,10 +36,20 @@ def bundle(marketplace, tmp_path_factory) -> Path:
 
 def small_training_options(feature_cache: Path, **overrides):
     """Options that train on the 1500-offer marketplace in seconds."""
-    from training.train import TrainOptions
+    from training.options import TrainOptions
 
-    values = dict(label_columns=["category"], image_size=TEST_IMAGE_SIZE, epochs=5, vocab_size=4000, threads=2,
-                  cleaning="drop", cleaning_folds=2, season_balance=True, target_precision=0.98, feature_cache=str(feature_cache))
+    values = dict(
+        label_columns=["category"],
+        image_size=TEST_IMAGE_SIZE,
+        epochs=5,
+        vocab_size=4000,
+        threads=2,
+        cleaning="drop",
+        cleaning_folds=2,
+        season_balance=True,
+        target_precision=0.98,
+        feature_cache=str(feature_cache),
+    )
     return TrainOptions(**(values | overrides))
 
 
@@ -110,6 +120,10 @@ def start_node(bundle, stream_settings, tmp_path):
 
 def read_predictions(settings: Settings, expected_ids: set[str], *, timeout_s: float = 120.0) -> list[dict]:
     """Every prediction message until each expected offer_id has one (or the timeout)."""
-    messages = read_topic(settings, settings.categorized_topic, timeout_s=timeout_s,
-                          until=lambda ms: expected_ids <= {m.key().decode() for m in ms})
+    messages = read_topic(
+        settings,
+        settings.categorized_topic,
+        timeout_s=timeout_s,
+        until=lambda ms: expected_ids <= {m.key().decode() for m in ms},
+    )
     return [json.loads(m.value()) for m in messages]

@@ -1,13 +1,13 @@
 """``catstream ablation``: each ingredient of the model measured by adding it, on held-out offers.
 
 Rows (cumulative, as the design claims them): title only → + mall category → + image →
-+ season-balanced history → + label cleaning → + exclusion dictionary → + lexical model; optionally the full
-model at other image sizes, without ImageNet weights and without the character n-grams. Every row is trained and scored here,
-on the same split and the same test offers; temperature and threshold are chosen per row on
-validation data. Each row is compared offer by offer with the row it builds on (the extra rows
-with the full model): the exact McNemar p-value says whether its step is more than the noise of
-one test set. Scoring uses the PyTorch model (the ONNX export of the same weights agrees to
-about 1e-6, see the export parity check).
++ season-balanced history → + label cleaning → + exclusion dictionary → + lexical model;
+optionally the full model at other image sizes, without ImageNet weights and without the
+character n-grams. Every row is trained and scored here, on the same split and the same test
+offers; temperature and threshold are chosen per row on validation data. Each row is compared
+offer by offer with the row it builds on (the extra rows with the full model): the exact McNemar
+p-value says whether its step is more than the noise of one test set. Scoring uses the PyTorch
+model (the ONNX export of the same weights agrees to about 1e-6, see the export parity check).
 
 A full ablation trains seven to ten rows (17-25 minutes on the shared data on 2 cores). Each
 finished row is saved under the work directory (``rows/``) with a key over everything that decides
@@ -29,15 +29,18 @@ from pathlib import Path
 
 import numpy as np
 
-from catstream.decision import apply_exclusions, softmax
+from core.decision import apply_exclusions, softmax
+from training.crossfit import calibrate
+from training.data import data_fingerprint
 from training.evaluate import parent_answers, points_interval, score
+from training.features import Prepared, prepare
+from training.fit import fit_model, lexical_scores, predict_logits, training_rows
 from training.machine import describe_machine
+from training.options import TrainOptions
 from training.significance import paired_comparison
 from training.splits import title_groups
-from training.train import (Prepared, TrainOptions, calibrate, data_fingerprint, fit_model, lexical_scores,
-                            predict_logits, prepare, training_rows)
 
-__all__ = ["ABLATION_ROWS", "ROWS_DIR", "run_ablation", "render_ablation", "score_configuration"]
+__all__ = ["ABLATION_ROWS", "ROWS_DIR", "render_ablation", "run_ablation", "score_configuration"]
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +51,16 @@ _MACHINE_KEYS = ("cpu", "cpu_features", "cpus", "torch_cpu_capability", "torch_t
 
 ABLATION_ROWS: tuple[tuple[str, dict], ...] = (
     ("title only", dict(inputs=("title",), season_balance=False, cleaning="off", use_exclusions=False, lexical=False)),
-    ("+ mall category", dict(inputs=("title", "mall"), season_balance=False, cleaning="off", use_exclusions=False,
-                             lexical=False)),
-    ("+ image", dict(inputs=("title", "mall", "image"), season_balance=False, cleaning="off", use_exclusions=False,
-                     lexical=False)),
+    (
+        "+ mall category",
+        dict(inputs=("title", "mall"), season_balance=False, cleaning="off", use_exclusions=False, lexical=False),
+    ),
+    (
+        "+ image",
+        dict(
+            inputs=("title", "mall", "image"), season_balance=False, cleaning="off", use_exclusions=False, lexical=False
+        ),
+    ),
     ("+ season-balanced history", dict(season_balance=True, cleaning="off", use_exclusions=False, lexical=False)),
     ("+ label cleaning", dict(season_balance=True, cleaning=CLEANED, use_exclusions=False, lexical=False)),
     ("+ exclusion dictionary", dict(season_balance=True, cleaning=CLEANED, use_exclusions=True, lexical=False)),
@@ -59,34 +68,48 @@ ABLATION_ROWS: tuple[tuple[str, dict], ...] = (
 )
 
 
-def score_configuration(prepared: Prepared, options: TrainOptions, *, progress: bool = False) -> tuple[dict, np.ndarray]:
+def score_configuration(
+    prepared: Prepared, options: TrainOptions, *, progress: bool = False
+) -> tuple[dict, np.ndarray]:
     """Train ``options`` on ``prepared`` and score it on the test rows (threshold from validation).
 
     Returns the :func:`~training.evaluate.score` report and which test offers ``(N,)`` it got right.
     """
     started = time.monotonic()
     rows, targets, report = training_rows(prepared, options, progress=progress)
-    model, history = fit_model(prepared, options, train_rows=rows, targets=targets, progress=progress,
-                               description="ablation row")
+    model, _ = fit_model(
+        prepared, options, train_rows=rows, targets=targets, progress=progress, description="ablation row"
+    )
     test = prepared.split.test
     lexical, calibration = calibrate(model, prepared, options, train_rows=rows, targets=targets)
     logits = predict_logits(model, prepared, test, inputs=options.inputs)
     if lexical is not None:
         logits = logits + lexical_scores(lexical, prepared, test, inputs=options.inputs)
-    probabilities, _ = apply_exclusions(softmax(logits, calibration["temperature"]),
-                                        prepared.exclusion[test] if options.use_exclusions else None)
+    probabilities, _ = apply_exclusions(
+        softmax(logits, calibration["temperature"]), prepared.exclusion[test] if options.use_exclusions else None
+    )
     predicted = probabilities.argmax(1)
-    result = score(prepared.labels, prepared.targets[test], predicted, confidence=probabilities.max(1),
-                   threshold=calibration["threshold"], listed_at=prepared.frame["listed_at"].iloc[test])
+    result = score(
+        prepared.labels,
+        prepared.targets[test],
+        predicted,
+        confidence=probabilities.max(1),
+        threshold=calibration["threshold"],
+        listed_at=prepared.frame["listed_at"].iloc[test],
+    )
     # Certified: the threshold's precision bound held its target in the fixed sequence; otherwise
     # the row serves the uncorrected choice (see choose_threshold) and the table says so
     result["at_threshold"]["certified"] = bool(calibration["target_reached"])
     result["at_threshold"]["threshold"] = float(calibration["threshold"])
     result["at_threshold"]["parent_threshold"] = calibration["parent_threshold"]
-    result["at_threshold"]["parents"] = parent_answers(prepared.labels, probabilities, prepared.targets[test],
-                                                       threshold=calibration["threshold"],
-                                                       parent_threshold=calibration["parent_threshold"])
-    result["training_offers"] = int(len(rows))
+    result["at_threshold"]["parents"] = parent_answers(
+        prepared.labels,
+        probabilities,
+        prepared.targets[test],
+        threshold=calibration["threshold"],
+        parent_threshold=calibration["parent_threshold"],
+    )
+    result["training_offers"] = len(rows)
     if "lexical" in calibration:
         result["lexical_weight"] = calibration["lexical"]["weight"]
     result["seconds"] = round(time.monotonic() - started, 1)
@@ -95,9 +118,17 @@ def score_configuration(prepared: Prepared, options: TrainOptions, *, progress: 
     return result, predicted == prepared.targets[test]
 
 
-def run_ablation(data: str | Path, work_dir: str | Path, options: TrainOptions, *, image_sizes: list[int] = (),
-                 without_pretrained: bool = False, without_char_ngrams: bool = False, fresh: bool = False,
-                 progress: bool = True) -> dict:
+def run_ablation(
+    data: str | Path,
+    work_dir: str | Path,
+    options: TrainOptions,
+    *,
+    image_sizes: list[int] = (),
+    without_pretrained: bool = False,
+    without_char_ngrams: bool = False,
+    fresh: bool = False,
+    progress: bool = True,
+) -> dict:
     """The ablation report (see :func:`render_ablation`).
 
     Rows finished by an earlier run in ``work_dir`` with the same key are reused (``fresh`` trains
@@ -107,9 +138,16 @@ def run_ablation(data: str | Path, work_dir: str | Path, options: TrainOptions, 
     work_dir.mkdir(parents=True, exist_ok=True)
     prepared = prepare(data, work_dir, options, progress=progress)
     machine = describe_machine()
-    report = {"data": str(Path(data).resolve()), "protocol": options.split, "image_size": options.image_size,
-              "test_offers": int(len(prepared.split.test)), "categories": len(prepared.labels),
-              "machine": machine, "rows": [], "reused_rows": []}
+    report = {
+        "data": str(Path(data).resolve()),
+        "protocol": options.split,
+        "image_size": options.image_size,
+        "test_offers": len(prepared.split.test),
+        "categories": len(prepared.labels),
+        "machine": machine,
+        "rows": [],
+        "reused_rows": [],
+    }
     checkpoints = _RowCheckpoints(work_dir / ROWS_DIR, prepared, machine, fresh=fresh)
     cleaning = options.cleaning if options.cleaning != "off" else "drop"
     # Rows are also compared product by product: colour variants are right or wrong together
@@ -136,8 +174,11 @@ def run_ablation(data: str | Path, work_dir: str | Path, options: TrainOptions, 
         log.info("%s: accuracy %.4f, macro-F1 %.4f", name, result["accuracy"], result["macro_f1"])
         previous = name, correct
     full_model = previous
-    extra = [(f"full model at {size} px", dataclasses.replace(options, image_size=size)) for size in image_sizes
-             if size != options.image_size]
+    extra = [
+        (f"full model at {size} px", dataclasses.replace(options, image_size=size))
+        for size in image_sizes
+        if size != options.image_size
+    ]
     if without_pretrained:
         extra.append(("full model without ImageNet weights", dataclasses.replace(options, use_pretrained=False)))
     if without_char_ngrams and options.char_buckets:
@@ -147,8 +188,10 @@ def run_ablation(data: str | Path, work_dir: str | Path, options: TrainOptions, 
 
         def prepare_variant(name=name, variant=variant) -> Prepared:
             variant_prepared = prepare(data, work_dir / name.replace(" ", "-"), variant, progress=progress)
-            if not np.array_equal(variant_prepared.frame["offer_id"].iloc[variant_prepared.split.test],
-                                  prepared.frame["offer_id"].iloc[prepared.split.test]):
+            if not np.array_equal(
+                variant_prepared.frame["offer_id"].iloc[variant_prepared.split.test],
+                prepared.frame["offer_id"].iloc[prepared.split.test],
+            ):
                 raise RuntimeError(f"{name}: the test offers differ from the other rows'; the rows cannot be compared")
             return variant_prepared
 
@@ -162,15 +205,18 @@ class _RowCheckpoints:
     """Finished ablation rows on disk, one JSON file each: the result and which test offers it got right.
 
     A row is reused only when its key matches: the row's name, its resolved options, the labeled
-    offers (:func:`~training.train.data_fingerprint`), the test offers and the machine.
+    offers (:func:`~training.data.data_fingerprint`), the test offers and the machine.
     """
 
     def __init__(self, directory: Path, prepared: Prepared, machine: dict, *, fresh: bool):
         self.directory = directory
         self.fresh = fresh
-        self._common = {"data": prepared.report["fingerprint"],
-                        "test": data_fingerprint(prepared.frame.iloc[prepared.split.test]),
-                        "test_offers": len(prepared.split.test), "machine": {k: machine.get(k) for k in _MACHINE_KEYS}}
+        self._common = {
+            "data": prepared.report["fingerprint"],
+            "test": data_fingerprint(prepared.frame.iloc[prepared.split.test]),
+            "test_offers": len(prepared.split.test),
+            "machine": {k: machine.get(k) for k in _MACHINE_KEYS},
+        }
 
     def key(self, name: str, options: TrainOptions) -> str:
         spec = self._common | {"row": name, "options": options.to_dict()}
@@ -190,8 +236,12 @@ class _RowCheckpoints:
             log.warning("ablation row '%s': checkpoint %s unreadable (%s); measuring it again", name, path, error)
             return None
         if saved.get("key") != self.key(name, options) or len(correct) != self._common["test_offers"]:
-            log.info("ablation row '%s': checkpoint %s was measured with other settings, data or machine; "
-                     "measuring it again", name, path)
+            log.info(
+                "ablation row '%s': checkpoint %s was measured with other settings, data or machine; "
+                "measuring it again",
+                name,
+                path,
+            )
             return None
         log.info("ablation row '%s': reusing the result finished at %s (%s)", name, saved.get("finished"), path)
         return saved["result"], correct
@@ -199,8 +249,13 @@ class _RowCheckpoints:
     def save(self, name: str, options: TrainOptions, result: dict, correct: np.ndarray) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         path = self.path(name)
-        record = {"row": name, "key": self.key(name, options), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                  "result": result, "correct": "".join("1" if right else "0" for right in correct)}
+        record = {
+            "row": name,
+            "key": self.key(name, options),
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "result": result,
+            "correct": "".join("1" if right else "0" for right in correct),
+        }
         temporary = path.with_suffix(f".{os.getpid()}.tmp")  # a crash mid-write never leaves half a row
         temporary.write_text(json.dumps(record))
         temporary.replace(path)
@@ -212,10 +267,13 @@ def render_ablation(report: dict) -> str:
 
     notes = []
     if any(row.get("at_threshold", {}).get("certified") is False for row in report["rows"]):
-        notes = ["", "Not certified: no threshold's 95% precision bound reached the target from the start of the "
-                 "fixed sequence on this row's validation offers; the row serves the lowest threshold whose own "
-                 "bound passes, uncorrected for the thresholds tried (with none passing, the one with the best "
-                 "bound)."]
+        notes = [
+            "",
+            "Not certified: no threshold's 95% precision bound reached the target from the start of the "
+            "fixed sequence on this row's validation offers; the row serves the lowest threshold whose own "
+            "bound passes, uncorrected for the thresholds tried (with none passing, the one with the best "
+            "bound).",
+        ]
     lines = [
         f"# Ablation ({report['protocol']} split, {report['test_offers']} held-out offers, "
         f"{report['categories']} categories, {report['image_size']} px)",
@@ -234,8 +292,10 @@ def render_ablation(report: dict) -> str:
         paired = row.get("paired")
         versus, p_value, products, p_products, interval = "–", "–", "–", "–", "–"
         if paired:
-            versus = (f"{100 * paired['difference']:+.2f} points ({paired['only_this']} offers right only here, "
-                      f"{paired['only_other']} only in '{paired['against']}')")
+            versus = (
+                f"{100 * paired['difference']:+.2f} points ({paired['only_this']} offers right only here, "
+                f"{paired['only_other']} only in '{paired['against']}')"
+            )
             p_value = f"{paired['p_value']:.2g}"
         if paired and "by_group" in paired:
             by_group = paired["by_group"]
@@ -249,21 +309,39 @@ def render_ablation(report: dict) -> str:
             if parents.get("threshold") is None:  # the leaf answers alone: no parent threshold held its bound
                 with_parents += " (no parent threshold)"
         coverage = pct(at.get("coverage")) + (" (not certified)" if at.get("certified") is False else "")
-        lines.append(f"| {row['row']} | {pct(row['accuracy'])} | {row['macro_f1']:.4f} | {coverage} | "
-                     f"{pct(at.get('precision'))} | {with_parents} | {worst_text} | {row['training_offers']} | {versus} | {p_value} | "
-                     f"{products} | {p_products} | {interval} |")
+        lines.append(
+            f"| {row['row']} | {pct(row['accuracy'])} | {row['macro_f1']:.4f} | {coverage} | "
+            f"{pct(at.get('precision'))} | {with_parents} | {worst_text} | {row['training_offers']} | {versus} | "
+            f"{p_value} | "
+            f"{products} | {p_products} | {interval} |"
+        )
     lines += notes
     if report.get("reused_rows"):
-        lines += ["", "Carried over from an earlier run of the same command in the same work directory (same "
-                  "settings, data, test offers and machine; the run was interrupted or extended): "
-                  + ", ".join(f"'{name}'" for name in report["reused_rows"]) + "."]
+        lines += [
+            "",
+            "Carried over from an earlier run of the same command in the same work directory (same "
+            "settings, data, test offers and machine; the run was interrupted or extended): "
+            + ", ".join(f"'{name}'" for name in report["reused_rows"])
+            + ".",
+        ]
     months = list(report["rows"][0].get("per_month", {}))
     if months:
-        lines += ["", "## Accuracy per listing month", "", "| configuration | " + " | ".join(months) + " |",
-                  "|---|" + "---|" * len(months)]
-        lines.append("| offers | " + " | ".join(str(report["rows"][0]["per_month"][m]["offers"]) for m in months) + " |")
+        lines += [
+            "",
+            "## Accuracy per listing month",
+            "",
+            "| configuration | " + " | ".join(months) + " |",
+            "|---|" + "---|" * len(months),
+        ]
+        lines.append(
+            "| offers | " + " | ".join(str(report["rows"][0]["per_month"][m]["offers"]) for m in months) + " |"
+        )
         for row in report["rows"]:
-            lines.append(f"| {row['row']} | " + " | ".join(pct(row["per_month"].get(m, {}).get("accuracy")) for m in months) + " |")
+            lines.append(
+                f"| {row['row']} | "
+                + " | ".join(pct(row["per_month"].get(m, {}).get("accuracy")) for m in months)
+                + " |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -275,8 +353,11 @@ def _machine_line(machine: dict | None) -> list[str]:
     versions = ", ".join(f"{name} {version}" for name, version in machine.get("versions", {}).items())
     features = ", ".join(machine.get("cpu_features", []))
     capability = f"; torch uses {machine['torch_cpu_capability']}" if machine.get("torch_cpu_capability") else ""
-    return [f"Measured on {machine['cpu']} ({machine['cpus']} cores; {features or 'no vector extensions listed'}"
-            f"{capability}); {versions}.", ""]
+    return [
+        f"Measured on {machine['cpu']} ({machine['cpus']} cores; {features or 'no vector extensions listed'}"
+        f"{capability}); {versions}.",
+        "",
+    ]
 
 
 def write_ablation(report: dict, out_dir: str | Path) -> tuple[Path, Path]:

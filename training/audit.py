@@ -24,6 +24,7 @@ TSV format as ``dictionaries/`` (``training.mining``), for human review.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -34,16 +35,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from catstream.bundle import ModelBundle
-from catstream.decision import softmax
-from catstream.dictionaries import PATH_SEPARATOR
-from catstream.features import Featurizer
-from catstream.offer_files import LABEL, offers_from_frame
-from catstream.text import words
-from training.evaluate import held_out, served_probabilities
+from core.bundle import ModelBundle
+from core.decision import softmax
+from core.dictionaries import PATH_SEPARATOR
+from core.feature_queue import FeatureBatch
+from core.features import Featurizer
+from core.offer_files import LABEL, offers_from_frame
+from core.scoring import OnnxClassifier, served_probabilities
+from core.text import words
+from training.evaluate import held_out
 from training.mining import ExclusionCandidate, write_candidates
+from training.progress import progress_bar
 from training.shops import estimate_shop_weights
-from training.train import progress_bar
 
 __all__ = ["AuditOptions", "OfferExplainer", "run_audit", "write_audit"]
 
@@ -93,10 +96,9 @@ class OfferExplainer:
     """Permutation SHAP over words, the shop category and image cells, on the model as served (the ONNX
     network plus the lexical model)."""
 
-    def __init__(self, bundle: ModelBundle, *, image_grid: int = 4, max_evals: int = 300, threads: int = 2,
-                 seed: int = 0):
-        from gpu_workers.inference import OnnxClassifier
-
+    def __init__(
+        self, bundle: ModelBundle, *, image_grid: int = 4, max_evals: int = 300, threads: int = 2, seed: int = 0
+    ):
         self.bundle = bundle
         self.featurizer = Featurizer.from_bundle(bundle)
         self.classifier = OnnxClassifier(bundle, intra_op_threads=threads)
@@ -111,24 +113,22 @@ class OfferExplainer:
         titles, malls = [], []
         images = np.repeat(features.image[None], len(coalitions), axis=0)
         for row, present in enumerate(coalitions.astype(bool)):
-            title = " ".join(w for w, keep in zip(layout["words"], present[:n_words]) if keep)
+            title = " ".join(w for w, keep in zip(layout["words"], present[:n_words], strict=True) if keep)
             mall = offer.mall_category if (has_shop and present[n_words]) else ""
             titles.append(title)
             malls.append(mall)
             if layout["cells"]:
-                cells = present[n_words + has_shop:]
+                cells = present[n_words + has_shop :]
                 for index, keep in enumerate(cells):
                     if not keep:
                         r, c = divmod(index, self.image_grid)
                         ys, xs = layout["cells"][r][c]
                         images[row, :, ys, xs] = layout["fill"]
-        ids = [self.featurizer.text_ids(t, m) for t, m in zip(titles, malls)]
-        lexical = np.stack([self.featurizer.lexical_scores(t, m, features.mall_weight) for t, m in zip(titles, malls)])
-        logits = self.classifier.logits(
-            images, np.full(len(coalitions), features.has_image, np.float32),
-            np.stack([i[0] for i in ids]), np.stack([i[1] for i in ids]),
-            np.full(len(coalitions), features.mall_weight, np.float32), np.stack([i[2] for i in ids]), lexical,
-        )
+        variants = [
+            dataclasses.replace(self.featurizer.with_text(features, title, mall), image=image)
+            for title, mall, image in zip(titles, malls, images, strict=True)
+        ]
+        logits = self.classifier.logits(FeatureBatch.stack(variants, self.featurizer.fields).inputs)
         return softmax(logits, self.bundle.temperature)[:, outputs]
 
     def explain(self, offer, predicted: int, true: int, *, base_dir: Path | None = None) -> Explanation:
@@ -142,16 +142,25 @@ class OfferExplainer:
         if features.has_image:
             size = features.image.shape[-1]
             edges = np.linspace(0, size, self.image_grid + 1).astype(int)
-            cells = [[(slice(edges[r], edges[r + 1]), slice(edges[c], edges[c + 1])) for c in range(self.image_grid)]
-                     for r in range(self.image_grid)]
+            cells = [
+                [(slice(edges[r], edges[r + 1]), slice(edges[c], edges[c + 1])) for c in range(self.image_grid)]
+                for r in range(self.image_grid)
+            ]
             fill = features.image.reshape(3, -1).mean(1).round().astype(np.uint8)[:, None, None]  # (3, 1, 1)
         layout = {"features": features, "words": title_words, "has_shop": has_shop, "cells": cells, "fill": fill}
-        players = len(title_words) + has_shop + self.image_grid ** 2 * bool(cells)
+        players = len(title_words) + has_shop + self.image_grid**2 * bool(cells)
         outputs = [predicted, true]
         if players == 0:
             value = self.probabilities(offer, outputs, np.zeros((1, 0)), layout)[0]
-            return Explanation(words=[], word_values=np.zeros((0, 2)), shop_value=None, image_values=None,
-                               base=value, full=value, image=None)
+            return Explanation(
+                words=[],
+                word_values=np.zeros((0, 2)),
+                shop_value=None,
+                image_values=None,
+                base=value,
+                full=value,
+                image=None,
+            )
 
         def model(coalitions: np.ndarray) -> np.ndarray:
             return self.probabilities(offer, outputs, coalitions, layout)
@@ -167,7 +176,7 @@ class OfferExplainer:
             words=title_words,
             word_values=values[:n_words],
             shop_value=values[n_words] if has_shop else None,
-            image_values=values[n_words + has_shop:].reshape(self.image_grid, self.image_grid, 2) if cells else None,
+            image_values=values[n_words + has_shop :].reshape(self.image_grid, self.image_grid, 2) if cells else None,
             base=base,
             full=base + values.sum(0),
             image=features.image if cells else None,
@@ -182,34 +191,37 @@ def _path(label: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in label.split(">"))
 
 
-def category_overview(labels: tuple[str, ...], targets: np.ndarray, predicted: np.ndarray,
-                      uncertain: np.ndarray) -> list[dict]:
+def category_overview(
+    labels: tuple[str, ...], targets: np.ndarray, predicted: np.ndarray, uncertain: np.ndarray
+) -> list[dict]:
     """Per true category: support, top-1 errors, wrong answers given, uncertain; worst first."""
     rows = []
     for k in np.unique(targets):
         mine = targets == k
         wrong = mine & (predicted != k)
         into = (predicted == k) & (targets != k)
-        rows.append({
-            "category": labels[k],
-            "support": int(mine.sum()),
-            "error_rate": float(wrong.sum() / mine.sum()),  # top-1 errors / support
-            "wrong_answers": int((wrong & ~uncertain).sum()),  # errors that were not held back as uncertain
-            "uncertain_rate": float((mine & uncertain).sum() / mine.sum()),
-            "wrongly_filed_here": int(into.sum()),
-            "wrongly_filed_here_answered": int((into & ~uncertain).sum()),
-        })
+        rows.append(
+            {
+                "category": labels[k],
+                "support": int(mine.sum()),
+                "error_rate": float(wrong.sum() / mine.sum()),  # top-1 errors / support
+                "wrong_answers": int((wrong & ~uncertain).sum()),  # errors that were not held back as uncertain
+                "uncertain_rate": float((mine & uncertain).sum() / mine.sum()),
+                "wrongly_filed_here": int(into.sum()),
+                "wrongly_filed_here_answered": int((into & ~uncertain).sum()),
+            }
+        )
     return sorted(rows, key=lambda r: (-r["error_rate"], -r["support"], r["category"]))
 
 
 def confused_pairs(labels, targets, predicted, *, top: int = 20) -> list[dict]:
-    counts = Counter(zip(targets[targets != predicted].tolist(), predicted[targets != predicted].tolist()))
+    counts = Counter(zip(targets[targets != predicted].tolist(), predicted[targets != predicted].tolist(), strict=True))
     return [{"true": labels[t], "predicted": labels[p], "count": c} for (t, p), c in counts.most_common(top)]
 
 
 def ambiguous_groups(labels, targets, predicted, *, min_errors: int = 2) -> list[dict]:
     """Groups of categories mixed up in both directions (connected components of such pairs)."""
-    counts = Counter(zip(targets[targets != predicted].tolist(), predicted[targets != predicted].tolist()))
+    counts = Counter(zip(targets[targets != predicted].tolist(), predicted[targets != predicted].tolist(), strict=True))
     edges = {(a, b) for (a, b), c in counts.items() if a < b and c >= min_errors and counts[(b, a)] >= min_errors}
     parent: dict[int, int] = {}
 
@@ -228,39 +240,48 @@ def ambiguous_groups(labels, targets, predicted, *, min_errors: int = 2) -> list
     result = []
     for members in groups.values():
         names = sorted(labels[m] for m in members)
-        pairs = [{"a": labels[a], "b": labels[b], "a_as_b": counts[(a, b)], "b_as_a": counts[(b, a)]}
-                 for a, b in sorted(edges) if a in members]
+        pairs = [
+            {"a": labels[a], "b": labels[b], "a_as_b": counts[(a, b)], "b_as_a": counts[(b, a)]}
+            for a, b in sorted(edges)
+            if a in members
+        ]
         leaves = {_path(n)[-1] for n in names}
-        result.append({
-            "categories": names,
-            "errors": sum(p["a_as_b"] + p["b_as_a"] for p in pairs),
-            "pairs": pairs,
-            "same_leaf_in_different_branches": len(leaves) == 1 and len(names) > 1,
-        })
+        result.append(
+            {
+                "categories": names,
+                "errors": sum(p["a_as_b"] + p["b_as_a"] for p in pairs),
+                "pairs": pairs,
+                "same_leaf_in_different_branches": len(leaves) == 1 and len(names) > 1,
+            }
+        )
     return sorted(result, key=lambda g: -g["errors"])
 
 
-def shop_overview(frame: pd.DataFrame, predicted_labels: np.ndarray, uncertain: np.ndarray,
-                  bundle: ModelBundle, *, min_offers: int) -> list[dict]:
+def shop_overview(
+    frame: pd.DataFrame, predicted_labels: np.ndarray, uncertain: np.ndarray, bundle: ModelBundle, *, min_offers: int
+) -> list[dict]:
     """Per shop: offers, error and uncertain rates, the weight in use and the suggested one."""
-    shops = frame.assign(label=frame[LABEL], mall_id=frame["mall_id"].fillna(""),
-                         mall_category=frame["mall_category"].fillna(""))
+    shops = frame.assign(
+        label=frame[LABEL], mall_id=frame["mall_id"].fillna(""), mall_category=frame["mall_category"].fillna("")
+    )
     suggested, evidence = estimate_shop_weights(shops, min_offers=min_offers)
-    purity = dict(zip(evidence["mall_id"], evidence["purity"]))
+    purity = dict(zip(evidence["mall_id"], evidence["purity"], strict=True))
     in_use = bundle.shop_weights()
     wrong = predicted_labels != frame[LABEL].to_numpy()
     rows = []
     for mall_id, index in shops.groupby("mall_id").indices.items():
-        rows.append({
-            "mall_id": mall_id or "(none)",
-            "offers": int(len(index)),
-            "error_rate": float(wrong[index].mean()),
-            "uncertain_rate": float(uncertain[index].mean()),
-            "mall_categories": int(shops["mall_category"].iloc[index].nunique()),
-            "category_purity": purity.get(mall_id),
-            "weight_in_use": in_use(mall_id),
-            "suggested_weight": suggested.get(mall_id),
-        })
+        rows.append(
+            {
+                "mall_id": mall_id or "(none)",
+                "offers": len(index),
+                "error_rate": float(wrong[index].mean()),
+                "uncertain_rate": float(uncertain[index].mean()),
+                "mall_categories": int(shops["mall_category"].iloc[index].nunique()),
+                "category_purity": purity.get(mall_id),
+                "weight_in_use": in_use(mall_id),
+                "suggested_weight": suggested.get(mall_id),
+            }
+        )
     return sorted(rows, key=lambda r: (r["suggested_weight"] is None, r["suggested_weight"] or 0.0, -r["error_rate"]))
 
 
@@ -283,7 +304,7 @@ def pushing_tokens(explained: list[tuple[str, Explanation]], *, top: int) -> lis
     totals: defaultdict = defaultdict(float)
     toward: defaultdict = defaultdict(Counter)
     for wrong, explanation in explained:
-        players = [(w, v[0]) for w, v in zip(explanation.words, explanation.word_values)]
+        players = [(w, v[0]) for w, v in zip(explanation.words, explanation.word_values, strict=True)]
         if explanation.shop_value is not None:
             players.append((SHOP_CATEGORY, explanation.shop_value[0]))
         for token, _ in sorted((p for p in players if p[1] > 0), key=lambda p: -p[1])[:3]:
@@ -292,9 +313,10 @@ def pushing_tokens(explained: list[tuple[str, Explanation]], *, top: int) -> lis
         for token, value in players:
             if value > 0:
                 totals[token] += float(value)
-    return [{"token": t, "errors": counts[t], "total_push": round(totals[t], 4),
-             "toward": toward[t].most_common(1)[0][0]}
-            for t in sorted(counts, key=lambda t: (-totals[t], -counts[t], t))[:top]]
+    return [
+        {"token": t, "errors": counts[t], "total_push": round(totals[t], 4), "toward": toward[t].most_common(1)[0][0]}
+        for t in sorted(counts, key=lambda t: (-totals[t], -counts[t], t))[:top]
+    ]
 
 
 @dataclass(frozen=True)
@@ -307,7 +329,7 @@ class LabeledIndex:
     per_branch: Counter
 
     @classmethod
-    def build(cls, frame: pd.DataFrame) -> "LabeledIndex":
+    def build(cls, frame: pd.DataFrame) -> LabeledIndex:
         rows_with: dict[str, list[int]] = defaultdict(list)
         for i, title in enumerate(frame["title"]):
             for word in set(words(title)):
@@ -317,8 +339,9 @@ class LabeledIndex:
         return cls(tuple(frame["title"]), paths, dict(rows_with), per_branch)
 
 
-def candidate_rules(tokens: list[dict], evidence: LabeledIndex, *, min_support: int, max_violation_rate: float,
-                    min_expected: float) -> list[ExclusionCandidate]:
+def candidate_rules(
+    tokens: list[dict], evidence: LabeledIndex, *, min_support: int, max_violation_rate: float, min_expected: float
+) -> list[ExclusionCandidate]:
     """For each token that pushed offers into a wrong category (``toward``): token → the widest
     branch of that category under which the labeled data (almost) never files offers with it,
     although chance would put at least ``min_expected`` there (and four times the violations)."""
@@ -335,13 +358,21 @@ def candidate_rules(tokens: list[dict], evidence: LabeledIndex, *, min_support: 
             violating = [i for i in with_token if evidence.paths[i][:depth] == branch]
             # violations expected if the token said nothing about the branch
             expected = len(with_token) * evidence.per_branch[branch] / len(evidence.paths)
-            if (expected >= min_expected and len(violating) <= max_violation_rate * len(with_token)
-                    and len(violating) <= expected / 4):
-                candidates.append(ExclusionCandidate(
-                    keyword=token, excluded=PATH_SEPARATOR.join(branch), offers_with_keyword=len(with_token),
-                    violations=len(violating), expected=round(expected, 1),
-                    examples=tuple(evidence.titles[i] for i in violating[:3]),
-                ))
+            if (
+                expected >= min_expected
+                and len(violating) <= max_violation_rate * len(with_token)
+                and len(violating) <= expected / 4
+            ):
+                candidates.append(
+                    ExclusionCandidate(
+                        keyword=token,
+                        excluded=PATH_SEPARATOR.join(branch),
+                        offers_with_keyword=len(with_token),
+                        violations=len(violating),
+                        expected=round(expected, 1),
+                        examples=tuple(evidence.titles[i] for i in violating[:3]),
+                    )
+                )
                 break
     return candidates
 
@@ -357,8 +388,9 @@ class AuditReport:
     candidates: list[ExclusionCandidate] = field(default_factory=list)
 
 
-def run_audit(model: str | Path, data: str | Path, options: AuditOptions = AuditOptions(), *,
-              progress: bool = True) -> AuditReport:
+def run_audit(
+    model: str | Path, data: str | Path, options: AuditOptions = AuditOptions(), *, progress: bool = True
+) -> AuditReport:
     started = time.monotonic()
     bundle = ModelBundle.load(model)
     unknown = [c for c in options.categories if c not in bundle.labels]
@@ -371,7 +403,12 @@ def run_audit(model: str | Path, data: str | Path, options: AuditOptions = Audit
     frame = frame.iloc[rows].reset_index(drop=True)
     labels = bundle.labels
     targets = np.array([labels.index(label) for label in frame[LABEL]])
-    _, masked = served_probabilities(bundle, frame, threads=options.threads, progress=progress)
+    _, masked = served_probabilities(
+        bundle,
+        list(offers_from_frame(frame)),
+        threads=options.threads,
+        progress=lambda starts: progress_bar(starts, desc="scoring offers", unit="batch", disable=not progress),
+    )
     predicted = masked.argmax(1)
     confidence = masked.max(1)
     uncertain = confidence < bundle.threshold
@@ -387,44 +424,59 @@ def run_audit(model: str | Path, data: str | Path, options: AuditOptions = Audit
         into = np.flatnonzero((predicted == k) & (targets != k))
         half = (options.samples_per_category + 1) // 2
         take_into = min(len(into), max(half, options.samples_per_category - len(missed)))
-        samples[category] = {"wrongly_filed_here": _sample(into, take_into, rng),
-                             "missed": _sample(missed, options.samples_per_category - take_into, rng)}
+        samples[category] = {
+            "wrongly_filed_here": _sample(into, take_into, rng),
+            "missed": _sample(missed, options.samples_per_category - take_into, rng),
+        }
 
     to_explain = sorted({i for s in samples.values() for group in s.values() for i in group})
-    explainer = OfferExplainer(bundle, image_grid=options.image_grid, max_evals=options.max_evals,
-                               threads=options.threads, seed=options.seed)
+    explainer = OfferExplainer(
+        bundle, image_grid=options.image_grid, max_evals=options.max_evals, threads=options.threads, seed=options.seed
+    )
     offers = list(offers_from_frame(frame.iloc[to_explain]))
     base_dir = Path(data).parent if Path(data).is_file() else None
     explanations: dict[int, Explanation] = {}
-    for row, offer in progress_bar(list(zip(to_explain, offers)), desc="explaining errors (SHAP)", unit="offer",
-                                   disable=not progress):
+    for row, offer in progress_bar(
+        list(zip(to_explain, offers, strict=True)), desc="explaining errors (SHAP)", unit="offer", disable=not progress
+    ):
         explanations[row] = explainer.explain(offer, int(predicted[row]), int(targets[row]), base_dir=base_dir)
 
     details, all_candidates = [], {}
     for category in chosen:
         rows_here = [r for group in samples[category].values() for r in group]
         tokens = pushing_tokens([(labels[predicted[r]], explanations[r]) for r in rows_here], top=options.top_tokens)
-        candidates = candidate_rules(tokens, evidence, min_support=options.candidate_min_support,
-                                     max_violation_rate=options.candidate_max_violation_rate,
-                                     min_expected=options.candidate_min_expected)
+        candidates = candidate_rules(
+            tokens,
+            evidence,
+            min_support=options.candidate_min_support,
+            max_violation_rate=options.candidate_max_violation_rate,
+            min_expected=options.candidate_min_expected,
+        )
         for candidate in candidates:  # the same rule can come from two categories' errors
             all_candidates.setdefault((candidate.keyword, candidate.excluded), candidate)
         stats = next(r for r in overview if r["category"] == category)
-        details.append({
-            "category": category,
-            "stats": stats,
-            "pushing_tokens": tokens,
-            "candidates": [asdict(c) for c in candidates],
-            "offers": [_offer_record(frame, row, explanations[row], labels, predicted, targets, confidence,
-                                     uncertain, kind) for kind, group in samples[category].items() for row in group],
-        })
+        details.append(
+            {
+                "category": category,
+                "stats": stats,
+                "pushing_tokens": tokens,
+                "candidates": [asdict(c) for c in candidates],
+                "offers": [
+                    _offer_record(
+                        frame, row, explanations[row], labels, predicted, targets, confidence, uncertain, kind
+                    )
+                    for kind, group in samples[category].items()
+                    for row in group
+                ],
+            }
+        )
 
     summary = {
         "model": str(Path(model).resolve()),
         "model_version": bundle.version,
         "data": str(Path(data).resolve()),
         "protocol": protocol,
-        "offers": int(len(frame)),
+        "offers": len(frame),
         "categories": len(labels),
         "accuracy": float((predicted == targets).mean()),
         "threshold": float(bundle.threshold),
@@ -432,19 +484,24 @@ def run_audit(model: str | Path, data: str | Path, options: AuditOptions = Audit
         "precision_answered": float((predicted == targets)[~uncertain].mean()) if (~uncertain).any() else None,
         "explained_offers": len(explanations),
         "explainer": f"shap.PermutationExplainer on the served ONNX model; players: title words, the shop "
-                     f"category, {options.image_grid}x{options.image_grid} image cells; max_evals {options.max_evals}",
+        f"category, {options.image_grid}x{options.image_grid} image cells; max_evals {options.max_evals}",
         "options": asdict(options) | {"categories": list(options.categories)},
     }
     summary["seconds"] = round(time.monotonic() - started, 1)
     return AuditReport(
-        summary=summary, categories=overview, confused_pairs=confused_pairs(labels, targets, predicted),
+        summary=summary,
+        categories=overview,
+        confused_pairs=confused_pairs(labels, targets, predicted),
         ambiguous_groups=ambiguous_groups(labels, targets, predicted, min_errors=options.min_pair_errors),
         shops=shop_overview(frame, np.array(labels)[predicted], uncertain, bundle, min_offers=options.min_shop_offers),
-        details=details, candidates=list(all_candidates.values()),
+        details=details,
+        candidates=list(all_candidates.values()),
     )
 
 
-def _offer_record(frame, row, explanation: Explanation, labels, predicted, targets, confidence, uncertain, kind) -> dict:
+def _offer_record(
+    frame, row, explanation: Explanation, labels, predicted, targets, confidence, uncertain, kind
+) -> dict:
     offer = frame.iloc[row]
     return {
         "kind": kind,
@@ -473,14 +530,22 @@ def write_audit(report: AuditReport, out_dir: str | Path) -> dict[str, Path]:
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"html": out_dir / "audit.html", "json": out_dir / "audit.json",
-             "candidates": out_dir / "candidates" / "category_exclusions.tsv"}
+    paths = {
+        "html": out_dir / "audit.html",
+        "json": out_dir / "audit.json",
+        "candidates": out_dir / "candidates" / "category_exclusions.tsv",
+    }
     paths["html"].write_text(render_html(report), encoding="utf-8")
     data = {
-        "summary": report.summary, "categories": report.categories, "confused_pairs": report.confused_pairs,
-        "ambiguous_groups": report.ambiguous_groups, "shops": report.shops,
-        "details": [d | {"offers": [{k: v for k, v in o.items() if not k.startswith("_")} for o in d["offers"]]}
-                    for d in report.details],
+        "summary": report.summary,
+        "categories": report.categories,
+        "confused_pairs": report.confused_pairs,
+        "ambiguous_groups": report.ambiguous_groups,
+        "shops": report.shops,
+        "details": [
+            d | {"offers": [{k: v for k, v in o.items() if not k.startswith("_")} for o in d["offers"]]}
+            for d in report.details
+        ],
     }
     paths["json"].write_text(json.dumps(data, indent=1, ensure_ascii=False), encoding="utf-8")
     write_candidates(report.candidates, paths["candidates"])

@@ -34,13 +34,15 @@ def _pipeline(name: str) -> Pipeline:
         features = ColumnTransformer([("title_word", _word(), "title")])
         return Pipeline([("tfidf", features), ("svm", LinearSVC(C=1.0))])
     if name == "tfidf-word-char":
-        features = ColumnTransformer([
-            ("title_word", _word(), "title"),
-            ("title_char", _char(), "title"),
-            ("mall_word", _word(), "mall_category"),
-            ("mall_char", _char(), "mall_category"),
-            ("brand_word", _word(), "brand"),
-        ])
+        features = ColumnTransformer(
+            [
+                ("title_word", _word(), "title"),
+                ("title_char", _char(), "title"),
+                ("mall_word", _word(), "mall_category"),
+                ("mall_char", _char(), "mall_category"),
+                ("brand_word", _word(), "brand"),
+            ]
+        )
         return Pipeline([("tfidf", features), ("svm", LinearSVC(C=0.5))])
     raise ValueError(f"unknown baseline {name!r}; use one of {', '.join(BASELINES)}")
 

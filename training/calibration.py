@@ -9,12 +9,24 @@ import numpy as np
 import pandas as pd
 from scipy.stats import beta
 
-from catstream.decision import ParentCategories, apply_exclusions, softmax as _softmax
+from core.decision import ParentCategories, apply_exclusions
+from core.decision import softmax as _softmax
 
 __all__ = [
-    "OPERATING_GRID", "PARENT_THRESHOLD_GRID", "SEQUENCE_START_SHARE", "OperatingPoint", "ParentThreshold", "Threshold",
-    "choose_parent_threshold", "choose_threshold", "effective_counts", "effective_totals", "fewest_offers",
-    "fit_temperature", "operating_points", "precision_lower_bound",
+    "OPERATING_GRID",
+    "PARENT_THRESHOLD_GRID",
+    "SEQUENCE_START_SHARE",
+    "OperatingPoint",
+    "ParentThreshold",
+    "Threshold",
+    "choose_parent_threshold",
+    "choose_threshold",
+    "effective_counts",
+    "effective_totals",
+    "fewest_offers",
+    "fit_temperature",
+    "operating_points",
+    "precision_lower_bound",
 ]
 
 # Candidate thresholds on a parent's probability: 0.5 (two parents of one depth cannot both pass) to
@@ -79,7 +91,8 @@ def _passing_run(passes: np.ndarray) -> int:
 
 
 def effective_counts(correct: np.ndarray, groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(right, offers)`` ``(N,)``: effective counts of every prefix of ``correct`` ``(N,)``, rows in ``groups`` ``(N,)``.
+    """``(right, offers)`` ``(N,)``: effective counts of every prefix of ``correct`` ``(N,)``, rows in
+    ``groups`` ``(N,)``.
 
     Colour variants of one product are right or wrong together, so ``k`` offers from few products
     carry less evidence than ``k`` independent ones. Each prefix's count is divided by its design
@@ -180,10 +193,15 @@ def choose_threshold(
         reaching = ends[bound[ends] >= target_precision]
         cut = int(reaching.max()) if len(reaching) else int(ends[np.argmax(bound[ends])])
     accepted = order[: cut + 1]
-    return Threshold(threshold=float(ordered[cut]), coverage=(cut + 1) / len(order),
-                     precision=float(correct[accepted].mean()), precision_bound=float(bound[cut]),
-                     design_effect=float((cut + 1) / offers[cut]), target_reached=passing > 0,
-                     tested_from=float((tested[0] + 1) / len(order)) if len(tested) else None)
+    return Threshold(
+        threshold=float(ordered[cut]),
+        coverage=(cut + 1) / len(order),
+        precision=float(correct[accepted].mean()),
+        precision_bound=float(bound[cut]),
+        design_effect=float((cut + 1) / offers[cut]),
+        target_reached=passing > 0,
+        tested_from=float((tested[0] + 1) / len(order)) if len(tested) else None,
+    )
 
 
 @dataclass(frozen=True)
@@ -244,14 +262,26 @@ def choose_parent_threshold(
     """
     parents = ParentCategories.of(tuple(labels))
     uncertain = probabilities.max(axis=1) < leaf_threshold
-    return _choose_parent_threshold(parents, *parents.by_depth(probabilities[uncertain]),
-                                    np.asarray(targets)[uncertain], target_precision=target_precision,
-                                    confidence=confidence, groups=None if groups is None else np.asarray(groups)[uncertain])
+    return _choose_parent_threshold(
+        parents,
+        *parents.by_depth(probabilities[uncertain]),
+        np.asarray(targets)[uncertain],
+        target_precision=target_precision,
+        confidence=confidence,
+        groups=None if groups is None else np.asarray(groups)[uncertain],
+    )
 
 
-def _choose_parent_threshold(parents: ParentCategories, parent: np.ndarray, probability: np.ndarray,
-                             truth: np.ndarray, *, target_precision: float, confidence: float,
-                             groups: np.ndarray | None) -> ParentThreshold:
+def _choose_parent_threshold(
+    parents: ParentCategories,
+    parent: np.ndarray,
+    probability: np.ndarray,
+    truth: np.ndarray,
+    *,
+    target_precision: float,
+    confidence: float,
+    groups: np.ndarray | None,
+) -> ParentThreshold:
     """:func:`choose_parent_threshold` on the uncertain offers' ``ParentCategories.by_depth`` arrays."""
     chosen = ParentThreshold(None, len(truth), 0, float("nan"), 0.0)
     start = _sequence_start(len(truth), target_precision, confidence)
@@ -268,8 +298,14 @@ def _choose_parent_threshold(parents: ParentCategories, parent: np.ndarray, prob
         bound = float(precision_lower_bound(np.array([effective_right]), np.array([effective_offers]), confidence)[0])
         if bound < target_precision:
             break
-        chosen = ParentThreshold(float(threshold), len(truth), int(found.sum()), float(right.mean()),
-                                 bound, float(found.sum() / effective_offers))
+        chosen = ParentThreshold(
+            float(threshold),
+            len(truth),
+            int(found.sum()),
+            float(right.mean()),
+            bound,
+            float(found.sum() / effective_offers),
+        )
     return chosen
 
 
@@ -318,13 +354,24 @@ def operating_points(
     for threshold in grid:
         accepted = int(np.searchsorted(-ordered, -threshold, side="right"))  # offers at or above it
         uncertain = confidences < threshold
-        chosen = _choose_parent_threshold(parents, parent[uncertain], probability[uncertain], targets[uncertain],
-                                          target_precision=target_precision, confidence=confidence,
-                                          groups=None if groups is None else groups[uncertain])
-        points.append(OperatingPoint(
-            threshold=float(threshold), coverage=accepted / max(1, len(order)),
-            precision=float(correct[order[:accepted]].mean()) if accepted else float("nan"),
-            precision_bound=float(bounds[accepted - 1]) if accepted else 0.0,
-            parent_threshold=chosen.threshold, parent_offers=chosen.answered, parent_precision=chosen.precision,
-        ))
+        chosen = _choose_parent_threshold(
+            parents,
+            parent[uncertain],
+            probability[uncertain],
+            targets[uncertain],
+            target_precision=target_precision,
+            confidence=confidence,
+            groups=None if groups is None else groups[uncertain],
+        )
+        points.append(
+            OperatingPoint(
+                threshold=float(threshold),
+                coverage=accepted / max(1, len(order)),
+                precision=float(correct[order[:accepted]].mean()) if accepted else float("nan"),
+                precision_bound=float(bounds[accepted - 1]) if accepted else 0.0,
+                parent_threshold=chosen.threshold,
+                parent_offers=chosen.answered,
+                parent_precision=chosen.precision,
+            )
+        )
     return points

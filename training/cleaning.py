@@ -30,7 +30,12 @@ class LabelIssues:
 
 
 def out_of_sample_probabilities(
-    fit_predict: Callable[[np.ndarray, np.ndarray], np.ndarray], n_rows: int, targets: np.ndarray, *, folds: int, seed: int
+    fit_predict: Callable[[np.ndarray, np.ndarray], np.ndarray],
+    n_rows: int,
+    targets: np.ndarray,
+    *,
+    folds: int,
+    seed: int,
 ) -> np.ndarray:
     """``(N, K)`` probabilities, each row predicted by a model fitted on the other folds.
 
@@ -57,7 +62,9 @@ def out_of_sample_probabilities(
 def find_issues(targets: np.ndarray, probabilities: np.ndarray) -> LabelIssues:
     """Rows of ``targets`` ``(N,)`` that cleanlab flags given out-of-sample ``probabilities`` ``(N, K)``."""
     rows = find_label_issues(
-        labels=targets, pred_probs=probabilities, filter_by="prune_by_noise_rate",
+        labels=targets,
+        pred_probs=probabilities,
+        filter_by="prune_by_noise_rate",
         return_indices_ranked_by="self_confidence",
     )
     rows = np.asarray(rows, dtype=np.int64)

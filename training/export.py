@@ -7,11 +7,20 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
 
-from catstream.model import FusionModel
+from core.model import FusionModel
 
-__all__ = ["INPUT_NAMES", "ExportParityError", "export_onnx", "check_parity", "example_inputs", "input_names"]
+__all__ = [
+    "INPUT_NAMES",
+    "ExportParityError",
+    "check_parity",
+    "example_inputs",
+    "export_onnx",
+    "input_names",
+    "strip_source_metadata",
+]
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +39,9 @@ class ExportParityError(RuntimeError):
 def example_inputs(model: FusionModel, batch: int, *, seed: int = 0) -> tuple[torch.Tensor, ...]:
     config = model.config
     generator = torch.Generator().manual_seed(seed)
-    image = torch.randint(0, 256, (batch, 3, config.image_size, config.image_size), dtype=torch.uint8, generator=generator)
+    image = torch.randint(
+        0, 256, (batch, 3, config.image_size, config.image_size), dtype=torch.uint8, generator=generator
+    )
     has_image = torch.ones(batch, dtype=torch.float32)
     has_image[0] = 0.0
     title = torch.randint(0, config.vocab_size, (batch, config.max_title_tokens), generator=generator)
@@ -67,6 +78,21 @@ def export_onnx(model: FusionModel, path: Path, *, export_batch: int = 2) -> Non
             verbose=False,
         )
     program.save(str(path))
+    strip_source_metadata(path)
+
+
+def strip_source_metadata(path: Path) -> None:
+    """Drop what the exporter records of the Python source (stack traces with file paths and line
+    numbers, module and class names) from every node: the file then depends on the graph and the
+    weights only, so the same network has the same digest wherever and from whichever checkout it
+    was exported. ONNX Runtime reads none of it."""
+    model = onnx.load(str(path))
+    graphs = [model.graph, *(function for function in model.functions)]
+    for graph in graphs:
+        for node in graph.node:
+            node.doc_string = ""
+            del node.metadata_props[:]
+    onnx.save(model, str(path))
 
 
 def check_parity(model: FusionModel, path: Path, *, batch: int = 5, rtol: float = 1e-3, atol: float = 1e-4) -> float:
@@ -78,7 +104,7 @@ def check_parity(model: FusionModel, path: Path, *, batch: int = 5, rtol: float 
     with torch.no_grad():
         expected = model(*inputs).numpy()
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    feeds = {name: tensor.numpy() for name, tensor in zip(input_names(model), inputs)}
+    feeds = {name: tensor.numpy() for name, tensor in zip(input_names(model), inputs, strict=True)}
     (actual,) = session.run(None, feeds)
     difference = float(np.max(np.abs(actual - expected)))
     try:

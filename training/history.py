@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-__all__ = ["HistoryStore", "UNDATED", "season_balanced_weights"]
+__all__ = ["UNDATED", "HistoryStore", "season_balanced_weights"]
 
 UNDATED = "undated"
 _PARTITION = "listed_month"
@@ -72,7 +72,9 @@ class HistoryStore:
         """Rows stored per partition (before de-duplication)."""
         counts = {}
         for directory in sorted(self.root.glob(f"{_PARTITION}=*")):
-            counts[directory.name.split("=", 1)[1]] = sum(pq.read_metadata(f).num_rows for f in directory.glob("*.parquet"))
+            counts[directory.name.split("=", 1)[1]] = sum(
+                pq.read_metadata(f).num_rows for f in directory.glob("*.parquet")
+            )
         return counts
 
 

@@ -18,8 +18,19 @@ __all__ = ["describe_machine", "parse_cpuinfo"]
 _PACKAGES = ("torch", "numpy", "onnxruntime", "scikit-learn")
 # The vector extensions the math libraries dispatch on; virtual machines often name the CPU only
 # "Intel(R) Xeon(R) Processor", so the model name alone does not tell two of them apart
-_CPU_FEATURES = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16",
-                 "avx_vnni", "asimd", "sve")
+_CPU_FEATURES = (
+    "avx2",
+    "fma",
+    "avx512f",
+    "avx512_vnni",
+    "avx512_bf16",
+    "avx512_fp16",
+    "amx_tile",
+    "amx_bf16",
+    "avx_vnni",
+    "asimd",
+    "sve",
+)
 
 
 def describe_machine() -> dict:
@@ -27,8 +38,13 @@ def describe_machine() -> dict:
     the versions that decide the arithmetic (torch, numpy, ONNX Runtime, scikit-learn; absent
     ones left out)."""
     model, flags = _cpu_info()
-    facts = {"cpu": model, "cpu_features": [flag for flag in _CPU_FEATURES if flag in flags], "cpus": os.cpu_count(),
-             "platform": platform.platform(), "python": platform.python_version()}
+    facts = {
+        "cpu": model,
+        "cpu_features": [flag for flag in _CPU_FEATURES if flag in flags],
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+    }
     try:
         import torch
     except ImportError:  # serving installs and benchmarks without the training extra

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from catstream.dictionaries import PATH_SEPARATOR, Dictionaries, ExclusionRule
-from catstream.text import words
+from core.dictionaries import PATH_SEPARATOR, Dictionaries, ExclusionRule
+from core.text import words
 
 __all__ = ["ExclusionCandidate", "contradicted_rules", "mine_exclusions", "write_candidates"]
 
@@ -56,7 +56,9 @@ def mine_exclusions(
     n = len(paths)
     support = Counter(token for tokens in token_sets for token in tokens)
     keywords = [token for token, count in support.items() if count >= min_support and not token.isdigit()]
-    known_pairs = {(" ".join(rule.keyword), PATH_SEPARATOR.join(rule.excluded)) for rule in (known.exclusions if known else ())}
+    known_pairs = {
+        (" ".join(rule.keyword), PATH_SEPARATOR.join(rule.excluded)) for rule in (known.exclusions if known else ())
+    }
     candidates = []
     for depth in range(1, max_depth + 1):
         branch_rows: dict[tuple[str, ...], list[int]] = {}
@@ -72,14 +74,22 @@ def mine_exclusions(
                 violations = in_branch[keyword]
                 if expected < min_expected or violations > max_violation_rate * support[keyword]:
                     continue
-                covered = any(c.keyword == keyword and excluded.startswith(c.excluded + PATH_SEPARATOR) for c in candidates)
+                covered = any(
+                    c.keyword == keyword and excluded.startswith(c.excluded + PATH_SEPARATOR) for c in candidates
+                )
                 if covered or (keyword, excluded) in known_pairs:
                     continue
                 examples = tuple(titles.iloc[i] for i in rows if keyword in token_sets[i])[:3]
-                candidates.append(ExclusionCandidate(
-                    keyword=keyword, excluded=excluded, offers_with_keyword=support[keyword], violations=violations,
-                    expected=round(expected, 1), examples=examples,
-                ))
+                candidates.append(
+                    ExclusionCandidate(
+                        keyword=keyword,
+                        excluded=excluded,
+                        offers_with_keyword=support[keyword],
+                        violations=violations,
+                        expected=round(expected, 1),
+                        examples=examples,
+                    )
+                )
     return sorted(candidates, key=lambda c: -c.evidence)
 
 
@@ -100,11 +110,16 @@ def contradicted_rules(
     for rule, with_keyword in matches.items():
         violating = [i for i in with_keyword if paths[i][: len(rule.excluded)] == rule.excluded]
         if len(violating) > max_violation_rate * len(with_keyword):
-            found.append(ExclusionCandidate(
-                keyword=" ".join(rule.keyword), excluded=PATH_SEPARATOR.join(rule.excluded),
-                offers_with_keyword=len(with_keyword), violations=len(violating), expected=float("nan"),
-                examples=tuple(titles.iloc[i] for i in violating[:3]),
-            ))
+            found.append(
+                ExclusionCandidate(
+                    keyword=" ".join(rule.keyword),
+                    excluded=PATH_SEPARATOR.join(rule.excluded),
+                    offers_with_keyword=len(with_keyword),
+                    violations=len(violating),
+                    expected=float("nan"),
+                    examples=tuple(titles.iloc[i] for i in violating[:3]),
+                )
+            )
     return sorted(found, key=lambda c: -c.violations)
 
 
@@ -115,10 +130,30 @@ def write_candidates(candidates: list[ExclusionCandidate], path: str | Path) -> 
     with path.open("w", encoding="utf-8", newline="") as handle:
         writer = csv.writer(handle, delimiter="\t", lineterminator="\n")
         handle.write("# Mined candidates: review each line, delete the wrong ones, then merge into dictionaries/.\n")
-        writer.writerow(["keyword", "excluded_category", "note", "offers_with_keyword", "violations",
-                         "expected_if_unrelated", "violating_titles"])
+        writer.writerow(
+            [
+                "keyword",
+                "excluded_category",
+                "note",
+                "offers_with_keyword",
+                "violations",
+                "expected_if_unrelated",
+                "violating_titles",
+            ]
+        )
         for c in candidates:
-            note = f"mined: {c.violations} of {c.offers_with_keyword} offers under it, {c.expected:g} expected by chance"
-            writer.writerow([c.keyword, c.excluded, note, c.offers_with_keyword, c.violations, c.expected,
-                             " | ".join(t.replace("\t", " ") for t in c.examples)])
+            note = (
+                f"mined: {c.violations} of {c.offers_with_keyword} offers under it, {c.expected:g} expected by chance"
+            )
+            writer.writerow(
+                [
+                    c.keyword,
+                    c.excluded,
+                    note,
+                    c.offers_with_keyword,
+                    c.violations,
+                    c.expected,
+                    " | ".join(t.replace("\t", " ") for t in c.examples),
+                ]
+            )
     return path

@@ -44,7 +44,15 @@ def estimate_shop_weights(
             chance_hits += int((held["label"] == fallback).sum())
         purity, chance = hits / len(offers), chance_hits / len(offers)
         weight = float(np.clip((purity - chance) / max(1e-9, 1.0 - chance), 0.0, 1.0))
-        rows.append({"mall_id": mall_id, "offers": len(offers), "mall_categories": offers["mall_category"].nunique(),
-                     "purity": purity, "chance": chance, "weight": weight})
+        rows.append(
+            {
+                "mall_id": mall_id,
+                "offers": len(offers),
+                "mall_categories": offers["mall_category"].nunique(),
+                "purity": purity,
+                "chance": chance,
+                "weight": weight,
+            }
+        )
     table = pd.DataFrame(rows, columns=["mall_id", "offers", "mall_categories", "purity", "chance", "weight"])
-    return dict(zip(table["mall_id"], table["weight"].round(4))), table
+    return dict(zip(table["mall_id"], table["weight"].round(4), strict=True)), table

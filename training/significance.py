@@ -39,8 +39,14 @@ def accuracy_interval(right: int, offers: int, *, level: float = INTERVAL_LEVEL)
     return [float(low), float(high)]
 
 
-def accuracy_interval_by_group(correct: np.ndarray, groups: np.ndarray, *, level: float = INTERVAL_LEVEL,
-                               draws: int = BOOTSTRAP_DRAWS, seed: int = 0) -> list[float]:
+def accuracy_interval_by_group(
+    correct: np.ndarray,
+    groups: np.ndarray,
+    *,
+    level: float = INTERVAL_LEVEL,
+    draws: int = BOOTSTRAP_DRAWS,
+    seed: int = 0,
+) -> list[float]:
     """``[low, high]`` on accuracy with the product, not the offer, as the unit of evidence.
 
     ``correct`` ``(N,)`` says which offers were classified right, ``groups`` ``(N,)`` the title
@@ -55,8 +61,9 @@ def accuracy_interval_by_group(correct: np.ndarray, groups: np.ndarray, *, level
     return _cluster_bootstrap(right, offers, level=level, draws=draws, seed=seed)
 
 
-def paired_comparison(correct: np.ndarray, other_correct: np.ndarray, *, groups: np.ndarray | None = None,
-                      level: float = INTERVAL_LEVEL) -> dict:
+def paired_comparison(
+    correct: np.ndarray, other_correct: np.ndarray, *, groups: np.ndarray | None = None, level: float = INTERVAL_LEVEL
+) -> dict:
     """Two systems judged on the same offers: is the first one's lead more than chance?
 
     ``correct`` and ``other_correct`` ``(N,)`` say which offers each system got right. Only the
@@ -83,24 +90,37 @@ def paired_comparison(correct: np.ndarray, other_correct: np.ndarray, *, groups:
     only_this = int((correct & ~other_correct).sum())
     only_other = int((other_correct & ~correct).sum())
     disagreements = only_this + only_other
-    result = {"offers": offers, "only_this": only_this, "only_other": only_other,
-              "difference": (only_this - only_other) / offers if offers else float("nan")}
+    result = {
+        "offers": offers,
+        "only_this": only_this,
+        "only_other": only_other,
+        "difference": (only_this - only_other) / offers if offers else float("nan"),
+    }
     if groups is not None:
         result["by_group"] = _by_group(correct, other_correct, np.asarray(groups), level=level)
     if disagreements == 0:
         return result | {"difference_interval": [0.0, 0.0], "p_value": 1.0}
     low, high = accuracy_interval(only_this, disagreements, level=level)
     scale = disagreements / offers
-    return result | {"difference_interval": [scale * (2 * low - 1), scale * (2 * high - 1)],
-                     "p_value": float(binomtest(only_this, disagreements, 0.5).pvalue)}
+    return result | {
+        "difference_interval": [scale * (2 * low - 1), scale * (2 * high - 1)],
+        "p_value": float(binomtest(only_this, disagreements, 0.5).pvalue),
+    }
 
 
 def _by_group(correct: np.ndarray, other_correct: np.ndarray, groups: np.ndarray, *, level: float) -> dict:
     net, offers = _sums_by_group(correct.astype(np.int64) - other_correct.astype(np.int64), groups)
     groups_this, groups_other = int((net > 0).sum()), int((net < 0).sum())
-    p_value = float(binomtest(groups_this, groups_this + groups_other, 0.5).pvalue) if groups_this + groups_other else 1.0
-    return {"groups": len(net), "groups_this": groups_this, "groups_other": groups_other, "p_value": p_value,
-            "difference_interval": _cluster_bootstrap(net, offers, level=level)}
+    p_value = (
+        float(binomtest(groups_this, groups_this + groups_other, 0.5).pvalue) if groups_this + groups_other else 1.0
+    )
+    return {
+        "groups": len(net),
+        "groups_this": groups_this,
+        "groups_other": groups_other,
+        "p_value": p_value,
+        "difference_interval": _cluster_bootstrap(net, offers, level=level),
+    }
 
 
 def _sums_by_group(values: np.ndarray, groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -111,8 +131,9 @@ def _sums_by_group(values: np.ndarray, groups: np.ndarray) -> tuple[np.ndarray, 
     return np.bincount(dense, values).astype(np.int64), np.bincount(dense)
 
 
-def _cluster_bootstrap(sums: np.ndarray, offers: np.ndarray, *, level: float, draws: int = BOOTSTRAP_DRAWS,
-                       seed: int = 0, chunk: int = 250) -> list[float]:
+def _cluster_bootstrap(
+    sums: np.ndarray, offers: np.ndarray, *, level: float, draws: int = BOOTSTRAP_DRAWS, seed: int = 0, chunk: int = 250
+) -> list[float]:
     """Percentile interval of ``sum(sums) / sum(offers)`` over test sets of resampled groups."""
     count = len(sums)
     if count == 0:

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import pandas as pd
 
-from catstream.text import words
+from core.text import words
 
 __all__ = ["COLOUR_WORDS", "PROTOCOLS", "Split", "SplitSpec", "assign_folds", "split_offers", "title_groups"]
 
@@ -30,13 +30,74 @@ PROTOCOLS = ("random", "time", "group")
 
 # Dropped from titles before grouping. A word missing here only leaves some colour variants in
 # different groups (a milder split), it never merges different products.
-COLOUR_WORDS = frozenset("""
-    aqua beige black blue bronze brown burgundy charcoal coffee copper coral cream fluorescent fuchsia gold
-    golden green grey gray indigo ivory khaki lavender lemon lilac lime magenta maroon mauve melange metallic
-    multi multicolor multicolour multicoloured mushroom mustard navy neon nude off olive orange peach pink plum
-    purple red rose rust sea silver skin steel tan taupe teal turquoise violet white wine yellow
-    light dark
-""".split())
+COLOUR_WORDS = frozenset(
+    [
+        "aqua",
+        "beige",
+        "black",
+        "blue",
+        "bronze",
+        "brown",
+        "burgundy",
+        "charcoal",
+        "coffee",
+        "copper",
+        "coral",
+        "cream",
+        "fluorescent",
+        "fuchsia",
+        "gold",
+        "golden",
+        "green",
+        "grey",
+        "gray",
+        "indigo",
+        "ivory",
+        "khaki",
+        "lavender",
+        "lemon",
+        "lilac",
+        "lime",
+        "magenta",
+        "maroon",
+        "mauve",
+        "melange",
+        "metallic",
+        "multi",
+        "multicolor",
+        "multicolour",
+        "multicoloured",
+        "mushroom",
+        "mustard",
+        "navy",
+        "neon",
+        "nude",
+        "off",
+        "olive",
+        "orange",
+        "peach",
+        "pink",
+        "plum",
+        "purple",
+        "red",
+        "rose",
+        "rust",
+        "sea",
+        "silver",
+        "skin",
+        "steel",
+        "tan",
+        "taupe",
+        "teal",
+        "turquoise",
+        "violet",
+        "white",
+        "wine",
+        "yellow",
+        "light",
+        "dark",
+    ]
+)
 
 
 @dataclass(frozen=True)
@@ -122,10 +183,10 @@ def split_offers(frame: pd.DataFrame, spec: SplitSpec) -> Split:
         # Undated rows count as oldest; ties keep a seeded random order so the split is deterministic.
         keys = listed.fillna(pd.Timestamp.min).to_numpy()
         order = np.lexsort((rng.permutation(n), keys))
-    n_test = int(round(n * spec.test_share))
+    n_test = round(n * spec.test_share)
     cut = _group_boundary(ordered_groups, n - n_test)
     rest, test = order[:cut], order[cut:]
-    n_val = max(1, int(round(len(rest) * spec.validation_share)))
+    n_val = max(1, round(len(rest) * spec.validation_share))
     if spec.protocol == "time":
         train, validation = rest[: len(rest) - n_val], rest[len(rest) - n_val :]
     else:

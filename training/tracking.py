@@ -9,42 +9,23 @@ from __future__ import annotations
 
 import json
 import logging
-import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["CHAMPION", "MODEL_NAME", "Tracking", "resolve_model_uri"]
+from core.bundle import BundleConfig
+from core.registry import CHAMPION, MODEL_NAME, Registry, mlflow_module
+
+__all__ = ["CHAMPION", "MODEL_NAME", "Tracking"]
 
 log = logging.getLogger(__name__)
 
-CHAMPION = "champion"
-MODEL_NAME = "catstream"
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
-
-
-def _mlflow():
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    import mlflow
-
-    return mlflow
-
 
 @dataclass(frozen=True)
-class Tracking:
+class Tracking(Registry):
     """Where runs go: tracking URI (also the registry) and experiment name."""
 
-    uri: str | None = None
     experiment: str = "catstream"
-
-    @property
-    def resolved_uri(self) -> str:
-        return self.uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
-
-    def client(self):
-        mlflow = _mlflow()
-        mlflow.set_tracking_uri(self.resolved_uri)
-        mlflow.set_registry_uri(self.resolved_uri)
-        return mlflow.MlflowClient(self.resolved_uri, self.resolved_uri)
 
     def experiment_id(self) -> str:
         client = self.client()
@@ -58,30 +39,43 @@ class Tracking:
             location = (database.parent / "mlartifacts").as_uri()
         return client.create_experiment(self.experiment, artifact_location=location)
 
-    def log_training(self, *, options: dict, config: dict, bundle_dir: Path, report: dict | None,
-                     report_files: list[Path] = (), run_name: str | None = None, tags: dict | None = None) -> str:
+    def log_training(
+        self,
+        *,
+        options: dict,
+        config: BundleConfig,
+        bundle_dir: Path,
+        report: dict | None,
+        report_files: Sequence[Path] = (),
+        run_name: str | None = None,
+        tags: dict | None = None,
+    ) -> str:
         """One MLflow run: resolved config as params, per-epoch metrics, evaluation, the bundle. Returns its id."""
         client = self.client()
-        run = client.create_run(self.experiment_id(), run_name=run_name, tags={"catstream.model_version": config["model_version"]} | (tags or {}))
+        run = client.create_run(
+            self.experiment_id(),
+            run_name=run_name,
+            tags={"catstream.model_version": config.model_version} | (tags or {}),
+        )
         run_id = run.info.run_id
         try:
             for key, value in _flatten(options).items():
                 client.log_param(run_id, key, str(value)[:6000])
-            for record in config["training"].get("history", []):
+            for record in config.training.history:
                 for key, value in record.items():
                     if key != "epoch":
                         client.log_metric(run_id, key, float(value), step=int(record["epoch"]))
-            validation = config["training"]["validation"]
-            for key, value in validation.items():
-                if key != "parents":
+            validation = config.training.validation
+            for key, value in validation.model_dump(exclude={"parents"}).items():
+                if value is not None:
                     client.log_metric(run_id, f"validation_{key}", float(value))
-            for key, value in validation.get("parents", {}).items():
+            for key, value in validation.parents.model_dump().items():
                 client.log_metric(run_id, f"validation_parent_{key}", float(value))
-            client.log_metric(run_id, "threshold", float(config["threshold"]))
-            if config.get("parent_threshold") is not None:
-                client.log_metric(run_id, "parent_threshold", float(config["parent_threshold"]))
-            client.log_metric(run_id, "temperature", float(config["temperature"]))
-            client.log_metric(run_id, "training_seconds", float(config["training"]["seconds"]))
+            client.log_metric(run_id, "threshold", config.threshold)
+            if config.parent_threshold is not None:
+                client.log_metric(run_id, "parent_threshold", config.parent_threshold)
+            client.log_metric(run_id, "temperature", config.temperature)
+            client.log_metric(run_id, "training_seconds", config.training.seconds)
             if report is not None:
                 for system, result in report["results"].items():
                     client.log_metric(run_id, f"test_{system}_accuracy", result["accuracy"])
@@ -97,11 +91,12 @@ class Tracking:
                     client.log_metric(run_id, f"test_lead_over_{baseline}", paired["difference"])
                     client.log_metric(run_id, f"test_lead_over_{baseline}_p_value", paired["p_value"])
                     if "by_group" in paired:
-                        client.log_metric(run_id, f"test_lead_over_{baseline}_p_value_by_product",
-                                          paired["by_group"]["p_value"])
+                        client.log_metric(
+                            run_id, f"test_lead_over_{baseline}_p_value_by_product", paired["by_group"]["p_value"]
+                        )
             for path in report_files:
                 client.log_artifact(run_id, str(path), artifact_path="evaluation")
-            client.log_dict(run_id, config, "config.json")
+            client.log_dict(run_id, config.model_dump(mode="json"), "config.json")
             client.log_artifacts(run_id, str(bundle_dir), artifact_path="bundle")
             client.set_terminated(run_id, "FINISHED")
         except BaseException:
@@ -128,20 +123,21 @@ class Tracking:
     def register(self, run_id: str, *, name: str = MODEL_NAME, tags: dict | None = None) -> str:
         """Register the run's ``bundle`` artifact as a new version of ``name``; returns the version."""
         client = self.client()
-        mlflow = _mlflow()
+        mlflow = mlflow_module()
         try:
             client.get_registered_model(name)
         except mlflow.exceptions.MlflowException:
             client.create_registered_model(name, description="catstream fusion model bundles")
         source = f"{client.get_run(run_id).info.artifact_uri}/bundle"
-        version = client.create_model_version(name, source=source, run_id=run_id,
-                                              tags={k: str(v) for k, v in (tags or {}).items()})
+        version = client.create_model_version(
+            name, source=source, run_id=run_id, tags={k: str(v) for k, v in (tags or {}).items()}
+        )
         log.info("registered %s version %s", name, version.version)
         return str(version.version)
 
     def champion(self, name: str = MODEL_NAME):
         """The version behind the ``champion`` alias, or None."""
-        mlflow = _mlflow()
+        mlflow = mlflow_module()
         try:
             return self.client().get_model_version_by_alias(name, CHAMPION)
         except mlflow.exceptions.MlflowException:
@@ -149,43 +145,6 @@ class Tracking:
 
     def set_champion(self, version: str, name: str = MODEL_NAME) -> None:
         self.client().set_registered_model_alias(name, CHAMPION, version)
-
-    def download(self, name: str, version: str, *, cache_dir: Path | None = None) -> Path:
-        """The bundle of ``name`` version ``version`` as a local directory (downloaded once)."""
-        mlflow = _mlflow()
-        client = self.client()
-        source = client.get_model_version(name, version).source
-        cache_dir = cache_dir or Path.home() / ".cache" / "catstream" / "models"
-        target = cache_dir / name / str(version)
-        if (target / "config.json").is_file():
-            return target
-        target.mkdir(parents=True, exist_ok=True)
-        local = mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(target),
-                                                    tracking_uri=self.resolved_uri)
-        local = Path(local)
-        return local if (local / "config.json").is_file() else target
-
-
-def resolve_model_uri(model: str, *, tracking: Tracking = Tracking()) -> Path:
-    """A bundle directory for ``model``: a path, ``models:/name/version`` or ``models:/name@alias``."""
-    if not model.startswith("models:/"):
-        return Path(model)
-    reference = model.removeprefix("models:/")
-    client = tracking.client()
-    if "@" in reference:
-        name, alias = reference.split("@", 1)
-        mlflow = _mlflow()
-        try:
-            version = client.get_model_version_by_alias(name, alias).version
-        except mlflow.exceptions.MlflowException as error:
-            raise ValueError(f"{model}: no version of {name!r} has the alias {alias!r} in {tracking.resolved_uri}") from error
-    elif "/" in reference:
-        name, version = reference.split("/", 1)
-    else:
-        raise ValueError(f"{model}: use models:/NAME@ALIAS or models:/NAME/VERSION")
-    path = tracking.download(name, str(version))
-    log.info("%s → version %s → %s", model, version, path)
-    return path
 
 
 def _flatten(values: dict, prefix: str = "") -> dict:

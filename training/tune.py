@@ -15,8 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
+from training.features import prepare
+from training.fit import fit_model, predict_logits, training_rows
+from training.options import TrainOptions
+from training.progress import progress_bar
 from training.tracking import Tracking
-from training.train import TrainOptions, fit_model, predict_logits, prepare, progress_bar, training_rows
 
 __all__ = ["SEARCH_SPACE", "sample_trial", "tune"]
 
@@ -39,8 +42,15 @@ def sample_trial(rng: np.random.Generator) -> dict:
     }
 
 
-def tune(data: str | Path, work_dir: str | Path, options: TrainOptions, *, trials: int,
-         tracking: Tracking | None = Tracking(), progress: bool = True) -> dict:
+def tune(
+    data: str | Path,
+    work_dir: str | Path,
+    options: TrainOptions,
+    *,
+    trials: int,
+    tracking: Tracking | None = Tracking(),
+    progress: bool = True,
+) -> dict:
     """Run ``trials`` trials (the first is the current defaults); returns all trials and the best."""
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -54,21 +64,27 @@ def tune(data: str | Path, work_dir: str | Path, options: TrainOptions, *, trial
         parent = client.create_run(tracking.experiment_id(), run_name=f"tune-{trials}-trials").info.run_id
     results = []
     for number in progress_bar(range(trials), desc="trials", unit="trial", disable=not progress):
-        params = ({"learning_rate": options.learning_rate, "fusion_hidden": options.model.get("fusion_hidden", 512),
-                   "dropout": options.model.get("dropout", 0.2)} if number == 0 else sample_trial(rng))
-        trial_options = dataclasses.replace(
-            options, learning_rate=params["learning_rate"],
-            model=options.model | {"fusion_hidden": params["fusion_hidden"], "dropout": params["dropout"]},
+        params = (
+            {"learning_rate": options.learning_rate, "fusion_hidden": options.fusion_hidden, "dropout": options.dropout}
+            if number == 0
+            else sample_trial(rng)
         )
+        trial_options = dataclasses.replace(options, **params)
         started = time.monotonic()
-        model, history = fit_model(prepared, trial_options, train_rows=rows, validation_rows=validation,
-                                   targets=targets, progress=False)
+        model, history = fit_model(
+            prepared, trial_options, train_rows=rows, validation_rows=validation, targets=targets, progress=False
+        )
         logits = predict_logits(model, prepared, validation)
         accuracy = float((logits.argmax(1) == prepared.targets[validation]).mean())
         trial = {"trial": number, **params, "val_accuracy": accuracy, "seconds": round(time.monotonic() - started, 1)}
         if tracking is not None:
-            trial["run_id"] = tracking.log_trial(parent_run_id=parent, params=params, history=history,
-                                                 metrics={"val_accuracy": accuracy}, name=f"trial-{number}")
+            trial["run_id"] = tracking.log_trial(
+                parent_run_id=parent,
+                params=params,
+                history=history,
+                metrics={"val_accuracy": accuracy},
+                name=f"trial-{number}",
+            )
         results.append(trial)
         log.info("trial %d: %s → validation accuracy %.4f", number, params, accuracy)
     best = max(results, key=lambda t: t["val_accuracy"])
@@ -78,7 +94,12 @@ def tune(data: str | Path, work_dir: str | Path, options: TrainOptions, *, trial
         for key in SEARCH_SPACE:
             client.log_param(parent, f"best_{key}", best[key])
         client.set_terminated(parent, "FINISHED")
-    report = {"data": str(Path(data).resolve()), "trials": results, "best": best,
-              "validation_offers": int(len(validation)), "search_space": SEARCH_SPACE}
+    report = {
+        "data": str(Path(data).resolve()),
+        "trials": results,
+        "best": best,
+        "validation_offers": len(validation),
+        "search_space": SEARCH_SPACE,
+    }
     (work_dir / "tune.json").write_text(json.dumps(report, indent=1))
     return report

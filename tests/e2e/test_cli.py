@@ -14,13 +14,31 @@ from tests.conftest import read_predictions
 
 pytestmark = pytest.mark.integration
 
-SUBCOMMANDS = ("broker", "synth", "train", "evaluate", "audit", "ablation", "tune", "history", "mine-exclusions",
-               "promote", "produce", "run", "demo")
+SUBCOMMANDS = (
+    "broker",
+    "synth",
+    "train",
+    "evaluate",
+    "audit",
+    "ablation",
+    "tune",
+    "history",
+    "mine-exclusions",
+    "promote",
+    "produce",
+    "run",
+    "demo",
+)
 
 
 def catstream(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "catstream.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-m", "catstream", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def test_help_documents_every_subcommand_and_env_fallbacks():
@@ -51,7 +69,9 @@ def test_bad_cli_input_gives_a_readable_error(tmp_path, marketplace):
     assert missing.returncode == 2 and "does not exist" in missing.stderr and "Traceback" not in missing.stderr
     wrong = catstream("train", "--data", str(marketplace), "--out", str(tmp_path / "m"), "--label-column", "nope")
     assert wrong.returncode == 2 and "missing column(s) nope" in wrong.stderr
-    bad_threshold = catstream("evaluate", "--model", str(tmp_path / "m"), "--data", str(marketplace), "--threshold", "1.5")
+    bad_threshold = catstream(
+        "evaluate", "--model", str(tmp_path / "m"), "--data", str(marketplace), "--threshold", "1.5"
+    )
     assert bad_threshold.returncode == 2 and "1.5 is outside [0, 1]" in bad_threshold.stderr
     no_model = catstream("run", "--model", str(tmp_path / "absent"), "--bootstrap-servers", "127.0.0.1:1")
     assert no_model.returncode == 2 and "Traceback" not in no_model.stderr
@@ -59,14 +79,38 @@ def test_bad_cli_input_gives_a_readable_error(tmp_path, marketplace):
 
 def test_audit_command_writes_the_report_and_rejects_unknown_categories(tmp_path, bundle, marketplace):
     out = tmp_path / "audit"
-    done = catstream("audit", "--model", str(bundle), "--data", str(marketplace), "--out", str(out), "--worst", "2",
-                     "--samples", "2", "--max-evals", "100", "--no-tracking")
+    done = catstream(
+        "audit",
+        "--model",
+        str(bundle),
+        "--data",
+        str(marketplace),
+        "--out",
+        str(out),
+        "--worst",
+        "2",
+        "--samples",
+        "2",
+        "--max-evals",
+        "100",
+        "--no-tracking",
+    )
     assert done.returncode == 0, done.stderr
     assert "audited" in done.stdout and "errors explained" in done.stdout
     assert {p.name for p in out.iterdir()} == {"audit.html", "audit.json", "candidates"}
     assert (out / "candidates" / "category_exclusions.tsv").is_file()
-    unknown = catstream("audit", "--model", str(bundle), "--data", str(marketplace), "--out", str(out),
-                        "--category", "Nope > Never", "--no-tracking")
+    unknown = catstream(
+        "audit",
+        "--model",
+        str(bundle),
+        "--data",
+        str(marketplace),
+        "--out",
+        str(out),
+        "--category",
+        "Nope > Never",
+        "--no-tracking",
+    )
     assert unknown.returncode == 2 and "not categories of this model: Nope > Never" in unknown.stderr
     assert "Traceback" not in unknown.stderr
 
@@ -74,8 +118,18 @@ def test_audit_command_writes_the_report_and_rejects_unknown_categories(tmp_path
 def test_produce_command_feeds_the_running_node(marketplace, stream_settings, start_node):
     node = start_node(workers=1)
     env = {"CATSTREAM_OFFERS_TOPIC": stream_settings.offers_topic}
-    result = catstream("produce", "--data", str(marketplace), "--limit", "80", "--rate", "400",
-                       "--bootstrap-servers", stream_settings.bootstrap_servers, env=env)
+    result = catstream(
+        "produce",
+        "--data",
+        str(marketplace),
+        "--limit",
+        "80",
+        "--rate",
+        "400",
+        "--bootstrap-servers",
+        stream_settings.bootstrap_servers,
+        env=env,
+    )
     assert result.returncode == 0, result.stderr
     assert "published 80 offers" in result.stdout
     import pandas as pd
@@ -87,8 +141,9 @@ def test_produce_command_feeds_the_running_node(marketplace, stream_settings, st
 
 def test_demo_runs_the_whole_chain_and_leaves_nothing_behind(tmp_path):
     before = set(Path("/dev/shm").glob("catstream-queue-*"))
-    result = catstream("demo", "--out", str(tmp_path / "demo"), "--offers", "250", "--train-offers", "800",
-                       "--image-size", "64")
+    result = catstream(
+        "demo", "--out", str(tmp_path / "demo"), "--offers", "250", "--train-offers", "800", "--image-size", "64"
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
     assert summary["offers_categorized"] == 250

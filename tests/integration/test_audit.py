@@ -18,8 +18,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from catstream.dictionaries import Dictionaries
-from catstream.schemas import Offer
+from core.dictionaries import Dictionaries
+from core.schemas import Offer
 from tests.conftest import small_training_options
 
 pytestmark = pytest.mark.integration
@@ -53,10 +53,19 @@ def planted_bundle(tmp_path_factory) -> Path:
 
     history = planted(tmp_path_factory.mktemp("planted-history"), seed=11, mislabel=True)
     out = tmp_path_factory.mktemp("planted-bundle")
-    train_bundle(history, out, small_training_options(tmp_path_factory.mktemp("cache"), cleaning="off",
-                                                      season_balance=False, test_share=0.0, min_label_count=5,
-                                                      epochs=10),
-                 progress=False)
+    train_bundle(
+        history,
+        out,
+        small_training_options(
+            tmp_path_factory.mktemp("cache"),
+            cleaning="off",
+            season_balance=False,
+            test_share=0.0,
+            min_label_count=5,
+            epochs=10,
+        ),
+        progress=False,
+    )
     return out
 
 
@@ -65,8 +74,9 @@ def audited(planted_bundle, tmp_path_factory):
     from training.audit import AuditOptions, run_audit, write_audit
 
     data = planted(tmp_path_factory.mktemp("planted-audit"), seed=12, mislabel=False)
-    options = AuditOptions(split="all", worst=3, categories=(HOSTILE_CATEGORY,), samples_per_category=8,
-                           max_evals=200, threads=2)
+    options = AuditOptions(
+        split="all", worst=3, categories=(HOSTILE_CATEGORY,), samples_per_category=8, max_evals=200, threads=2
+    )
     report = run_audit(planted_bundle, data, options, progress=False)
     out = tmp_path_factory.mktemp("audit")
     return report, write_audit(report, out), data
@@ -76,7 +86,7 @@ def test_planted_category_ranks_among_the_worst(audited):
     report, _, _ = audited
     worst = [row["category"] for row in report.categories[:3]]
     assert BLOUSES in worst
-    assert {"true": BLOUSES, "predicted": SHIRTS} == {k: report.confused_pairs[0][k] for k in ("true", "predicted")}
+    assert {k: report.confused_pairs[0][k] for k in ("true", "predicted")} == {"true": BLOUSES, "predicted": SHIRTS}
     assert report.categories[0]["category"] == BLOUSES
 
 
@@ -118,14 +128,24 @@ def test_report_renders_in_a_real_browser(audited, tmp_path):
 
     chromium, chromedriver = shutil.which("chromium"), shutil.which("chromedriver")
     if not (chromium and chromedriver):
-        pytest.fail("headless Chromium is needed: install the Debian packages chromium and chromium-driver "
-                    "(make test does)")
+        pytest.fail(
+            "headless Chromium is needed: install the Debian packages chromium and chromium-driver (make test does)"
+        )
     _, paths, _ = audited
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1280,2000"):
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--window-size=1280,2000",
+    ):
         options.add_argument(flag)
     driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=chromedriver))
     try:
@@ -133,7 +153,8 @@ def test_report_renders_in_a_real_browser(audited, tmp_path):
         rows = driver.find_elements(By.CSS_SELECTOR, "#overview tbody tr")
         assert len(rows) >= 10
         assert rows[0].find_elements(By.TAG_NAME, "td")[0].text in {BLOUSES, SHIRTS} | {
-            r.find_elements(By.TAG_NAME, "td")[0].text for r in rows[:3]}
+            r.find_elements(By.TAG_NAME, "td")[0].text for r in rows[:3]
+        }
         heatmap = driver.find_element(By.CSS_SELECTOR, "img.heatmap")
         assert driver.execute_script("return arguments[0].complete && arguments[0].naturalWidth", heatmap) == 160
         # hostile user text shows as text and runs nothing
@@ -148,8 +169,8 @@ def test_report_renders_in_a_real_browser(audited, tmp_path):
 
 def test_the_deciding_token_carries_the_largest_attribution(tmp_path):
     """A model where one token decides the class: that token dominates the explanation."""
+    from core.bundle import ModelBundle
     from training.audit import OfferExplainer
-    from catstream.bundle import ModelBundle
     from training.train import train_bundle
 
     rng = np.random.default_rng(3)
@@ -158,14 +179,35 @@ def test_the_deciding_token_carries_the_largest_attribution(tmp_path):
     for i, (combo, decider) in enumerate(itertools.product(itertools.combinations(filler, 3), ("alpha", "beta"))):
         words = [*combo, decider]
         rng.shuffle(words)
-        rows.append({"offer_id": f"t{i}", "title": " ".join(words), "mall_id": "m", "mall_category": "goods",
-                     "image": "", "listed_at": "2026-01-01", "category": f"Things > {decider.title()}"})
+        rows.append(
+            {
+                "offer_id": f"t{i}",
+                "title": " ".join(words),
+                "mall_id": "m",
+                "mall_category": "goods",
+                "image": "",
+                "listed_at": "2026-01-01",
+                "category": f"Things > {decider.title()}",
+            }
+        )
     data = tmp_path / "offers.csv"
     pd.DataFrame(rows).to_csv(data, index=False)
     out = tmp_path / "bundle"
-    train_bundle(data, out, small_training_options(tmp_path / "cache", image_size=32, cleaning="off",
-                                                   season_balance=False, min_label_count=5, vocab_size=60, epochs=5,
-                                                   test_share=0.0), progress=False)
+    train_bundle(
+        data,
+        out,
+        small_training_options(
+            tmp_path / "cache",
+            image_size=32,
+            cleaning="off",
+            season_balance=False,
+            min_label_count=5,
+            vocab_size=60,
+            epochs=5,
+            test_share=0.0,
+        ),
+        progress=False,
+    )
     bundle = ModelBundle.load(out)
     explainer = OfferExplainer(bundle, max_evals=200)
     for title, decider in (("soft red beta cotton", "beta"), ("alpha classic new light", "alpha")):
@@ -175,4 +217,3 @@ def test_the_deciding_token_carries_the_largest_attribution(tmp_path):
         toward = np.abs(explanation.word_values[:, 0])
         assert explanation.words[int(toward.argmax())] == decider
         assert toward.max() > 2 * np.delete(toward, toward.argmax()).max()
-

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from catstream.bundle import BundleError, ModelBundle
-from catstream.features import Featurizer
-from catstream.schemas import Offer
+from core.bundle import BundleError, ModelBundle
+from core.features import Featurizer
+from core.schemas import Offer
 
 pytestmark = pytest.mark.integration
 
@@ -20,9 +20,9 @@ def test_dictionary_directory_replaces_the_bundles(bundle, tmp_path):
     deployed = ModelBundle.load(bundle, dictionaries_dir=tmp_path)
     assert [rule.keyword for rule in deployed.dictionaries.exclusions] == [("zzqx",)]
     offer = Offer(offer_id="o1", title="zzqx thing", mall_id="m")
-    mask = Featurizer.from_bundle(deployed).featurize(offer).exclusion_mask
+    mask = Featurizer.from_bundle(deployed).featurize(offer).exclusion
     assert mask[deployed.labels.index(target)] and mask.sum() == 1
-    assert not Featurizer.from_bundle(shipped).featurize(offer).exclusion_mask[shipped.labels.index(target)]
+    assert not Featurizer.from_bundle(shipped).featurize(offer).exclusion[shipped.labels.index(target)]
 
 
 def test_missing_dictionary_directory_is_an_error_not_an_empty_dictionary(bundle, tmp_path):

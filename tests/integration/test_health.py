@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import re
 import time
-from pathlib import Path
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 
-from catstream.offer_files import offers_from_frame, read_offer_file
+from core.offer_files import offers_from_frame, read_offer_file
 from producers.publish import publish_offers, publish_raw
 from tests.conftest import read_predictions
 

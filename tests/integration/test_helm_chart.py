@@ -24,9 +24,10 @@ import yaml
 helm = pytest.importorskip("helm_python")
 
 from catstream.cli import _build_parser  # noqa: E402
-from catstream.feature_queue import FeatureQueue, QueueLayout  # noqa: E402
 from catstream.health import HealthServer, NodeStatus  # noqa: E402
-from catstream.settings import ENV_PREFIX, Settings  # noqa: E402
+from core.feature_queue import FeatureQueue, QueueLayout  # noqa: E402
+from core.features import input_fields  # noqa: E402
+from core.settings import ENV_PREFIX, Settings  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
@@ -40,58 +41,100 @@ CRD_SCHEMAS = {
     ("keda.sh/v1alpha1", "ScaledObject"): {
         "type": "object",
         "required": ["spec"],
-        "properties": {"spec": {
-            "type": "object",
-            "required": ["scaleTargetRef", "triggers"],
-            "additionalProperties": False,
-            "properties": {
-                "scaleTargetRef": {
-                    "type": "object", "required": ["name"], "additionalProperties": False,
-                    "properties": {"apiVersion": {"type": "string"}, "kind": {"type": "string"},
-                                   "name": {"type": "string"}},
-                },
-                "minReplicaCount": {"type": "integer", "minimum": 0},
-                "maxReplicaCount": {"type": "integer", "minimum": 1},
-                "pollingInterval": {"type": "integer", "minimum": 1},
-                "cooldownPeriod": {"type": "integer", "minimum": 0},
-                "triggers": {"type": "array", "minItems": 1, "items": {
-                    "type": "object", "required": ["type", "metadata"], "additionalProperties": False,
-                    "properties": {
-                        "type": {"type": "string"},
-                        "metadata": _STRING_MAP,
-                        "authenticationRef": {"type": "object", "required": ["name"],
-                                              "properties": {"name": {"type": "string"}}},
+        "properties": {
+            "spec": {
+                "type": "object",
+                "required": ["scaleTargetRef", "triggers"],
+                "additionalProperties": False,
+                "properties": {
+                    "scaleTargetRef": {
+                        "type": "object",
+                        "required": ["name"],
+                        "additionalProperties": False,
+                        "properties": {
+                            "apiVersion": {"type": "string"},
+                            "kind": {"type": "string"},
+                            "name": {"type": "string"},
+                        },
                     },
-                }},
-            },
-        }},
+                    "minReplicaCount": {"type": "integer", "minimum": 0},
+                    "maxReplicaCount": {"type": "integer", "minimum": 1},
+                    "pollingInterval": {"type": "integer", "minimum": 1},
+                    "cooldownPeriod": {"type": "integer", "minimum": 0},
+                    "triggers": {
+                        "type": "array",
+                        "minItems": 1,
+                        "items": {
+                            "type": "object",
+                            "required": ["type", "metadata"],
+                            "additionalProperties": False,
+                            "properties": {
+                                "type": {"type": "string"},
+                                "metadata": _STRING_MAP,
+                                "authenticationRef": {
+                                    "type": "object",
+                                    "required": ["name"],
+                                    "properties": {"name": {"type": "string"}},
+                                },
+                            },
+                        },
+                    },
+                },
+            }
+        },
     },
     ("keda.sh/v1alpha1", "TriggerAuthentication"): {
         "type": "object",
         "required": ["spec"],
-        "properties": {"spec": {
-            "type": "object", "additionalProperties": False,
-            "properties": {"secretTargetRef": {"type": "array", "items": {
-                "type": "object", "required": ["parameter", "name", "key"], "additionalProperties": False,
-                "properties": {"parameter": {"enum": ["sasl", "username", "password", "tls", "ca", "cert", "key"]},
-                               "name": {"type": "string"}, "key": {"type": "string"}},
-            }}},
-        }},
+        "properties": {
+            "spec": {
+                "type": "object",
+                "additionalProperties": False,
+                "properties": {
+                    "secretTargetRef": {
+                        "type": "array",
+                        "items": {
+                            "type": "object",
+                            "required": ["parameter", "name", "key"],
+                            "additionalProperties": False,
+                            "properties": {
+                                "parameter": {"enum": ["sasl", "username", "password", "tls", "ca", "cert", "key"]},
+                                "name": {"type": "string"},
+                                "key": {"type": "string"},
+                            },
+                        },
+                    }
+                },
+            }
+        },
     },
     ("monitoring.coreos.com/v1", "ServiceMonitor"): {
         "type": "object",
         "required": ["spec"],
-        "properties": {"spec": {
-            "type": "object", "required": ["selector", "endpoints"], "additionalProperties": False,
-            "properties": {
-                "selector": {"type": "object", "properties": {"matchLabels": _STRING_MAP}},
-                "endpoints": {"type": "array", "minItems": 1, "items": {
-                    "type": "object", "required": ["port"], "additionalProperties": False,
-                    "properties": {"port": {"type": "string"}, "path": {"type": "string"},
-                                   "interval": {"type": "string", "pattern": r"^\d+[smh]$"}},
-                }},
-            },
-        }},
+        "properties": {
+            "spec": {
+                "type": "object",
+                "required": ["selector", "endpoints"],
+                "additionalProperties": False,
+                "properties": {
+                    "selector": {"type": "object", "properties": {"matchLabels": _STRING_MAP}},
+                    "endpoints": {
+                        "type": "array",
+                        "minItems": 1,
+                        "items": {
+                            "type": "object",
+                            "required": ["port"],
+                            "additionalProperties": False,
+                            "properties": {
+                                "port": {"type": "string"},
+                                "path": {"type": "string"},
+                                "interval": {"type": "string", "pattern": r"^\d+[smh]$"},
+                            },
+                        },
+                    },
+                },
+            }
+        },
     },
 }
 
@@ -111,8 +154,12 @@ def render(chart, values: dict) -> list[dict]:
 
 
 def find(manifests: list[dict], kind: str, component: str | None = None) -> list[dict]:
-    return [m for m in manifests if m["kind"] == kind and (
-        component is None or m["metadata"]["labels"].get("app.kubernetes.io/component") == component)]
+    return [
+        m
+        for m in manifests
+        if m["kind"] == kind
+        and (component is None or m["metadata"]["labels"].get("app.kubernetes.io/component") == component)
+    ]
 
 
 def one(manifests: list[dict], kind: str, component: str | None = None) -> dict:
@@ -215,7 +262,10 @@ def test_scaled_object_watches_the_workers_group_and_topic(chart):
     auth = one(manifests, "TriggerAuthentication")
     assert trigger["authenticationRef"]["name"] == auth["metadata"]["name"]
     assert {(r["parameter"], r["name"]) for r in auth["spec"]["secretTargetRef"]} == {
-        ("username", "catstream-kafka-user"), ("password", "catstream-kafka-user"), ("ca", "catstream-kafka-ca")}
+        ("username", "catstream-kafka-user"),
+        ("password", "catstream-kafka-user"),
+        ("ca", "catstream-kafka-ca"),
+    }
 
 
 def test_probes_hit_endpoints_the_workers_serve(chart, tmp_path):
@@ -229,15 +279,21 @@ def test_probes_hit_endpoints_the_workers_serve(chart, tmp_path):
         assert ports[probe["port"]] == int(env["CATSTREAM_HEALTH_PORT"]["value"])
 
     # The real health server of a node, on a real queue file, before the model is loaded.
-    layout = QueueLayout(workers=1, slots_per_worker=2, image_size=8, max_title_tokens=4, max_mall_tokens=4,
-                         num_classes=3)
+    layout = QueueLayout(
+        workers=1,
+        slots_per_worker=2,
+        fields=input_fields(
+            image_size=8, max_title_tokens=4, max_mall_tokens=4, max_title_grams=0, num_classes=3, lexical=False
+        ),
+    )
     queue = FeatureQueue.create(layout, directory=tmp_path)
     status = NodeStatus(inference_alive=True, workers_alive=(True,), restarts=0, model_version="v1")
     server = HealthServer("127.0.0.1", 0, queue, lambda: status).start()
     try:
         answers = {}
-        for path in {probe["path"] for probe in probes.values()} | {deployment["spec"]["template"]["metadata"][
-                "annotations"]["prometheus.io/path"]}:
+        for path in {probe["path"] for probe in probes.values()} | {
+            deployment["spec"]["template"]["metadata"]["annotations"]["prometheus.io/path"]
+        }:
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{server.port}{path}", timeout=5) as response:
                     answers[path] = (response.status, response.read().decode())
@@ -280,8 +336,9 @@ def test_environment_is_settings_the_workers_read(chart, monkeypatch):
             (container,) = pod_spec(manifest)["containers"]
             names = {name for name in env_of(container) if name.startswith(ENV_PREFIX)}
             assert names <= fields, (values_file.name, names - fields)
-    env = env_of(pod_spec(one(render(chart, load_values("autoscaling-values.yaml")), "Deployment", "node"))[
-        "containers"][0])
+    env = env_of(
+        pod_spec(one(render(chart, load_values("autoscaling-values.yaml")), "Deployment", "node"))["containers"][0]
+    )
     for key, item in env.items():
         if key.startswith(ENV_PREFIX) and "value" in item:
             monkeypatch.setenv(key, item["value"])
@@ -334,9 +391,9 @@ def test_prometheus_scraping(chart):
 
 
 def test_missing_required_values_fail_with_a_reason(chart):
-    with pytest.raises(helm.HelmError, match="kafka.bootstrapServers is required"):
+    with pytest.raises(helm.HelmError, match=r"kafka\.bootstrapServers is required"):
         render(chart, {"mlflow": {"trackingUri": "http://mlflow:5000"}})
-    with pytest.raises(helm.HelmError, match="mlflow.trackingUri"):
+    with pytest.raises(helm.HelmError, match=r"mlflow\.trackingUri"):
         render(chart, {"kafka": {"bootstrapServers": "kafka:9092"}})
 
 
@@ -380,7 +437,11 @@ def test_dockerfiles_agree_with_the_project_and_the_chart():
         base = re.search(r"^FROM python:(\d+)\.(\d+)\.\d+-slim", text, flags=re.M)
         assert base and (3, 11) <= (int(base[1]), int(base[2])) < (3, 13), name
         assert f"USER {values['podSecurityContext']['runAsUser']}:" in text, name
-        assert packages <= set(re.findall(r"^COPY (\w+)/", text, flags=re.M)), name
+        copied = set(re.findall(r"^COPY (\w+)/", text, flags=re.M))
+        if name == "Dockerfile.train":
+            assert packages <= copied, name
+        else:  # the worker images serve: everything but the training stage
+            assert packages - {"training"} <= copied and "training" not in copied, name
         (install,) = [line for line in re.findall(r"pip install ([^\\\n&]+)", text) if ".[" in line]
         assert "-c requirements.lock" in install, name
         extras = set(re.search(r"\.\[([\w,]+)\]", install)[1].split(","))

@@ -14,11 +14,11 @@ import pytest
 from confluent_kafka import Consumer, TopicPartition
 from PIL import Image
 
-from catstream.bundle import ModelBundle
-from catstream.decision import ParentCategories
-from catstream.kafka import client_config, read_topic
-from catstream.offer_files import offers_from_frame, read_offer_file
-from catstream.schemas import SCHEMA_VERSION, UNCERTAIN, Offer
+from core.bundle import ModelBundle
+from core.decision import ParentCategories
+from core.kafka import client_config, read_topic
+from core.offer_files import offers_from_frame, read_offer_file
+from core.schemas import SCHEMA_VERSION, UNCERTAIN, Offer
 from producers.publish import publish_offers, publish_raw
 from tests.conftest import read_predictions
 from training.evaluate import served_probabilities
@@ -45,8 +45,12 @@ def test_n_offers_in_n_distinct_offer_ids_out(marketplace, bundle, stream_settin
     png = io.BytesIO()
     Image.new("RGB", (20, 20), (200, 80, 140)).save(png, format="PNG")
     offers += [
-        Offer(offer_id="ko-1", title="Aurora 여성 블랙 원피스 무료배송", mall_id="mall-hana",
-              image_b64=base64.b64encode(png.getvalue()).decode()),
+        Offer(
+            offer_id="ko-1",
+            title="Aurora 여성 블랙 원피스 무료배송",
+            mall_id="mall-hana",
+            image_b64=base64.b64encode(png.getvalue()).decode(),
+        ),
         Offer(offer_id="ko-2", title="키즈 운동화", image_url="file:///nonexistent/x.jpg"),
         Offer(offer_id="ko-3", title="전기장판 특가"),
     ]
@@ -72,7 +76,12 @@ def test_n_offers_in_n_distinct_offer_ids_out(marketplace, bundle, stream_settin
     assert not any(c["category"].startswith(("Men", "Kids")) for c in by_id["ko-1"]["top3"][:1])
     assert by_id["ko-1"]["excluded_categories"] > 0
     # A trained model, not noise: most synthetic offers are right.
-    truth = dict(zip(*[read_offer_file(marketplace, label_columns=["true_category"])[c] for c in ("offer_id", "label")]))
+    truth = dict(
+        zip(
+            *[read_offer_file(marketplace, label_columns=["true_category"])[c] for c in ("offer_id", "label")],
+            strict=True,
+        )
+    )
     right = sum(by_id[i]["top3"][0]["category"] == truth[i] for i in truth if i in by_id)
     assert right / 300 > 0.85
     # The stream serves exactly the offline model: network logits + the lexical model's scores,
@@ -85,7 +94,7 @@ def test_n_offers_in_n_distinct_offer_ids_out(marketplace, bundle, stream_settin
     parents = ParentCategories.of(loaded.labels)
     parent, _ = parents.confident(masked, 0.9)
     uncertain = masked.max(1) < loaded.threshold
-    expected = [parents.names[k] if doubt and k >= 0 else None for k, doubt in zip(parent, uncertain)]
+    expected = [parents.names[k] if doubt and k >= 0 else None for k, doubt in zip(parent, uncertain, strict=True)]
     assert [(by_id[o.offer_id]["confident_parent"] or {}).get("category") for o in offers[:300]] == expected
     assert any(expected)
     # Every offset was committed past.
@@ -109,8 +118,9 @@ def test_malformed_messages_are_dead_lettered_while_good_ones_flow(marketplace, 
     publish_raw(messages, stream_settings)
 
     predictions = read_predictions(stream_settings, {o.offer_id for o in good})
-    dead = read_topic(stream_settings, stream_settings.dead_letter_topic, until=lambda ms: len(ms) >= len(bad),
-                      timeout_s=60)
+    dead = read_topic(
+        stream_settings, stream_settings.dead_letter_topic, until=lambda ms: len(ms) >= len(bad), timeout_s=60
+    )
     time.sleep(1.0)
     assert node.stop() == 0
     assert len({p["offer_id"] for p in predictions}) == len(good)

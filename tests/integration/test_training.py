@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
-import shutil
 import subprocess
 import sys
 
@@ -13,10 +13,11 @@ import pandas as pd
 import pytest
 import torch
 
-from catstream.bundle import TRAINING_OFFERS_FILE, ModelBundle
-from catstream.features import Featurizer
-from catstream.offer_files import offer_fingerprints, offers_from_frame, read_offer_file
+from core.bundle import ModelBundle
+from core.features import Featurizer
+from core.offer_files import offer_fingerprints, offers_from_frame, read_offer_file
 from tests.conftest import small_training_options
+from training.report_figures import FIGURES
 
 pytestmark = pytest.mark.integration
 
@@ -34,8 +35,14 @@ def champion_run(marketplace, registry, tmp_path_factory):
     from training.pipeline import train_evaluate_register
 
     cache = tmp_path_factory.mktemp("cache")
-    first = train_evaluate_register(marketplace, tmp_path_factory.mktemp("v1"), small_training_options(cache),
-                                    register=True, tracking=registry, progress=False)
+    first = train_evaluate_register(
+        marketplace,
+        tmp_path_factory.mktemp("v1"),
+        small_training_options(cache),
+        register=True,
+        tracking=registry,
+        progress=False,
+    )
     return first, cache
 
 
@@ -46,25 +53,62 @@ def test_first_registered_version_becomes_champion_and_the_run_is_complete(champ
     run = client.get_run(first.run_id)
     assert run.data.params["image_size"] == "64" and run.data.params["cleaning"] == "drop"
     assert len(client.get_metric_history(first.run_id, "val_accuracy")) == 5  # one point per epoch
-    assert run.data.metrics["test_catstream_accuracy"] == pytest.approx(first.report["results"]["catstream"]["accuracy"])
+    assert run.data.metrics["test_catstream_accuracy"] == pytest.approx(
+        first.report["results"]["catstream"]["accuracy"]
+    )
     parents = first.report["results"]["catstream"]["at_threshold"]["parents"]
     assert run.data.metrics["test_catstream_parent_offers"] == parents["offers"]
-    assert run.data.metrics["validation_parent_uncertain"] == first.config["training"]["validation"]["parents"]["uncertain"]
-    assert first.config["training"]["machine"]["cpus"] >= 1 and "numpy" in first.config["training"]["machine"]["versions"]
+    assert run.data.metrics["validation_parent_uncertain"] == first.config.training.validation.parents.uncertain
+    assert first.config.training.machine["cpus"] >= 1 and "numpy" in first.config.training.machine["versions"]
     artifacts = {a.path for a in client.list_artifacts(first.run_id, "bundle")}
     assert {"bundle/model.onnx", "bundle/config.json", "bundle/shops.json"} <= artifacts
+    figures = {f"evaluation/{name}" for name in FIGURES}
     assert {a.path for a in client.list_artifacts(first.run_id, "evaluation")} == {
-        "evaluation/evaluation.json", "evaluation/evaluation.md"}
+        "evaluation/evaluation.json",
+        "evaluation/evaluation.md",
+    } | figures
     assert str(registry.champion().version) == "1"
+
+
+def test_evaluation_draws_its_figures_and_embeds_them(champion_run):
+    from PIL import Image
+
+    report_dir = ModelBundle.load(champion_run[0].report["model"]).path / "evaluation"
+    markdown = (report_dir / "evaluation.md").read_text()
+    for name in FIGURES:
+        path = report_dir / name
+        assert path.stat().st_size > 10_000, name  # a drawn figure, not an empty canvas
+        with Image.open(path) as image:
+            image.verify()
+            assert image.format == "PNG" and min(image.size) > 300
+        assert f"]({name})" in markdown
+    report = champion_run[0].report["results"]["catstream"]
+    curve = report["curves"]["coverage_precision"]
+    assert len(curve) == 100 and curve[-1]["coverage"] == 1.0
+    assert curve[-1]["precision"] == pytest.approx(report["accuracy"])
+    reliability = report["curves"]["reliability"]
+    assert sum(b["offers"] for b in reliability) == champion_run[0].report["test_offers"]
+    confusion = report["confusion"]
+    assert len(confusion["categories"]) == len(confusion["counts"]) and all(
+        confusion["counts"][i][i] == 0 for i in range(len(confusion["counts"]))
+    )
 
 
 def test_random_split_calibrates_on_out_of_fold_predictions_of_every_training_offer(champion_run):
     first, _ = champion_run
-    training = first.config["training"]
+    config = first.config.model_dump()  # config.json as a reader of the file sees it
+    assert config == json.loads((ModelBundle.load(first.report["model"]).path / "config.json").read_text())
+    training = config["training"]
     report = training["data_report"]
-    assert training["calibration"] == {"mode": "crossfit", "folds": 4, "threshold_confidence": 0.95,
-                                       "threshold_by": "product",
-                                       "offers": report["train_offers"] + report["validation_offers"]}
+    assert training["calibration"] == {
+        "mode": "crossfit",
+        "folds": 4,
+        "target_precision": 0.98,
+        "threshold_confidence": 0.95,
+        "threshold_by": "product",
+        "fold_title_groups": None,
+        "offers": report["train_offers"] + report["validation_offers"],
+    }
     assert training["validation"]["design_effect"] >= 1.0  # the bound counted colour variants by product
     # the threshold is held to the lower confidence bound, which sits below the observed precision
     assert 0.0 < training["validation"]["precision_bound"] < training["validation"]["precision"]
@@ -78,16 +122,20 @@ def test_random_split_calibrates_on_out_of_fold_predictions_of_every_training_of
     # the parent threshold is chosen on the offers that threshold leaves uncertain, held to the same bound
     parents = training["validation"]["parents"]
     assert parents["uncertain"] == round((1 - training["validation"]["coverage"]) * training["calibration"]["offers"])
-    assert parents["target_reached"] == (first.config["parent_threshold"] is not None)
+    assert parents["target_reached"] == (config["parent_threshold"] is not None)
     if parents["target_reached"]:
         assert parents["precision"] >= parents["precision_bound"] >= training["options"]["target_precision"]
     # what other leaf thresholds gave on the same offers, for an operator who overrides it
-    points = first.config["operating_points"]
+    points = config["operating_points"]
     assert len(points) == 41 and points[0]["threshold"] == 0.0 and points[0]["coverage"] == 1.0
-    assert all(a["threshold"] < b["threshold"] and a["coverage"] >= b["coverage"] for a, b in zip(points, points[1:]))
-    below = max((p for p in points if p["threshold"] <= first.config["threshold"]), key=lambda p: p["threshold"])
+    assert all(
+        a["threshold"] < b["threshold"] and a["coverage"] >= b["coverage"] for a, b in itertools.pairwise(points)
+    )
+    below = max((p for p in points if p["threshold"] <= config["threshold"]), key=lambda p: p["threshold"])
     assert below["coverage"] >= training["validation"]["coverage"]
-    assert all(0 <= p["parent_offers"] <= round((1 - p["coverage"]) * training["calibration"]["offers"]) for p in points)
+    assert all(
+        0 <= p["parent_offers"] <= round((1 - p["coverage"]) * training["calibration"]["offers"]) for p in points
+    )
     assert all(0.0 < record["val_accuracy"] <= 1.0 for record in training["history"])
     assert training["stage_seconds"]["fit"] > 0
 
@@ -105,57 +153,77 @@ def test_evaluation_report_has_every_section_and_both_baselines(champion_run):
     assert parents["uncertain"] == model["at_threshold"]["uncertain"] >= parents["offers"]
     assert sum(row["offers"] for row in parents["by_depth"].values()) == parents["offers"]
     assert parents["coverage_with_parents"] == pytest.approx(
-        model["at_threshold"]["coverage"] + parents["offers"] / report["test_offers"])
+        model["at_threshold"]["coverage"] + parents["offers"] / report["test_offers"]
+    )
     # every operating point of the bundle, scored on these offers with its own parent threshold
     rows = model["operating_points"]
-    assert [row["calibration"] for row in rows] == champion_run[0].config["operating_points"]
-    assert rows[0]["coverage"] == 1.0 and all(row["parents"]["threshold"] == row["calibration"]["parent_threshold"]
-                                              for row in rows)
+    assert [row["calibration"] for row in rows] == champion_run[0].config.model_dump()["operating_points"]
+    assert rows[0]["coverage"] == 1.0 and all(
+        row["parents"]["threshold"] == row["calibration"]["parent_threshold"] for row in rows
+    )
     assert all(row["filed"] == pytest.approx(row["coverage"] + row["parents"]["offers"] / 300) for row in rows)
     # the synthetic marketplace is easy: the fusion model must be clearly better than chance
     assert model["accuracy"] > 0.85
 
 
 def test_worse_model_does_not_take_the_champion_alias(champion_run, marketplace, registry, tmp_path):
-    from training.pipeline import train_evaluate_register
-    from training.tracking import resolve_model_uri
-
+    from core.registry import resolve_model_uri
     from training.evaluate import held_out
+    from training.pipeline import train_evaluate_register
 
     first, cache = champion_run
     # another seed, so another split: part of v2's held-out offers were v1's training offers
     worse = train_evaluate_register(
-        marketplace, tmp_path / "v2", small_training_options(cache, epochs=1, learning_rate=1e-4, cleaning="off", seed=1),
-        register=True, tracking=registry, progress=False)
+        marketplace,
+        tmp_path / "v2",
+        small_training_options(cache, epochs=1, learning_rate=1e-4, cleaning="off", seed=1),
+        register=True,
+        tracking=registry,
+        progress=False,
+    )
     assert worse.registered.version == "2" and not worse.registered.promoted
     assert worse.registered.champion_version == "1"
-    v1 = ModelBundle.load(resolve_model_uri("models:/catstream/1", tracking=registry))
+    v1 = ModelBundle.load(resolve_model_uri("models:/catstream/1", registry=registry))
     frame, v1_test, v1_seen, _ = held_out(v1, marketplace)
     v1_offers = v1.training_offers()
     assert v1_offers.ids == set(frame["offer_id"].iloc[v1_seen]) and len(v1_seen) + len(v1_test) == len(frame)
     assert v1_offers.fingerprints == set(offer_fingerprints(frame.iloc[v1_seen]))
     v2_offers = ModelBundle.load(tmp_path / "v2").training_offers()
     frame, v2_test, _, _ = held_out(ModelBundle.load(tmp_path / "v2"), marketplace)
-    unseen_by_both = [i for i, fingerprint in zip(v2_test, offer_fingerprints(frame.iloc[v2_test]))
-                      if frame["offer_id"].iloc[i] not in v1_offers.ids
-                      and fingerprint not in v1_offers.fingerprints | v2_offers.fingerprints]
+    unseen_by_both = [
+        i
+        for i, fingerprint in zip(v2_test, offer_fingerprints(frame.iloc[v2_test]), strict=True)
+        if frame["offer_id"].iloc[i] not in v1_offers.ids
+        and fingerprint not in v1_offers.fingerprints | v2_offers.fingerprints
+    ]
     assert 0 < len(unseen_by_both) < len(v2_test)
     assert f"on the same {len(unseen_by_both)} held-out offers" in worse.registered.reason
     # the paired counts in the reason agree with the two accuracies on those offers
-    only_new, only_champion = map(int, re.search(r"right only by the new version (\d+), only by the champion (\d+), "
-                                                 r"McNemar p [0-9.e+-]+", worse.registered.reason).groups())
+    only_new, only_champion = map(
+        int,
+        re.search(
+            r"right only by the new version (\d+), only by the champion (\d+), "
+            r"McNemar p [0-9.e+-]+",
+            worse.registered.reason,
+        ).groups(),
+    )
     assert (only_new - only_champion) / len(unseen_by_both) == pytest.approx(
-        worse.registered.challenger["accuracy"] - worse.registered.champion["accuracy"])
+        worse.registered.challenger["accuracy"] - worse.registered.champion["accuracy"]
+    )
     assert str(registry.champion().version) == "1"
-    served = resolve_model_uri("models:/catstream@champion", tracking=registry)
-    assert ModelBundle.load(served).version == first.config["model_version"]
-    assert ModelBundle.load(resolve_model_uri("models:/catstream/2", tracking=registry)).version == worse.config["model_version"]
+    served = resolve_model_uri("models:/catstream@champion", registry=registry)
+    assert ModelBundle.load(served).version == first.config.model_version
+    assert (
+        ModelBundle.load(resolve_model_uri("models:/catstream/2", registry=registry)).version
+        == worse.config.model_version
+    )
     with pytest.raises(ValueError, match="alias"):
-        resolve_model_uri("models:/catstream@nope", tracking=registry)
+        resolve_model_uri("models:/catstream@nope", registry=registry)
     assert "found by content under another id" not in worse.registered.reason  # the same file: every id found
     # The same offers under new ids: the champion's training offers are recognised by their content,
     # so the comparison is on the very offers it was on before, and the worse version stays out.
     from training.pipeline import compare_with_champion
+
     renamed = tmp_path / "renamed.csv"
     frame = pd.read_csv(marketplace, dtype=str, keep_default_na=False)
     frame["offer_id"] = "re-" + frame["offer_id"]
@@ -172,42 +240,33 @@ def test_worse_model_does_not_take_the_champion_alias(champion_run, marketplace,
     assert again.champion == pytest.approx(worse.registered.champion)
 
 
-def test_champion_recorded_by_id_alone_warns_when_its_offers_are_missing(champion_run, marketplace, registry,
-                                                                        tmp_path):
-    """Bundles from before the content fingerprints list ids only: a renamed file is flagged, not recognised."""
-    from training.pipeline import _unseen_by_both
-    from training.tracking import resolve_model_uri
-
-    v1 = ModelBundle.load(resolve_model_uri("models:/catstream/1", tracking=registry))
-    legacy = tmp_path / "legacy"
-    shutil.copytree(v1.path, legacy)
-    (legacy / TRAINING_OFFERS_FILE).unlink()
-    (legacy / "training_offers.txt").write_text("".join(f"{i}\n" for i in sorted(v1.training_offers().ids)))
-    legacy_bundle = ModelBundle.load(legacy)
-    assert legacy_bundle.training_offers().fingerprints is None
-    frame = pd.read_csv(marketplace, dtype=str, keep_default_na=False)
-    frame["offer_id"] = "re-" + frame["offer_id"]
-    frame["image"] = [str((marketplace.parent / image).resolve()) if image else "" for image in frame["image"]]
-    renamed = tmp_path / "renamed.csv"
-    frame.to_csv(renamed, index=False)
-    test = read_offer_file(renamed)
-    unseen, note, caveat = _unseen_by_both(legacy_bundle, v1, test, renamed, champion_version="1")
-    assert unseen.all() and note == ""  # nothing matches by id
-    seen = len(v1.training_offers().ids)
-    assert f"; {seen} of the {seen} offers champion v1 trained on are not in this data" in caveat
-
-
 def test_cli_evaluates_the_champion_from_the_registry(champion_run, marketplace, registry, tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "catstream.cli", "evaluate", "--model", "models:/catstream@champion",
-         "--data", str(marketplace), "--tracking-uri", registry.resolved_uri, "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "catstream",
+            "evaluate",
+            "--model",
+            "models:/catstream@champion",
+            "--data",
+            str(marketplace),
+            "--tracking-uri",
+            registry.resolved_uri,
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr
     assert "tfidf-word-char" in result.stdout
     report = json.loads((tmp_path / "evaluation.json").read_text())
-    assert report["model_version"] == champion_run[0].config["model_version"]
-    assert report["results"]["catstream"]["accuracy"] == pytest.approx(champion_run[0].report["results"]["catstream"]["accuracy"])
+    assert report["model_version"] == champion_run[0].config.model_version
+    assert report["results"]["catstream"]["accuracy"] == pytest.approx(
+        champion_run[0].report["results"]["catstream"]["accuracy"]
+    )
     # the lead over each baseline is judged on the same offers, and printed with its p-value
     results = report["results"]
     low, high = results["catstream"]["accuracy_interval"]
@@ -226,20 +285,35 @@ def test_cli_evaluates_the_champion_from_the_registry(champion_run, marketplace,
 def test_cli_evaluates_the_bundle_served_at_another_threshold(champion_run, marketplace, tmp_path):
     first, _ = champion_run
     bundle_dir = first.report["model"]
-    point = first.config["operating_points"][25]  # a threshold other than the bundle's
-    assert point["threshold"] != first.config["threshold"]
+    point = first.config.operating_points[25].model_dump()  # a threshold other than the bundle's
+    assert point["threshold"] != first.config.threshold
     result = subprocess.run(
-        [sys.executable, "-m", "catstream.cli", "evaluate", "--model", str(bundle_dir), "--data", str(marketplace),
-         "--no-baselines", "--threshold", repr(point["threshold"]), "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "catstream",
+            "evaluate",
+            "--model",
+            str(bundle_dir),
+            "--data",
+            str(marketplace),
+            "--no-baselines",
+            "--threshold",
+            repr(point["threshold"]),
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "evaluation.json").read_text())
     at = report["results"]["catstream"]["at_threshold"]
     assert at["threshold"] == point["threshold"] and at["parents"]["threshold"] == point["parent_threshold"]
-    assert report["served_at"]["bundle_threshold"] == first.config["threshold"]
+    assert report["served_at"]["bundle_threshold"] == first.config.threshold
     assert report["served_at"]["operating_point"] == point and report["served_at"]["note"].startswith("served at")
-    assert f"Served at threshold {point['threshold']:.4f} (the bundle's: {first.config['threshold']:.4f})" in result.stdout
+    assert f"Served at threshold {point['threshold']:.4f} (the bundle's: {first.config.threshold:.4f})" in result.stdout
     markdown = (tmp_path / "evaluation.md").read_text()
     assert "## Other leaf thresholds (catstream)" in markdown and f"| {point['threshold']:.5f} |" in markdown
     # the same offers as the bundle's own evaluation, only the threshold moved
@@ -253,10 +327,12 @@ def test_group_split_holds_out_whole_title_groups_and_cross_fits_on_them(champio
 
     options = small_training_options(champion_run[1], split="group", epochs=3, cleaning="off", season_balance=False)
     config = train_bundle(marketplace, tmp_path / "model", options, progress=False)
-    training = config["training"]
+    training = config.model_dump()["training"]
     assert training["split"]["protocol"] == "group" and training["calibration"]["mode"] == "crossfit"
-    assert training["calibration"]["offers"] == training["data_report"]["train_offers"] + training[
-        "data_report"]["validation_offers"]
+    assert (
+        training["calibration"]["offers"]
+        == training["data_report"]["train_offers"] + training["data_report"]["validation_offers"]
+    )
     # evaluation rebuilds the split from the bundle: no test title shares a group with a training title
     frame, test_rows, train_rows, protocol = held_out(ModelBundle.load(tmp_path / "model"), marketplace)
     assert protocol == "group" and len(test_rows) == training["data_report"]["test_offers"]
@@ -291,12 +367,13 @@ def test_unreliable_shop_is_down_weighted_in_the_bundle_and_at_inference(bundle,
 
 
 def test_bundle_carries_the_lexical_model_with_its_held_out_weight_and_serving_requires_its_scores(
-        champion_run, marketplace):
-    from gpu_workers.inference import OnnxClassifier
+    champion_run, marketplace
+):
+    from core.scoring import OnnxClassifier
 
     first, _ = champion_run
     bundle = ModelBundle.load(first.report["model"])
-    lexical = bundle.config["training"]["lexical"]  # as read back from config.json
+    lexical = bundle.config.training.lexical  # as read back from config.json
     accuracy = {row["weight"]: row["accuracy"] for row in lexical["accuracy_by_weight"]}
     assert lexical["chosen"] and lexical["weight"] in accuracy
     # the weight is the most accurate on the out-of-fold predictions, and beats the network alone there
@@ -308,13 +385,13 @@ def test_bundle_carries_the_lexical_model_with_its_held_out_weight_and_serving_r
 
     featurizer = Featurizer.from_bundle(bundle)
     offer = featurizer.featurize(next(offers_from_frame(read_offer_file(marketplace).head(1))))
-    network_inputs = (offer.image[None], np.array([offer.has_image], np.float32), offer.title_ids[None],
-                      offer.mall_ids[None], np.array([offer.mall_weight], np.float32), offer.title_grams[None])
+    inputs = featurizer.batch([next(offers_from_frame(read_offer_file(marketplace).head(1)))]).inputs
     classifier = OnnxClassifier(bundle)
+    without_scores = {name: array for name, array in inputs.items() if name != "lexical"}
     with pytest.raises(ValueError, match="lexical"):
-        classifier.logits(*network_inputs)
-    network = classifier.session.run(None, dict(zip(classifier.input_names, network_inputs)))[0][0]
-    served = classifier.logits(*network_inputs, offer.lexical[None])[0]
+        classifier.logits(without_scores)
+    network = classifier.session.run(None, {name: inputs[name] for name in classifier.input_names})[0][0]
+    served = classifier.logits(inputs)[0]
     assert np.abs(offer.lexical).max() > 0.1  # the scores move the logits
     np.testing.assert_allclose(served, network + offer.lexical, atol=1e-5)
 
@@ -323,10 +400,16 @@ def test_ablation_measures_every_row(marketplace, tmp_path):
     from training.ablation import ABLATION_ROWS, render_ablation, run_ablation
 
     # cleaning off, as by default: the cleaning rows must still clean
-    report = run_ablation(marketplace, tmp_path, small_training_options(tmp_path / "cache", epochs=3, cleaning="off"),
-                          without_char_ngrams=True, progress=False)
+    report = run_ablation(
+        marketplace,
+        tmp_path,
+        small_training_options(tmp_path / "cache", epochs=3, cleaning="off"),
+        without_char_ngrams=True,
+        progress=False,
+    )
     assert [row["row"] for row in report["rows"]] == [name for name, _ in ABLATION_ROWS] + [
-        "full model without character n-grams"]
+        "full model without character n-grams"
+    ]
     # each row was trained: different configurations give different training sets or scores
     assert report["rows"][4]["training_offers"] < report["rows"][3]["training_offers"]  # cleaning dropped labels
     assert report["rows"][4]["cleaning"]["flagged"] > 0 and report["rows"][5]["cleaning"]["mode"] == "drop"
@@ -336,14 +419,19 @@ def test_ablation_measures_every_row(marketplace, tmp_path):
     # each row is compared offer by offer with the one it builds on; same offers, so the paired
     # difference is exactly the difference of the two accuracies
     assert "paired" not in report["rows"][0]
-    for row, against in zip(report["rows"][1:], [r["row"] for r in report["rows"][:6]] + ["+ lexical model"]):
+    # the seven cumulative rows each build on the one before; the extra rows on the full model
+    builds_on_rows = [r["row"] for r in report["rows"][:6]] + ["+ lexical model"] * (len(report["rows"]) - 7)
+    for row, against in zip(report["rows"][1:], builds_on_rows, strict=True):
         builds_on = next(r for r in report["rows"] if r["row"] == against)
         assert row["paired"]["against"] == against
         assert row["paired"]["difference"] == pytest.approx(row["accuracy"] - builds_on["accuracy"])
         assert 0 <= row["paired"]["p_value"] <= 1
         # and product by product, over the title groups of the test offers
         by_group = row["paired"]["by_group"]
-        assert by_group["groups_this"] + by_group["groups_other"] <= row["paired"]["only_this"] + row["paired"]["only_other"]
+        assert (
+            by_group["groups_this"] + by_group["groups_other"]
+            <= row["paired"]["only_this"] + row["paired"]["only_other"]
+        )
         assert by_group["difference_interval"][0] <= row["paired"]["difference"] <= by_group["difference_interval"][1]
     assert len({row["paired"]["by_group"]["groups"] for row in report["rows"][1:]}) == 1
     # each row also says what filing its uncertain offers under a parent category adds
@@ -351,12 +439,15 @@ def test_ablation_measures_every_row(marketplace, tmp_path):
         at = row["at_threshold"]
         parents = at["parents"]
         assert parents["uncertain"] == round((1 - at["coverage"]) * report["test_offers"])
-        assert parents["coverage_with_parents"] == pytest.approx(at["coverage"] + parents["offers"] / report["test_offers"])
+        assert parents["coverage_with_parents"] == pytest.approx(
+            at["coverage"] + parents["offers"] / report["test_offers"]
+        )
         accepted = at["coverage"] * report["test_offers"]
         leaf_right = at["precision"] * accepted if accepted else 0.0
         if accepted + parents["offers"]:
             assert parents["precision_with_parents"] == pytest.approx(
-                (leaf_right + parents["right"]) / (accepted + parents["offers"]))
+                (leaf_right + parents["right"]) / (accepted + parents["offers"])
+            )
     assert "| + exclusion dictionary |" in render_ablation(report)
     assert "p by product" in render_ablation(report) and "interval by product" in render_ablation(report)
     assert "filed, leaf or parent / precision" in render_ablation(report)
@@ -368,18 +459,35 @@ def test_ablation_measures_every_row(marketplace, tmp_path):
     # and whether its threshold was certified by the fixed sequence or is the uncorrected fallback
     for row in report["rows"]:
         assert isinstance(row["at_threshold"]["certified"], bool) and 0 < row["at_threshold"]["threshold"] <= 1
-    uncertified = dict(report, rows=[dict(row, at_threshold=dict(row["at_threshold"], certified=False))
-                                     for row in report["rows"][:1]])
+    uncertified = dict(
+        report, rows=[dict(row, at_threshold=dict(row["at_threshold"], certified=False)) for row in report["rows"][:1]]
+    )
     assert "(not certified)" in render_ablation(uncertified) and "Not certified:" in render_ablation(uncertified)
-    certified = dict(report, rows=[dict(row, at_threshold=dict(row["at_threshold"], certified=True))
-                                   for row in report["rows"][:1]])
+    certified = dict(
+        report, rows=[dict(row, at_threshold=dict(row["at_threshold"], certified=True)) for row in report["rows"][:1]]
+    )
     assert "certified" not in render_ablation(certified).lower()
     # a row without a parent threshold files leaf answers alone, and says so
-    no_parent = dict(report, rows=[dict(row, at_threshold=dict(row["at_threshold"], parents=dict(
-        row["at_threshold"]["parents"], threshold=None))) for row in report["rows"][:1]])
+    no_parent = dict(
+        report,
+        rows=[
+            dict(
+                row,
+                at_threshold=dict(row["at_threshold"], parents=dict(row["at_threshold"]["parents"], threshold=None)),
+            )
+            for row in report["rows"][:1]
+        ],
+    )
     assert "(no parent threshold)" in render_ablation(no_parent)
-    with_parent = dict(report, rows=[dict(row, at_threshold=dict(row["at_threshold"], parents=dict(
-        row["at_threshold"]["parents"], threshold=0.9))) for row in report["rows"][:1]])
+    with_parent = dict(
+        report,
+        rows=[
+            dict(
+                row, at_threshold=dict(row["at_threshold"], parents=dict(row["at_threshold"]["parents"], threshold=0.9))
+            )
+            for row in report["rows"][:1]
+        ],
+    )
     assert "(no parent threshold)" not in render_ablation(with_parent)
 
 
@@ -408,21 +516,32 @@ def test_ablation_rerun_reuses_finished_rows(marketplace, tmp_path):
     stale.write_text(json.dumps(json.loads(stale.read_text()) | {"key": "other settings"}))
     (tmp_path / ROWS_DIR / "mall-category.json").write_text("{half a row")
     resumed = run_ablation(marketplace, tmp_path, options, progress=False)
-    assert resumed["reused_rows"] == [name for name, _ in ABLATION_ROWS
-                                      if name not in ("title only", "+ mall category", "+ image")]
+    assert resumed["reused_rows"] == [
+        name for name, _ in ABLATION_ROWS if name not in ("title only", "+ mall category", "+ image")
+    ]
     assert figures(resumed) == figures(first)
 
     # other options, or fresh=True, reuse nothing
-    assert run_ablation(marketplace, tmp_path, small_training_options(tmp_path / "cache", epochs=1, cleaning="off"),
-                        progress=False)["reused_rows"] == []
+    assert (
+        run_ablation(
+            marketplace, tmp_path, small_training_options(tmp_path / "cache", epochs=1, cleaning="off"), progress=False
+        )["reused_rows"]
+        == []
+    )
     assert run_ablation(marketplace, tmp_path, options, fresh=True, progress=False)["reused_rows"] == []
 
 
 def test_tune_tracks_every_trial(marketplace, registry, tmp_path):
     from training.tune import tune
 
-    report = tune(marketplace, tmp_path, small_training_options(tmp_path / "cache", epochs=2, cleaning="off"),
-                  trials=3, tracking=registry, progress=False)
+    report = tune(
+        marketplace,
+        tmp_path,
+        small_training_options(tmp_path / "cache", epochs=2, cleaning="off"),
+        trials=3,
+        tracking=registry,
+        progress=False,
+    )
     assert len(report["trials"]) == 3 and report["best"] in report["trials"]
     client = registry.client()
     for trial in report["trials"]:

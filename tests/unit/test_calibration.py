@@ -1,10 +1,16 @@
 import numpy as np
-
 import pytest
 
 from training.calibration import (
-    OPERATING_GRID, choose_parent_threshold, choose_threshold, effective_counts, effective_totals, fewest_offers,
-    fit_temperature, operating_points, precision_lower_bound,
+    OPERATING_GRID,
+    choose_parent_threshold,
+    choose_threshold,
+    effective_counts,
+    effective_totals,
+    fewest_offers,
+    fit_temperature,
+    operating_points,
+    precision_lower_bound,
 )
 
 
@@ -157,7 +163,7 @@ def test_effective_counts_of_independent_offers_are_the_counts():
     right, offers = effective_counts(correct, np.arange(3000))
     assert np.allclose(offers[100:], np.arange(101, 3001), rtol=0.011)
     assert np.allclose(right[100:], np.cumsum(correct)[100:], rtol=0.011)
-    all_right_then_wrong, offers = effective_counts(np.array([True] * 5 + [False] * 5), np.zeros(10, dtype=int))
+    _, offers = effective_counts(np.array([True] * 5 + [False] * 5), np.zeros(10, dtype=int))
     assert offers[4] == 5  # all right so far: nothing to estimate the clustering from
 
 
@@ -220,8 +226,13 @@ def test_the_threshold_never_splits_offers_of_equal_confidence():
     assert chosen.coverage == 0.5 and chosen.precision == 0.99 and chosen.precision_bound == 0.99
 
 
-TREE = ("Men > Footwear > Shoes > Casual Shoes", "Men > Footwear > Shoes > Sports Shoes",
-        "Men > Footwear > Sandals", "Men > Apparel > Topwear > Tshirts", "Women > Footwear > Shoes > Flats")
+TREE = (
+    "Men > Footwear > Shoes > Casual Shoes",
+    "Men > Footwear > Shoes > Sports Shoes",
+    "Men > Footwear > Sandals",
+    "Men > Apparel > Topwear > Tshirts",
+    "Women > Footwear > Shoes > Flats",
+)
 
 
 def doubting_between_shoes(n, rng):
@@ -239,17 +250,24 @@ def test_parent_threshold_is_the_lowest_whose_parents_reach_the_target():
     probabilities, targets, share = doubting_between_shoes(3000, rng)
     # Confident offers are filed at the leaf; that their parents would be wrong must not matter.
     confident = np.tile([0.96, 0.01, 0.01, 0.01, 0.01], (500, 1))
-    chosen = choose_parent_threshold(np.vstack([probabilities, confident]), np.concatenate([targets, np.full(500, 4)]),
-                                     TREE, leaf_threshold=0.9, target_precision=0.99)
+    chosen = choose_parent_threshold(
+        np.vstack([probabilities, confident]),
+        np.concatenate([targets, np.full(500, 4)]),
+        TREE,
+        leaf_threshold=0.9,
+        target_precision=0.99,
+    )
     assert chosen.uncertain == 3000
     assert chosen.threshold == pytest.approx(0.9, abs=0.002)  # the grid point just above 0.9
     assert chosen.answered == (share >= chosen.threshold).sum() and chosen.precision == 1.0
     # Held to a 95% bound the same evidence still carries it; on 20 offers nothing does.
-    bounded = choose_parent_threshold(probabilities, targets, TREE, leaf_threshold=0.9, target_precision=0.99,
-                                      confidence=0.95)
+    bounded = choose_parent_threshold(
+        probabilities, targets, TREE, leaf_threshold=0.9, target_precision=0.99, confidence=0.95
+    )
     assert bounded.threshold == chosen.threshold and bounded.precision_bound >= 0.99
-    few = choose_parent_threshold(probabilities[:20], targets[:20], TREE, leaf_threshold=0.9, target_precision=0.99,
-                                  confidence=0.95)
+    few = choose_parent_threshold(
+        probabilities[:20], targets[:20], TREE, leaf_threshold=0.9, target_precision=0.99, confidence=0.95
+    )
     assert few.threshold is None and few.answered == 0
 
 
@@ -305,8 +323,9 @@ def test_each_operating_point_has_the_parent_threshold_of_its_own_uncertain_offe
         assert point.coverage == accepted.mean()
         if accepted.any():
             assert point.precision == (probabilities.argmax(1) == targets)[accepted].mean()
-        alone = choose_parent_threshold(probabilities, targets, TREE, leaf_threshold=point.threshold,
-                                        target_precision=0.99)
+        alone = choose_parent_threshold(
+            probabilities, targets, TREE, leaf_threshold=point.threshold, target_precision=0.99
+        )
         assert (point.parent_threshold, point.parent_offers) == (alone.threshold, alone.answered)
     by_leaf = {round(p.threshold, 3): p for p in points}
     # Below 0.6 only the hard doubts are uncertain: their parent must reach 0.98. Below 0.9 the easy

@@ -1,9 +1,8 @@
 import numpy as np
 import pytest
 
-from catstream.schemas import UNCERTAIN
-from catstream.decision import ParentCategories
-from gpu_workers.inference import decide, softmax
+from core.decision import ParentCategories, decide, softmax
+from core.schemas import UNCERTAIN
 
 LABELS = ("A", "B", "C", "D")
 
@@ -36,14 +35,27 @@ def test_mask_that_excludes_everything_is_ignored():
     assert decision.category == "A" and decision.excluded == 0
 
 
-TREE = ("Men > Footwear > Shoes > Casual Shoes", "Men > Footwear > Shoes > Sports Shoes",
-        "Men > Footwear > Sandals", "Men > Apparel > Topwear > Tshirts", "Women > Footwear > Shoes > Flats")
+TREE = (
+    "Men > Footwear > Shoes > Casual Shoes",
+    "Men > Footwear > Shoes > Sports Shoes",
+    "Men > Footwear > Sandals",
+    "Men > Apparel > Topwear > Tshirts",
+    "Women > Footwear > Shoes > Flats",
+)
 
 
 def test_parents_are_every_proper_prefix_and_sum_their_leaves():
     parents = ParentCategories.of(TREE)
-    assert parents.names == ("Men", "Men > Apparel", "Men > Apparel > Topwear", "Men > Footwear",
-                             "Men > Footwear > Shoes", "Women", "Women > Footwear", "Women > Footwear > Shoes")
+    assert parents.names == (
+        "Men",
+        "Men > Apparel",
+        "Men > Apparel > Topwear",
+        "Men > Footwear",
+        "Men > Footwear > Shoes",
+        "Women",
+        "Women > Footwear",
+        "Women > Footwear > Shoes",
+    )
     shoes = parents.names.index("Men > Footwear > Shoes")
     assert parents.members[:, shoes].tolist() == [1, 1, 0, 0, 0]
     assert parents.members[:, parents.names.index("Men")].tolist() == [1, 1, 1, 1, 0]
@@ -52,23 +64,30 @@ def test_parents_are_every_proper_prefix_and_sum_their_leaves():
 
 
 def test_uncertain_leaf_is_filed_under_the_deepest_confident_parent():
-    probs = np.array([
-        [0.50, 0.46, 0.02, 0.01, 0.01],  # Casual vs Sports: "Shoes" holds 0.96
-        [0.40, 0.30, 0.27, 0.02, 0.01],  # only "Men > Footwear" (0.97) reaches it
-        [0.40, 0.10, 0.05, 0.40, 0.05],  # "Men" (0.95) at most
-        [0.30, 0.10, 0.05, 0.15, 0.40],  # nothing reaches 0.9
-        [0.95, 0.02, 0.01, 0.01, 0.01],  # the leaf itself is confident: no parent
-    ])
+    probs = np.array(
+        [
+            [0.50, 0.46, 0.02, 0.01, 0.01],  # Casual vs Sports: "Shoes" holds 0.96
+            [0.40, 0.30, 0.27, 0.02, 0.01],  # only "Men > Footwear" (0.97) reaches it
+            [0.40, 0.10, 0.05, 0.40, 0.05],  # "Men" (0.95) at most
+            [0.30, 0.10, 0.05, 0.15, 0.40],  # nothing reaches 0.9
+            [0.95, 0.02, 0.01, 0.01, 0.01],  # the leaf itself is confident: no parent
+        ]
+    )
     decisions = decide(probs, np.zeros_like(probs, bool), labels=TREE, threshold=0.9, parent_threshold=0.9)
     assert [d.category for d in decisions] == [UNCERTAIN] * 4 + [TREE[0]]
     assert [d.parent and d.parent[0] for d in decisions] == [
-        "Men > Footwear > Shoes", "Men > Footwear", "Men", None, None]
+        "Men > Footwear > Shoes",
+        "Men > Footwear",
+        "Men",
+        None,
+        None,
+    ]
     assert decisions[0].parent[1] == pytest.approx(0.96)
 
 
 def test_confident_parent_is_the_deepest_reaching_then_the_most_probable():
     """``confident`` against its definition, ranked directly over every parent, on random rows."""
-    labels = TREE + ("Men > Footwear", "Women > Apparel > Dresses", "Women > Apparel > Tops")
+    labels = (*TREE, "Men > Footwear", "Women > Apparel > Dresses", "Women > Apparel > Tops")
     parents = ParentCategories.of(labels)
     rng = np.random.default_rng(7)
     for concentration in (0.05, 0.3, 2.0):
@@ -78,7 +97,9 @@ def test_confident_parent_is_the_deepest_reaching_then_the_most_probable():
             parent, probability = parents.confident(probs, threshold)
             summed = probs @ parents.members
             for row in range(len(probs)):
-                reaching = [p for p in range(len(parents.names)) if threshold is not None and summed[row, p] >= threshold]
+                reaching = [
+                    p for p in range(len(parents.names)) if threshold is not None and summed[row, p] >= threshold
+                ]
                 expected = max(reaching, key=lambda p: (parents.depths[p], summed[row, p], -p), default=-1)
                 assert parent[row] == expected
                 assert probability[row] == (summed[row, expected] if expected >= 0 else 0.0)
@@ -86,9 +107,11 @@ def test_confident_parent_is_the_deepest_reaching_then_the_most_probable():
 
 def test_the_parent_threshold_is_its_own():
     probs = np.array([[0.40, 0.30, 0.27, 0.02, 0.01]])  # Shoes 0.70, Men > Footwear 0.97
+
     def parent(threshold):
         (decision,) = decide(probs, np.zeros_like(probs, bool), labels=TREE, threshold=0.9, parent_threshold=threshold)
         return decision.parent and decision.parent[0]
+
     assert parent(0.9) == "Men > Footwear"
     assert parent(0.6) == "Men > Footwear > Shoes"  # a lower bar reaches a deeper parent
     assert parent(0.98) == "Men"  # 0.99
@@ -109,20 +132,24 @@ def test_a_label_that_is_also_a_parent_counts_under_itself():
     parents = ParentCategories.of(labels)
     column = parents.names.index("Men > Footwear")
     assert parents.members[:, column].tolist() == [1, 1, 0]
-    (decision,) = decide(np.array([[0.5, 0.45, 0.05]]), np.zeros((1, 3), bool), labels=labels, threshold=0.9, parent_threshold=0.9)
+    (decision,) = decide(
+        np.array([[0.5, 0.45, 0.05]]), np.zeros((1, 3), bool), labels=labels, threshold=0.9, parent_threshold=0.9
+    )
     assert decision.parent == ("Men > Footwear", pytest.approx(0.95))
 
 
 def test_evaluation_counts_parent_answers_and_whether_the_category_lies_under_them():
     from training.evaluate import parent_answers
 
-    probs = np.array([
-        [0.50, 0.46, 0.02, 0.01, 0.01],  # uncertain, "Men > Footwear > Shoes"; truth Sports Shoes: right
-        [0.50, 0.46, 0.02, 0.01, 0.01],  # the same, truth Sandals: wrong
-        [0.40, 0.10, 0.05, 0.40, 0.05],  # uncertain, "Men"; truth Tshirts: right
-        [0.30, 0.10, 0.05, 0.15, 0.40],  # uncertain, no parent
-        [0.95, 0.02, 0.01, 0.01, 0.01],  # confident leaf
-    ])
+    probs = np.array(
+        [
+            [0.50, 0.46, 0.02, 0.01, 0.01],  # uncertain, "Men > Footwear > Shoes"; truth Sports Shoes: right
+            [0.50, 0.46, 0.02, 0.01, 0.01],  # the same, truth Sandals: wrong
+            [0.40, 0.10, 0.05, 0.40, 0.05],  # uncertain, "Men"; truth Tshirts: right
+            [0.30, 0.10, 0.05, 0.15, 0.40],  # uncertain, no parent
+            [0.95, 0.02, 0.01, 0.01, 0.01],  # confident leaf
+        ]
+    )
     result = parent_answers(TREE, probs, np.array([1, 2, 3, 4, 0]), threshold=0.9, parent_threshold=0.9)
     assert (result["uncertain"], result["offers"]) == (4, 3)
     assert result["precision"] == pytest.approx(2 / 3)
@@ -139,23 +166,42 @@ def test_evaluation_counts_parent_answers_and_whether_the_category_lies_under_th
 def test_evaluation_scores_each_operating_point_with_its_own_parent_threshold():
     from pathlib import Path
 
-    from catstream.bundle import ModelBundle
-    from catstream.dictionaries import Dictionaries
+    from core.bundle import BundleConfig, ModelBundle
+    from core.dictionaries import Dictionaries
+    from tests.unit.bundles import config_document
     from training.evaluate import operating_answers
 
-    probs = np.array([
-        [0.50, 0.46, 0.02, 0.01, 0.01],  # "Men > Footwear > Shoes" 0.96; truth Sports Shoes: right
-        [0.50, 0.46, 0.02, 0.01, 0.01],  # the same, truth Sandals: wrong
-        [0.40, 0.10, 0.05, 0.40, 0.05],  # "Men" 0.95; truth Tshirts: right
-        [0.95, 0.02, 0.01, 0.01, 0.01],  # leaf 0.95, right
-        [0.97, 0.01, 0.01, 0.00, 0.01],  # leaf 0.97, wrong (Flats)
-    ])
-    points = [{"threshold": 0.9, "coverage": 0.5, "precision": 0.99, "precision_bound": 0.98, "parent_threshold": None,
-               "parent_offers": 0, "parent_precision": None},
-              {"threshold": 0.96, "coverage": 0.2, "precision": 0.99, "precision_bound": 0.98, "parent_threshold": 0.955,
-               "parent_offers": 9, "parent_precision": 1.0}]
-    bundle = ModelBundle(path=Path("."), config={"threshold": 0.9, "operating_points": points}, labels=TREE,
-                         dictionaries=Dictionaries())
+    probs = np.array(
+        [
+            [0.50, 0.46, 0.02, 0.01, 0.01],  # "Men > Footwear > Shoes" 0.96; truth Sports Shoes: right
+            [0.50, 0.46, 0.02, 0.01, 0.01],  # the same, truth Sandals: wrong
+            [0.40, 0.10, 0.05, 0.40, 0.05],  # "Men" 0.95; truth Tshirts: right
+            [0.95, 0.02, 0.01, 0.01, 0.01],  # leaf 0.95, right
+            [0.97, 0.01, 0.01, 0.00, 0.01],  # leaf 0.97, wrong (Flats)
+        ]
+    )
+    points = [
+        {
+            "threshold": 0.9,
+            "coverage": 0.5,
+            "precision": 0.99,
+            "precision_bound": 0.98,
+            "parent_threshold": None,
+            "parent_offers": 0,
+            "parent_precision": None,
+        },
+        {
+            "threshold": 0.96,
+            "coverage": 0.2,
+            "precision": 0.99,
+            "precision_bound": 0.98,
+            "parent_threshold": 0.955,
+            "parent_offers": 9,
+            "parent_precision": 1.0,
+        },
+    ]
+    config = BundleConfig.model_validate(config_document(threshold=0.9, operating_points=points))
+    bundle = ModelBundle(path=Path("."), config=config, labels=TREE, dictionaries=Dictionaries())
     low, high = operating_answers(bundle, probs, np.array([1, 2, 3, 0, 4]))
     assert (low["coverage"], low["precision"], low["parents"]["offers"]) == (0.4, 0.5, 0)  # no parent threshold
     assert (low["filed"], low["filed_precision"]) == (0.4, 0.5)
@@ -164,4 +210,4 @@ def test_evaluation_scores_each_operating_point_with_its_own_parent_threshold():
     assert (high["coverage"], high["precision"]) == (0.2, 0.0)
     assert (high["parents"]["uncertain"], high["parents"]["offers"], high["parents"]["right"]) == (4, 3, 2)
     assert (high["filed"], high["filed_precision"]) == (4 / 5, 2 / 4)
-    assert high["calibration"] is points[1]
+    assert high["calibration"] == points[1]

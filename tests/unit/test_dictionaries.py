@@ -2,10 +2,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
-from catstream.dictionaries import Dictionaries, DictionaryError
-from catstream.text import normalize_text
+from core.dictionaries import Dictionaries, DictionaryError
+from core.text import normalize_text
 
 REPO_DICTIONARIES = Path(__file__).resolve().parents[2] / "dictionaries"
 LABELS = ("Women > Clothing > Dresses", "Men > Clothing > Shirts", "Kids > Clothing > Dresses", "Food > Snacks")

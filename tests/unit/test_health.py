@@ -4,11 +4,17 @@ import time
 import numpy as np
 import pytest
 
-from catstream.feature_queue import FeatureQueue, QueueLayout
 from catstream.health import NodeStatus, liveness, readiness, render_metrics
+from core.feature_queue import FeatureQueue, QueueLayout
+from core.features import input_fields
 
-LAYOUT = QueueLayout(workers=2, slots_per_worker=2, image_size=4, max_title_tokens=2, max_mall_tokens=2,
-                     num_classes=3)
+LAYOUT = QueueLayout(
+    workers=2,
+    slots_per_worker=2,
+    fields=input_fields(
+        image_size=4, max_title_tokens=2, max_mall_tokens=2, max_title_grams=0, num_classes=3, lexical=False
+    ),
+)
 
 
 @pytest.fixture()

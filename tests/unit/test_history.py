@@ -44,8 +44,14 @@ def test_undated_rows_get_the_mean_weight():
 
 def test_history_store_partitions_by_month_and_keeps_the_latest_version(tmp_path):
     store = HistoryStore(tmp_path / "history")
-    first = pd.DataFrame({"offer_id": ["1", "2", "3"], "title": ["a", "b", "c"], "listed_at": ["2016-01-02", "2016-02-03", ""],
-                          "label": ["X", "Y", "Z"]})
+    first = pd.DataFrame(
+        {
+            "offer_id": ["1", "2", "3"],
+            "title": ["a", "b", "c"],
+            "listed_at": ["2016-01-02", "2016-02-03", ""],
+            "label": ["X", "Y", "Z"],
+        }
+    )
     assert store.add(first) == {"2016-01": 1, "2016-02": 1, "undated": 1}
     store.add(pd.DataFrame({"offer_id": ["2"], "title": ["b"], "listed_at": ["2016-02-03"], "label": ["Y2"]}))
     assert HistoryStore.is_store(tmp_path / "history")

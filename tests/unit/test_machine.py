@@ -26,5 +26,16 @@ def test_describe_machine_names_a_cpu_its_cores_and_the_versions_that_decide_the
     machine = describe_machine()
     assert machine["cpu"] and machine["cpus"] == os.cpu_count()
     assert "numpy" in machine["versions"]
-    assert set(machine["cpu_features"]) <= {"avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16",
-                                            "amx_tile", "amx_bf16", "avx_vnni", "asimd", "sve"}
+    assert set(machine["cpu_features"]) <= {
+        "avx2",
+        "fma",
+        "avx512f",
+        "avx512_vnni",
+        "avx512_bf16",
+        "avx512_fp16",
+        "amx_tile",
+        "amx_bf16",
+        "avx_vnni",
+        "asimd",
+        "sve",
+    }

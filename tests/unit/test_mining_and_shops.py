@@ -1,7 +1,7 @@
 import numpy as np
 import pandas as pd
 
-from catstream.dictionaries import Dictionaries
+from core.dictionaries import Dictionaries
 from training.mining import mine_exclusions, write_candidates
 from training.shops import estimate_shop_weights
 

@@ -3,13 +3,27 @@ import json
 import pandas as pd
 import pytest
 
-from catstream.offer_files import OfferFileError, offer_fingerprints, offers_from_frame, read_offer_file
+from core.offer_files import OfferFileError, offer_fingerprints, offers_from_frame, read_offer_file
 
 ROWS = [
-    {"offer_id": "1", "title": "Nike Men Jersey", "mall_category": "Sports", "image": "images/1.jpg",
-     "gender": "Men", "master": "Apparel", "leaf": "Tshirts"},
-    {"offer_id": "2", "title": "여성 원피스", "mall_category": "", "image": "", "gender": "Women",
-     "master": "Apparel", "leaf": "Dresses"},
+    {
+        "offer_id": "1",
+        "title": "Nike Men Jersey",
+        "mall_category": "Sports",
+        "image": "images/1.jpg",
+        "gender": "Men",
+        "master": "Apparel",
+        "leaf": "Tshirts",
+    },
+    {
+        "offer_id": "2",
+        "title": "여성 원피스",
+        "mall_category": "",
+        "image": "",
+        "gender": "Women",
+        "master": "Apparel",
+        "leaf": "Dresses",
+    },
     {"offer_id": "3", "title": "", "mall_category": "", "image": "", "gender": "Men", "master": "x", "leaf": "y"},
 ]
 
@@ -51,8 +65,15 @@ def _fingerprint_rows(tmp_path):
     (tmp_path / "a" / "1.jpg").write_bytes(b"\xff\xd8 one picture")
     (tmp_path / "b" / "moved.jpg").write_bytes(b"\xff\xd8 one picture")
     (tmp_path / "b" / "other.jpg").write_bytes(b"\xff\xd8 another picture")
-    base = {"offer_id": "1", "title": "Nike Men Jersey", "mall_id": "m1", "mall_category": "Sports",
-            "brand": "Nike", "listed_at": "2016-04-26", "image": "a/1.jpg"}
+    base = {
+        "offer_id": "1",
+        "title": "Nike Men Jersey",
+        "mall_id": "m1",
+        "mall_category": "Sports",
+        "brand": "Nike",
+        "listed_at": "2016-04-26",
+        "image": "a/1.jpg",
+    }
     variants = {
         "renamed, image moved": {"offer_id": "re-1", "image": "b/moved.jpg"},
         "title": {"title": "Nike Men Jersey Blue"},
@@ -67,7 +88,7 @@ def _fingerprint_rows(tmp_path):
     rows = [base] + [{**base, "offer_id": f"v{i}", **change} for i, change in enumerate(variants.values())]
     path = tmp_path / "offers.csv"
     pd.DataFrame(rows).to_csv(path, index=False)
-    return dict(zip(["original", *variants], offer_fingerprints(read_offer_file(path))))
+    return dict(zip(["original", *variants], offer_fingerprints(read_offer_file(path)), strict=True))
 
 
 def test_fingerprint_is_the_offer_content_without_its_id(tmp_path):

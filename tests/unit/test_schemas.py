@@ -1,16 +1,23 @@
 import json
 
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from catstream.schemas import MAX_OFFER_ID_CHARS, Offer, Prediction, Rejection, parse_offer
+from core.schemas import MAX_OFFER_ID_CHARS, Offer, Prediction, Rejection, parse_offer
 
 LIMIT = 100_000
 
 
 def test_korean_offer_round_trips():
-    offer = Offer(offer_id="o-1", title="여성 블랙 원피스 무료배송", mall_id="mall-hana",
-                  mall_category="원피스 카테고리/Clothing", image_url="file:///x.jpg", listed_at="2026-07-01",
-                  extra={"price": 19000})
+    offer = Offer(
+        offer_id="o-1",
+        title="여성 블랙 원피스 무료배송",
+        mall_id="mall-hana",
+        mall_category="원피스 카테고리/Clothing",
+        image_url="file:///x.jpg",
+        listed_at="2026-07-01",
+        extra={"price": 19000},
+    )
     parsed = parse_offer(offer.to_bytes(), max_bytes=LIMIT)
     assert parsed == offer
 
@@ -81,7 +88,15 @@ def test_any_json_object_gives_an_offer_or_a_rejection(document):
 
 
 def test_prediction_is_valid_json_even_with_non_finite_confidence():
-    prediction = Prediction(offer_id="a", category="uncertain", confidence=float("nan"), top3=[("A", 0.5)],
-                            model_version="v", image_used=False, image_status="missing", timings_ms={"x": 1.0})
+    prediction = Prediction(
+        offer_id="a",
+        category="uncertain",
+        confidence=float("nan"),
+        top3=[("A", 0.5)],
+        model_version="v",
+        image_used=False,
+        image_status="missing",
+        timings_ms={"x": 1.0},
+    )
     document = json.loads(prediction.to_bytes())
     assert document["confidence"] == 0.0 and document["image_status"] == "missing"

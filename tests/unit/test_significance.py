@@ -7,7 +7,7 @@ from training.significance import accuracy_interval, accuracy_interval_by_group,
 def test_accuracy_interval_brackets_the_observed_rate_and_narrows_with_more_offers():
     low, high = accuracy_interval(7016, 7144)
     assert low < 7016 / 7144 < high
-    assert 0.978 < low and high < 0.986
+    assert low > 0.978 and high < 0.986
     wide = accuracy_interval(982, 1000)
     assert wide[1] - wide[0] > high - low
     assert accuracy_interval(0, 50)[0] == 0.0
@@ -34,8 +34,9 @@ def test_paired_comparison_counts_only_the_offers_the_two_disagree_on():
     swapped = paired_comparison(other, this)
     assert swapped["difference"] == pytest.approx(-1 / 7)
     assert swapped["p_value"] == pytest.approx(paired["p_value"])
-    assert swapped["difference_interval"] == pytest.approx([-paired["difference_interval"][1],
-                                                            -paired["difference_interval"][0]])
+    assert swapped["difference_interval"] == pytest.approx(
+        [-paired["difference_interval"][1], -paired["difference_interval"][0]]
+    )
 
 
 def test_identical_systems_are_not_told_apart():
@@ -90,7 +91,12 @@ def test_a_lead_from_one_product_is_not_mistaken_for_a_lead_over_many():
     paired = paired_comparison(this, other, groups=groups)
     assert paired["p_value"] < 1e-10  # offer by offer it looks overwhelming
     by_group = paired["by_group"]
-    assert (by_group["groups"], by_group["groups_this"], by_group["groups_other"], by_group["p_value"]) == (981, 2, 1, 1.0)
+    assert (by_group["groups"], by_group["groups_this"], by_group["groups_other"], by_group["p_value"]) == (
+        981,
+        2,
+        1,
+        1.0,
+    )
     # Its interval spans what one product can do: drawn or not, the lead is 60 offers or none.
     assert by_group["difference_interval"][0] <= 0.0 < paired["difference_interval"][0]
     # The same 60-offer lead spread over 60 products is found by product too.

@@ -13,10 +13,13 @@ def offers(n=1000, seed=0):
     # 1000 offers, about 250 products in one to five colours each
     products = rng.integers(0, 250, n)
     titles = [f"Brand{p % 40} Women {COLOURS[rng.integers(len(COLOURS))]} Style{p} Flats" for p in products]
-    return pd.DataFrame({
-        "listed_at": (pd.Timestamp("2015-01-01") + pd.to_timedelta(days, unit="D")).strftime("%Y-%m-%d"),
-        "title": titles, "product": products,
-    })
+    return pd.DataFrame(
+        {
+            "listed_at": (pd.Timestamp("2015-01-01") + pd.to_timedelta(days, unit="D")).strftime("%Y-%m-%d"),
+            "title": titles,
+            "product": products,
+        }
+    )
 
 
 @pytest.mark.parametrize("protocol", ["random", "time", "group"])
@@ -55,10 +58,18 @@ def test_group_split_keeps_every_product_on_one_side():
 
 
 def test_title_groups_ignore_colour_case_and_punctuation_only():
-    groups = title_groups([
-        "Rocia Women Black Flats", "ROCIA women beige flats!", "Rocia Women Navy Blue Flats",
-        "Rocia Women Black Heels", "Catwalk Women Black Flats", "", "Black", "",
-    ])
+    groups = title_groups(
+        [
+            "Rocia Women Black Flats",
+            "ROCIA women beige flats!",
+            "Rocia Women Navy Blue Flats",
+            "Rocia Women Black Heels",
+            "Catwalk Women Black Flats",
+            "",
+            "Black",
+            "",
+        ]
+    )
     assert groups[0] == groups[1] == groups[2]
     assert len({groups[0], groups[3], groups[4]}) == 3
     # nothing left to group by: each such offer stands alone

@@ -4,7 +4,7 @@ import numpy as np
 from hypothesis import given
 from hypothesis import strategies as st
 
-from catstream.text import CHAR_NGRAM_SIZES, char_ngram_ids, normalize_text
+from core.text import CHAR_NGRAM_SIZES, char_ngram_ids, normalize_text
 
 
 def test_grams_are_the_bounded_words_character_ngrams_hashed_by_crc32():
@@ -31,14 +31,22 @@ def test_a_shared_word_gives_shared_grams_whatever_surrounds_it():
 def _plain_ids(normalized_text: str, buckets: int, length: int) -> list[int]:
     """The definition, word by word with nothing remembered."""
     smallest, largest = CHAR_NGRAM_SIZES
-    ids = [zlib.crc32(token[i : i + n].encode()) % buckets + 1
-           for token in (f"<{word}>" for word in normalized_text.split())
-           for n in range(smallest, largest + 1) for i in range(len(token) - n + 1)]
+    ids = [
+        zlib.crc32(token[i : i + n].encode()) % buckets + 1
+        for token in (f"<{word}>" for word in normalized_text.split())
+        for n in range(smallest, largest + 1)
+        for i in range(len(token) - n + 1)
+    ]
     return (ids + [0] * length)[:length]
 
 
-@given(st.lists(st.sampled_from(["nike", "men", "shoes", "a", "ß", "t-shirt", "x" * 30]) | st.text(max_size=8),
-                max_size=12).map(" ".join), st.integers(1, 5000), st.integers(0, 128))
+@given(
+    st.lists(
+        st.sampled_from(["nike", "men", "shoes", "a", "ß", "t-shirt", "x" * 30]) | st.text(max_size=8), max_size=12
+    ).map(" ".join),
+    st.integers(1, 5000),
+    st.integers(0, 128),
+)
 def test_remembered_word_grams_are_the_grams_computed_anew(text, buckets, length):
     normalized = normalize_text(text)
     for _ in range(2):  # the second time every word comes from the cache

@@ -19,14 +19,14 @@ from pathlib import Path
 
 import numpy as np
 
-from catstream.text import words
+from core.text import words
 
 __all__ = [
     "AMBIGUOUS_TERMS_FILE",
     "CATEGORY_EXCLUSIONS_FILE",
     "PATH_SEPARATOR",
-    "DictionaryError",
     "Dictionaries",
+    "DictionaryError",
     "ExclusionRule",
 ]
 
@@ -55,13 +55,10 @@ class Dictionaries:
     exclusions: tuple[ExclusionRule, ...] = ()
 
     @classmethod
-    def load(cls, directory: str | Path) -> "Dictionaries":
+    def load(cls, directory: str | Path) -> Dictionaries:
         """Read both TSV files from ``directory``; a missing file means an empty dictionary."""
         directory = Path(directory)
-        terms = tuple(
-            _phrase(row[0], where)
-            for row, where in _rows(directory / AMBIGUOUS_TERMS_FILE, min_columns=1)
-        )
+        terms = tuple(_phrase(row[0], where) for row, where in _rows(directory / AMBIGUOUS_TERMS_FILE, min_columns=1))
         rules = []
         for row, where in _rows(directory / CATEGORY_EXCLUSIONS_FILE, min_columns=2):
             excluded = tuple(part.strip() for part in row[1].split(">") if part.strip())
@@ -81,7 +78,7 @@ class Dictionaries:
             for start in range(len(tokens) - n + 1):
                 if tuple(tokens[start : start + n]) == phrase:
                     keep[start : start + n] = [False] * n
-        return " ".join(token for token, kept in zip(tokens, keep) if kept)
+        return " ".join(token for token, kept in zip(tokens, keep, strict=True) if kept)
 
     def matching_rules(self, title: str) -> list[ExclusionRule]:
         """The exclusion rules whose keyword occurs in ``title``."""

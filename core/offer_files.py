@@ -2,7 +2,8 @@
 
 Required columns: ``offer_id``, ``title``. Optional: ``mall_id``, ``mall_category``, ``brand``
 (used only by the TF-IDF baselines), ``image`` (a path relative to the file, a ``file://`` or
-``http(s)://`` URL), ``listed_at`` (ISO date), and label columns. Several label columns join into one category path with " > ".
+``http(s)://`` URL), ``listed_at`` (ISO date), and label columns. Several label columns join into
+one category path with " > ".
 """
 
 from __future__ import annotations
@@ -15,10 +16,10 @@ from urllib.request import url2pathname
 
 import pandas as pd
 
-from catstream.dictionaries import PATH_SEPARATOR
-from catstream.schemas import Offer
+from core.dictionaries import PATH_SEPARATOR
+from core.schemas import Offer
 
-__all__ = ["LABEL", "OfferFileError", "offer_fingerprints", "read_offer_file", "offers_from_frame"]
+__all__ = ["LABEL", "OfferFileError", "offer_fingerprints", "offers_from_frame", "read_offer_file"]
 
 LABEL = "label"
 _OPTIONAL = ("mall_id", "mall_category", "brand", "image", "listed_at")

@@ -14,18 +14,21 @@ from collections.abc import Callable
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Message, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from catstream.settings import Settings
+from core.settings import Settings
 
-__all__ = ["client_config", "consumer_config", "producer_config", "ensure_topics", "wait_for_broker", "read_topic"]
+__all__ = ["client_config", "consumer_config", "ensure_topics", "producer_config", "read_topic", "wait_for_broker"]
 
 log = logging.getLogger(__name__)
 
 
-def client_config(settings: Settings) -> dict[str, object]:
+ClientConfig = dict[str, str | int | float | bool]
+
+
+def client_config(settings: Settings) -> ClientConfig:
     """librdkafka properties common to every client."""
     if not settings.bootstrap_servers:
         raise ValueError("no Kafka bootstrap servers configured (CATSTREAM_BOOTSTRAP_SERVERS)")
-    config: dict[str, object] = {"bootstrap.servers": settings.bootstrap_servers}
+    config: ClientConfig = {"bootstrap.servers": settings.bootstrap_servers}
     optional = {
         "security.protocol": settings.security_protocol,
         "sasl.mechanism": settings.sasl_mechanism,
@@ -40,7 +43,7 @@ def client_config(settings: Settings) -> dict[str, object]:
     return config
 
 
-def producer_config(settings: Settings, **overrides: object) -> dict[str, object]:
+def producer_config(settings: Settings, **overrides: str | int | float | bool) -> ClientConfig:
     """An idempotent, fully acknowledged producer: a delivered prediction is a durable one."""
     config = client_config(settings) | {
         "enable.idempotence": True,
@@ -51,7 +54,7 @@ def producer_config(settings: Settings, **overrides: object) -> dict[str, object
     return config | overrides
 
 
-def consumer_config(settings: Settings, *, group_id: str, **overrides: object) -> dict[str, object]:
+def consumer_config(settings: Settings, *, group_id: str, **overrides: str | int | float | bool) -> ClientConfig:
     """A consumer that commits only what the application says is done."""
     config = client_config(settings) | {
         "group.id": group_id,
@@ -72,8 +75,11 @@ def ensure_topics(settings: Settings, *, timeout_s: float = 15.0) -> None:
     admin = AdminClient(client_config(settings))
     wanted = [settings.offers_topic, settings.categorized_topic, settings.dead_letter_topic]
     existing = set(admin.list_topics(timeout=timeout_s).topics)
-    missing = [NewTopic(name, num_partitions=settings.topic_partitions, replication_factor=1)
-               for name in wanted if name not in existing]
+    missing = [
+        NewTopic(name, num_partitions=settings.topic_partitions, replication_factor=1)
+        for name in wanted
+        if name not in existing
+    ]
     if not missing:
         return
     for name, future in admin.create_topics(missing, operation_timeout=timeout_s).items():
@@ -112,10 +118,13 @@ def read_topic(
     Stops when ``until(messages)`` is true, after ``idle_s`` without new messages, or at
     ``timeout_s``. For tools and tests that inspect outputs; the workers use groups.
     """
-    consumer = Consumer(client_config(settings) | {
-        "group.id": f"catstream-reader-{uuid.uuid4().hex[:8]}",
-        "enable.auto.commit": False,
-    })
+    consumer = Consumer(
+        client_config(settings)
+        | {
+            "group.id": f"catstream-reader-{uuid.uuid4().hex[:8]}",
+            "enable.auto.commit": False,
+        }
+    )
     try:
         metadata = consumer.list_topics(topic, timeout=10)
         partitions = metadata.topics[topic].partitions

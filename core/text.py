@@ -59,7 +59,13 @@ def _word_gram_ids(word: str, buckets: int) -> np.ndarray:
     """Read-only ``(G,)`` int64 ids of ``<word>``'s grams: n ascending, then position."""
     token = f"<{word}>"
     smallest, largest = CHAR_NGRAM_SIZES
-    ids = np.fromiter((zlib.crc32(token[start : start + n].encode()) % buckets + 1
-                       for n in range(smallest, largest + 1) for start in range(len(token) - n + 1)), dtype=np.int64)
+    ids = np.fromiter(
+        (
+            zlib.crc32(token[start : start + n].encode()) % buckets + 1
+            for n in range(smallest, largest + 1)
+            for start in range(len(token) - n + 1)
+        ),
+        dtype=np.int64,
+    )
     ids.flags.writeable = False
     return ids

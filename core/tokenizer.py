@@ -13,14 +13,14 @@ from pathlib import Path
 import numpy as np
 import sentencepiece as spm
 
-from catstream.text import normalize_text
+from core.text import normalize_text
 
 __all__ = ["PAD_ID", "Tokenizer", "train_tokenizer"]
 
 PAD_ID = 0
 
 
-def train_tokenizer(texts: Iterable[str], out_path: str | Path, *, vocab_size: int = 20_000) -> "Tokenizer":
+def train_tokenizer(texts: Iterable[str], out_path: str | Path, *, vocab_size: int = 20_000) -> Tokenizer:
     """Train a unigram model on ``texts`` and write it to ``out_path``.
 
     ``vocab_size`` is an upper bound: a small corpus yields fewer pieces rather than an error.

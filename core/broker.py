@@ -43,12 +43,20 @@ class EmbeddedBroker:
     def bootstrap_servers(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def start(self, *, timeout_s: float = 20.0) -> "EmbeddedBroker":
+    def start(self, *, timeout_s: float = 20.0) -> EmbeddedBroker:
         url = f"tcp://127.0.0.1:{self.port}"
         output = self.log_path.open("ab") if self.log_path else subprocess.DEVNULL
         self._process = subprocess.Popen(
-            [str(_broker_binary()), "broker", "--listener-url", url, "--advertised-listener-url", url,
-             "--storage-engine", "memory://tansu/"],
+            [
+                str(_broker_binary()),
+                "broker",
+                "--listener-url",
+                url,
+                "--advertised-listener-url",
+                url,
+                "--storage-engine",
+                "memory://tansu/",
+            ],
             stdout=output,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -65,7 +73,7 @@ class EmbeddedBroker:
             except OSError:
                 if time.monotonic() > deadline:
                     self.stop()
-                    raise TimeoutError(f"embedded broker did not listen on port {self.port} in {timeout_s} s")
+                    raise TimeoutError(f"embedded broker did not listen on port {self.port} in {timeout_s} s") from None
                 time.sleep(0.05)
         log.info("embedded broker listening on %s", self.bootstrap_servers)
         return self
@@ -85,7 +93,7 @@ class EmbeddedBroker:
             process.kill()
             process.wait()
 
-    def __enter__(self) -> "EmbeddedBroker":
+    def __enter__(self) -> EmbeddedBroker:
         return self.start()
 
     def __exit__(self, *exc_info) -> None:

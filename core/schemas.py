@@ -12,15 +12,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = [
-    "SCHEMA_VERSION",
-    "UNCERTAIN",
     "MAX_OFFER_ID_CHARS",
     "MAX_TITLE_CHARS",
+    "SCHEMA_VERSION",
+    "UNCERTAIN",
     "Offer",
-    "Rejection",
     "Prediction",
-    "parse_offer",
+    "Rejection",
     "dead_letter_headers",
+    "parse_offer",
 ]
 
 SCHEMA_VERSION = 1
@@ -153,8 +153,9 @@ class Prediction:
             "image_used": self.image_used,
             "image_status": self.image_status,
             "excluded_categories": self.excluded_categories,
-            "confident_parent": None if self.confident_parent is None else {
-                "category": self.confident_parent[0], "probability": _finite(self.confident_parent[1])},
+            "confident_parent": None
+            if self.confident_parent is None
+            else {"category": self.confident_parent[0], "probability": _finite(self.confident_parent[1])},
             "timings_ms": {stage: round(ms, 3) for stage, ms in self.timings_ms.items()},
         }
         return json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode()

@@ -28,8 +28,10 @@ import functools
 import json
 import math
 from collections import Counter
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from scipy import sparse
@@ -50,8 +52,14 @@ MALL_CACHE = 1 << 12  # distinct mall categories whose (K,) scores a model remem
 
 
 def _vectorizer(analyzer: str, ngram_range: tuple[int, int], min_df: int = 1, vocabulary=None) -> TfidfVectorizer:
-    return TfidfVectorizer(analyzer=analyzer, ngram_range=tuple(ngram_range), min_df=min_df, sublinear_tf=True,
-                           lowercase=True, vocabulary=vocabulary)
+    return TfidfVectorizer(
+        analyzer=analyzer,
+        ngram_range=tuple(ngram_range),
+        min_df=min_df,
+        sublinear_tf=True,
+        lowercase=True,
+        vocabulary=vocabulary,
+    )
 
 
 @dataclass(frozen=True)
@@ -65,6 +73,9 @@ class LexicalField:
     terms: tuple[str, ...]  # index = column within the field
     idf: np.ndarray  # (len(terms),)
     word_cache: int = WORD_CACHE  # words remembered by a char_wb field; 0 cuts every word anew
+    _index: dict[str, int] = field(init=False, repr=False, compare=False)
+    _analyze: Callable[[str], list[str]] = field(init=False, repr=False, compare=False)
+    _word_columns: Callable[[str], tuple[int, ...]] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
         # term → column: one dict lookup per term on the workers' per-offer path
@@ -85,7 +96,7 @@ class LexicalField:
             for word in text.lower().split():
                 occurrences.extend(self._word_columns(word))
         else:
-            occurrences = self._known_columns(text)
+            occurrences = list(self._known_columns(text))
         counts = Counter(occurrences)
         if not counts:
             return np.zeros(0, np.int64), np.zeros(0, np.float64)
@@ -102,8 +113,9 @@ class LexicalField:
         return vectorizer
 
     @classmethod
-    def fit(cls, name: str, source: str, analyzer: str, ngram_range: tuple[int, int], min_df: int,
-            texts: list[str]) -> "LexicalField | None":
+    def fit(
+        cls, name: str, source: str, analyzer: str, ngram_range: tuple[int, int], min_df: int, texts: list[str]
+    ) -> LexicalField | None:
         """Vocabulary and idf from ``texts``; None when no term survives (e.g. every text empty)."""
         vectorizer = _vectorizer(analyzer, ngram_range, min_df=min(min_df, max(1, len(texts))))
         try:
@@ -113,18 +125,27 @@ class LexicalField:
         terms = [""] * len(vectorizer.vocabulary_)
         for term, column in vectorizer.vocabulary_.items():
             terms[column] = term
-        return cls(name, source, analyzer, tuple(ngram_range), tuple(terms), vectorizer.idf_.astype(np.float64))
+        low, high = ngram_range
+        return cls(name, source, analyzer, (low, high), tuple(terms), vectorizer.idf_.astype(np.float64))
 
 
 class LexicalModel:
     """TF-IDF fields → ``(N, K)`` scores added to the network's logits."""
 
-    def __init__(self, fields: list[LexicalField], coef: np.ndarray, intercept: np.ndarray, *, weight: float = 1.0,
-                 mall_cache: int = MALL_CACHE):
+    def __init__(
+        self,
+        fields: list[LexicalField],
+        coef: np.ndarray,
+        intercept: np.ndarray,
+        *,
+        weight: float = 1.0,
+        mall_cache: int = MALL_CACHE,
+    ):
         widths = [len(field.terms) for field in fields]
         if coef.shape[0] != sum(widths) or coef.shape[1] != intercept.shape[0]:
-            raise ValueError(f"coefficients {coef.shape} do not match {sum(widths)} features and "
-                             f"{intercept.shape[0]} categories")
+            raise ValueError(
+                f"coefficients {coef.shape} do not match {sum(widths)} features and {intercept.shape[0]} categories"
+            )
         self.fields = fields
         self.offsets = np.concatenate([[0], np.cumsum(widths)]).astype(np.int64)
         self.coef = np.ascontiguousarray(coef, dtype=np.float32)  # (F, K), times weight
@@ -141,24 +162,29 @@ class LexicalModel:
     def num_features(self) -> int:
         return int(self.offsets[-1])
 
-    def features(self, titles: list[str], malls: list[str], mall_weights: np.ndarray | None = None) -> sparse.csr_matrix:
+    def features(
+        self, titles: list[str], malls: list[str], mall_weights: np.ndarray | None = None
+    ) -> sparse.csr_matrix:
         """``(N, F)`` TF-IDF rows; the mall fields scaled by ``mall_weights`` ``(N,)`` (shop trust, default 1)."""
         indptr, indices, data = [0], [], []
-        for row, (title, mall) in enumerate(zip(titles, malls)):
+        for row, (title, mall) in enumerate(zip(titles, malls, strict=True)):
             trust = 1.0 if mall_weights is None else float(mall_weights[row])
             nnz = indptr[-1]
-            for field, offset in zip(self.fields, self.offsets):
-                text = title if field.source == "title" else mall
-                if not text or (field.source == "mall" and trust == 0.0):
+            for lexical_field, offset in zip(self.fields, self.offsets[:-1], strict=True):
+                text = title if lexical_field.source == "title" else mall
+                if not text or (lexical_field.source == "mall" and trust == 0.0):
                     continue
-                columns, values = field.columns(text)
+                columns, values = lexical_field.columns(text)
                 indices.append(columns + offset)
-                data.append((values * (1.0 if field.source == "title" else trust)).astype(np.float32))
+                data.append((values * (1.0 if lexical_field.source == "title" else trust)).astype(np.float32))
                 nnz += len(columns)
             indptr.append(nnz)
         return sparse.csr_matrix(
-            (np.concatenate(data) if data else np.zeros(0, np.float32),
-             np.concatenate(indices) if indices else np.zeros(0, np.int64), np.asarray(indptr)),
+            (
+                np.concatenate(data) if data else np.zeros(0, np.float32),
+                np.concatenate(indices) if indices else np.zeros(0, np.int64),
+                np.asarray(indptr),
+            ),
             shape=(len(titles), self.num_features),
         )
 
@@ -180,9 +206,9 @@ class LexicalModel:
         rows: list[np.ndarray] = []
         values: list[np.ndarray] = []
         if text:
-            for field, offset in zip(self.fields, self.offsets):
-                if field.source == source:
-                    columns, field_values = field.columns(text)
+            for lexical_field, offset in zip(self.fields, self.offsets[:-1], strict=True):
+                if lexical_field.source == source:
+                    columns, field_values = lexical_field.columns(text)
                     rows.append(columns + offset)
                     values.append(field_values)
         if rows:
@@ -192,31 +218,59 @@ class LexicalModel:
         scores.flags.writeable = False  # a mall category's scores are cached and shared
         return scores
 
-    def reweighted(self, weight: float) -> "LexicalModel":
+    def reweighted(self, weight: float) -> LexicalModel:
         """The same model with its scores scaled to ``weight`` (instead of the current weight)."""
         factor = weight / self.weight if self.weight else 0.0
-        return LexicalModel(self.fields, self.coef * factor, self.intercept * factor, weight=weight,
-                            mall_cache=self.mall_cache)
+        return LexicalModel(
+            self.fields, self.coef * factor, self.intercept * factor, weight=weight, mall_cache=self.mall_cache
+        )
 
     def save(self, directory: str | Path) -> Path:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        meta = {"weight": self.weight, "num_classes": self.num_classes, "fields": [
-            {"name": f.name, "source": f.source, "analyzer": f.analyzer, "ngram_range": list(f.ngram_range),
-             "terms": list(f.terms)} for f in self.fields]}
+        meta = {
+            "weight": self.weight,
+            "num_classes": self.num_classes,
+            "fields": [
+                {
+                    "name": f.name,
+                    "source": f.source,
+                    "analyzer": f.analyzer,
+                    "ngram_range": list(f.ngram_range),
+                    "terms": list(f.terms),
+                }
+                for f in self.fields
+            ],
+        }
         (directory / "fields.json").write_text(json.dumps(meta, ensure_ascii=False))
-        np.savez(directory / "weights.npz", coef=self.coef, intercept=self.intercept,
-                 **{f"idf_{f.name}": f.idf for f in self.fields})
+        arrays: dict[str, Any] = {"coef": self.coef, "intercept": self.intercept}
+        arrays |= {f"idf_{f.name}": f.idf for f in self.fields}
+        np.savez(directory / "weights.npz", **arrays)
         return directory
 
     @classmethod
-    def load(cls, directory: str | Path, *, word_cache: int = WORD_CACHE, mall_cache: int = MALL_CACHE,
-             ) -> "LexicalModel":
+    def load(
+        cls,
+        directory: str | Path,
+        *,
+        word_cache: int = WORD_CACHE,
+        mall_cache: int = MALL_CACHE,
+    ) -> LexicalModel:
         """The model saved in ``directory``; ``word_cache`` words remembered per character field, ``mall_cache``
         mall categories' scores."""
         directory = Path(directory)
         meta = json.loads((directory / "fields.json").read_text())
         with np.load(directory / "weights.npz") as arrays:
-            fields = [LexicalField(f["name"], f["source"], f["analyzer"], tuple(f["ngram_range"]), tuple(f["terms"]),
-                                   arrays[f"idf_{f['name']}"], word_cache) for f in meta["fields"]]
+            fields = [
+                LexicalField(
+                    f["name"],
+                    f["source"],
+                    f["analyzer"],
+                    tuple(f["ngram_range"]),
+                    tuple(f["terms"]),
+                    arrays[f"idf_{f['name']}"],
+                    word_cache,
+                )
+                for f in meta["fields"]
+            ]
             return cls(fields, arrays["coef"], arrays["intercept"], weight=meta["weight"], mall_cache=mall_cache)

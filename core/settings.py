@@ -50,12 +50,12 @@ class Settings(BaseSettings):
         64, ge=1, description="Shared-memory queue slots owned by each preprocess worker (queue depth)."
     )
     max_buffered_messages: int = Field(
-        512, ge=1, description="Consumed offers a worker may hold while its slots are full; then it pauses "
-        "its partitions, and resumes at half."
+        512,
+        ge=1,
+        description="Consumed offers a worker may hold while its slots are full; then it pauses "
+        "its partitions, and resumes at half.",
     )
-    max_buffered_bytes: int = Field(
-        64_000_000, ge=1024, description="The same bound in bytes of message values."
-    )
+    max_buffered_bytes: int = Field(64_000_000, ge=1024, description="The same bound in bytes of message values.")
     queue_dir: str = Field("/dev/shm", description="Directory of the shared-memory queue file.")
 
     health_host: str = Field("0.0.0.0", description="Address of the health and metrics HTTP server.")
@@ -70,27 +70,32 @@ class Settings(BaseSettings):
     )
     intra_op_threads: int = Field(1, ge=1, description="ONNX Runtime intra-op threads of the inference process.")
     threshold: float | None = Field(
-        None, ge=0, le=1, description="Confidence below which the answer is 'uncertain'; unset uses the bundle's. "
+        None,
+        ge=0,
+        le=1,
+        description="Confidence below which the answer is 'uncertain'; unset uses the bundle's. "
         "Unless parent_threshold is set too, the parent threshold then comes from the bundle's operating point "
-        "for this threshold (the one chosen in training for the offers it leaves uncertain)."
+        "for this threshold (the one chosen in training for the offers it leaves uncertain).",
     )
     parent_threshold: float | None = Field(
-        None, ge=0.5, le=1, description="Probability an uncertain offer's parent category must reach to be named "
-        "(summed over the categories under it); unset uses the bundle's."
+        None,
+        ge=0.5,
+        le=1,
+        description="Probability an uncertain offer's parent category must reach to be named "
+        "(summed over the categories under it); unset uses the bundle's.",
     )
     providers: list[str] | None = Field(
         None, description="ONNX Runtime providers in order; unset picks CUDA when available, then CPU."
     )
 
     dictionaries_dir: str | None = Field(
-        None, description="Serve with the dictionary files in this directory instead of the bundle's (e.g. "
-        "reviewed exclusion rules mounted from a ConfigMap)."
+        None,
+        description="Serve with the dictionary files in this directory instead of the bundle's (e.g. "
+        "reviewed exclusion rules mounted from a ConfigMap).",
     )
 
     # --- Limits ---------------------------------------------------------------------------------
-    max_message_bytes: int = Field(
-        2_000_000, ge=1024, description="Offer messages larger than this are dead-lettered."
-    )
+    max_message_bytes: int = Field(2_000_000, ge=1024, description="Offer messages larger than this are dead-lettered.")
     max_image_bytes: int = Field(10_000_000, ge=1024, description="Images larger than this are not used.")
     max_image_pixels: int = Field(40_000_000, ge=1024, description="Images with more pixels are not used.")
     image_timeout_s: float = Field(3.0, gt=0, description="Time limit to fetch one image over HTTP(S).")

@@ -1,5 +1,8 @@
 """The decision rule shared by serving and evaluation: softmax, exclusion mask, threshold, and the
-parent category an offer can still be filed under when its leaf is uncertain."""
+parent category an offer can still be filed under when its leaf is uncertain.
+
+Everything here works on whole batches: ``(N, K)`` arrays in, ``(N,)`` arrays out.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +11,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from catstream.dictionaries import PATH_SEPARATOR
+from core.dictionaries import PATH_SEPARATOR
+from core.schemas import UNCERTAIN
 
-__all__ = ["ParentCategories", "apply_exclusions", "softmax"]
+__all__ = ["Decision", "ParentCategories", "apply_exclusions", "decide", "softmax"]
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
@@ -51,7 +55,7 @@ class ParentCategories:
 
     @staticmethod
     @functools.lru_cache(maxsize=8)
-    def of(labels: tuple[str, ...]) -> "ParentCategories":
+    def of(labels: tuple[str, ...]) -> ParentCategories:
         """The parents of ``labels``, remembered per label set (the workers ask once per batch)."""
         paths = [label.split(PATH_SEPARATOR) for label in labels]
         names = sorted({PATH_SEPARATOR.join(parts[:depth]) for parts in paths for depth in range(1, len(parts))})
@@ -105,3 +109,45 @@ class ParentCategories:
         if not self.names or threshold is None:
             return np.full(len(probabilities), -1), np.zeros(len(probabilities))
         return self.deepest(*self.by_depth(probabilities), threshold)
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    category: str
+    confidence: float
+    top3: list[tuple[str, float]]
+    excluded: int
+    parent: tuple[str, float] | None = None  # where the leaf is uncertain: the deepest parent that is not
+
+
+def decide(
+    probabilities: np.ndarray,
+    exclusion: np.ndarray,
+    *,
+    labels: tuple[str, ...],
+    threshold: float,
+    parent_threshold: float | None,
+) -> list[Decision]:
+    """Mask excluded categories, renormalise, and answer ``UNCERTAIN`` below ``threshold``.
+
+    ``probabilities`` and ``exclusion`` are ``(N, K)``. If a mask would rule out every category
+    it is ignored for that row (the dictionary cannot leave an offer with no answer). An uncertain
+    offer still gets the deepest parent category whose probability (summed over its leaves)
+    reaches ``parent_threshold``, where one does: "Men > Footwear > Shoes" when Casual and Sports
+    Shoes share the doubt. ``parent_threshold`` None names no parent.
+    """
+    masked, usable = apply_exclusions(probabilities, exclusion)
+    top = np.argsort(-masked, axis=1)[:, :3]
+    parents = ParentCategories.of(tuple(labels))
+    parent, parent_probability = parents.confident(masked, parent_threshold)
+    decisions = []
+    for row, order in enumerate(top):
+        confidence = float(masked[row, order[0]])
+        top3 = [(labels[k], float(masked[row, k])) for k in order]
+        excluded = int(exclusion[row].sum()) if usable[row] else 0
+        if confidence >= threshold:
+            decisions.append(Decision(labels[order[0]], confidence, top3, excluded))
+        else:
+            fallback = (parents.names[parent[row]], float(parent_probability[row])) if parent[row] >= 0 else None
+            decisions.append(Decision(UNCERTAIN, confidence, top3, excluded, fallback))
+    return decisions

@@ -14,14 +14,14 @@ Output: logits (N, K).
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 from torchvision.models import mobilenet_v2
 
-from catstream.tokenizer import PAD_ID
+from core.bundle import FusionConfig
+from core.tokenizer import PAD_ID
 
 __all__ = ["BACKBONE_BLOCKS", "IMAGENET_WEIGHTS_FILE", "FusionConfig", "FusionModel", "find_pretrained_weights"]
 
@@ -32,27 +32,6 @@ _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
 _MOBILENET_FEATURES = 1280
 BACKBONE_BLOCKS = 19  # len(mobilenet_v2().features): stem, 17 inverted residuals, final 1x1 conv
-
-
-@dataclass(frozen=True)
-class FusionConfig:
-    """Everything needed to rebuild the model (stored in the bundle's config.json)."""
-
-    num_classes: int
-    vocab_size: int
-    image_size: int = 224
-    max_title_tokens: int = 32
-    max_mall_tokens: int = 16
-    text_dim: int = 128
-    bigram_buckets: int = 50_000  # hashed piece bigrams per text branch; 0 = unigrams only
-    char_buckets: int = 0  # hashed character n-grams of the title; 0 = none (bundles before they existed)
-    max_title_grams: int = 0
-    image_dim: int = 256
-    fusion_hidden: int = 512
-    dropout: float = 0.2
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 class _BagOfPieces(nn.Module):
@@ -107,6 +86,9 @@ class _BagOfGrams(nn.Module):
 
 class FusionModel(nn.Module):
     """Image, title and mall-category branches fused by an MLP head."""
+
+    mean: torch.Tensor  # (1, 3, 1, 1) ImageNet mean in uint8 units, a buffer
+    std: torch.Tensor
 
     def __init__(self, config: FusionConfig):
         super().__init__()

@@ -1,0 +1,410 @@
+"""Bounded shared-memory queue between preprocess workers and the inference process of one node.
+
+One memory-mapped file (in ``/dev/shm`` by default) holds fixed slots. Tensors are written once
+into a slot, never pickled. Each slot belongs to exactly one preprocess worker and moves through
+
+    FREE ──worker writes──▶ READY ──inference copies──▶ CLAIMED ──output acked──▶ DONE ──worker──▶ FREE
+                              ▲                             │
+                              └──── delivery failed, retry ─┤──── gave up ──▶ FAILED ──worker──▶ FREE
+
+Only the worker writes FREE→READY and DONE/FAILED→FREE; only the inference process writes the
+other transitions. There is no lock anywhere, so a worker killed by SIGKILL cannot wedge the
+queue: its READY/CLAIMED slots still finish, and its replacement frees them when they are DONE.
+x86-64 keeps stores in order, so a slot's data is visible before its state word.
+
+The contract: a worker puts one offer's inputs (any object with an attribute per
+:class:`InputField` of the layout, e.g. ``core.features.OfferFeatures``) and its
+:class:`OfferMeta`; the inference process claims slots as one :class:`SlotBatch`, whose
+:class:`FeatureBatch` holds the model's inputs by name. The slot layout follows the fields the
+featuriser declares, so no code here names a model input.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import mmap
+import os
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from core.images import IMAGE_STATUSES
+from core.schemas import MAX_OFFER_ID_CHARS
+
+__all__ = [
+    "CLAIMED",
+    "DONE",
+    "FAILED",
+    "FREE",
+    "INFERENCE_COUNTERS",
+    "LATENCY_BUCKETS_MS",
+    "READY",
+    "WORKER_COUNTERS",
+    "FeatureBatch",
+    "FeatureQueue",
+    "InputField",
+    "OfferMeta",
+    "QueueLayout",
+    "SlotBatch",
+]
+
+FREE, READY, CLAIMED, DONE, FAILED = 0, 1, 2, 3, 4
+
+# Counters live in the same file, one writer per cell, so the supervisor can serve metrics
+# without asking the workers anything.
+WORKER_COUNTERS = ("consumed", "enqueued", "dead_lettered", "image_unused", "pauses", "lag", "heartbeat_ns")
+INFERENCE_COUNTERS = (
+    "predicted",
+    "uncertain",
+    "batches",
+    "failed",
+    "inference_ns",
+    "ready",
+    "heartbeat_ns",
+    "uncertain_with_parent",
+)
+LATENCY_BUCKETS_MS = (5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000)
+
+_HEADER_BYTES = 4096
+_ALIGN = 64
+_OFFER_ID_BYTES = 4 * MAX_OFFER_ID_CHARS  # UTF-8 takes at most 4 bytes a character
+
+
+@dataclass(frozen=True, slots=True)
+class InputField:
+    """One array an offer carries from the featuriser to the model: its name, dtype and per-offer shape."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+    @classmethod
+    def from_dict(cls, value: Mapping[str, Any]) -> InputField:
+        return cls(str(value["name"]), str(value["dtype"]), tuple(int(n) for n in value["shape"]))
+
+
+@dataclass(slots=True)
+class FeatureBatch:
+    """The inputs of N offers: one ``(N, *field.shape)`` array per :class:`InputField`, by name."""
+
+    inputs: dict[str, np.ndarray]
+
+    def __len__(self) -> int:
+        return len(next(iter(self.inputs.values()))) if self.inputs else 0
+
+    @classmethod
+    def stack(cls, offers: Sequence[Any], declared: Sequence[InputField]) -> FeatureBatch:
+        """The ``declared`` inputs of ``offers`` (objects with an attribute per field) in one batch."""
+        return cls(
+            {
+                field.name: np.stack([np.asarray(getattr(offer, field.name), dtype=field.dtype) for offer in offers])
+                if len(offers)
+                else np.zeros((0, *field.shape), dtype=field.dtype)
+                for field in declared
+            }
+        )
+
+    @property
+    def exclusion(self) -> np.ndarray:
+        """``(N, K)`` bool: categories the dictionary rules out for each offer."""
+        return self.inputs["exclusion"]
+
+    @property
+    def lexical(self) -> np.ndarray | None:
+        """``(N, K)`` lexical scores, added to the network's logits; None for models without them."""
+        return self.inputs.get("lexical")
+
+
+@dataclass(frozen=True, slots=True)
+class OfferMeta:
+    """What the stream needs to know of an offer in a slot besides its inputs."""
+
+    offer_id: str
+    partition: int
+    offset: int
+    image_status: str  # one of core.images.IMAGE_STATUSES
+    produced_ms: float | None  # the Kafka message's create time; None when the broker gave none
+    preprocess_ms: float  # time the worker spent on it
+
+
+@dataclass(frozen=True)
+class QueueLayout:
+    """Shape of the queue: slot count and the input fields every slot holds."""
+
+    workers: int
+    slots_per_worker: int
+    fields: tuple[InputField, ...]
+    error_bytes: int = 512
+
+    def __post_init__(self):
+        if self.workers < 1 or self.slots_per_worker < 1:
+            raise ValueError("a queue needs at least one worker and one slot per worker")
+        names = [field.name for field in self.fields]
+        if len(set(names)) != len(names):
+            raise ValueError(f"input field names repeat: {names}")
+
+    @property
+    def slots(self) -> int:
+        return self.workers * self.slots_per_worker
+
+    def worker_slots(self, worker: int) -> range:
+        start = worker * self.slots_per_worker
+        return range(start, start + self.slots_per_worker)
+
+    def field(self, name: str) -> InputField:
+        return next(field for field in self.fields if field.name == name)
+
+    def to_dict(self) -> dict:
+        return {
+            "workers": self.workers,
+            "slots_per_worker": self.slots_per_worker,
+            "error_bytes": self.error_bytes,
+            "fields": [field.to_dict() for field in self.fields],
+        }
+
+    @classmethod
+    def from_dict(cls, value: Mapping[str, Any]) -> QueueLayout:
+        return cls(
+            workers=int(value["workers"]),
+            slots_per_worker=int(value["slots_per_worker"]),
+            error_bytes=int(value["error_bytes"]),
+            fields=tuple(InputField.from_dict(f) for f in value["fields"]),
+        )
+
+    def _arrays(self) -> list[tuple[str, np.dtype, tuple[int, ...]]]:
+        n = self.slots
+        return [
+            ("state", np.dtype(np.int32), (n,)),
+            ("retries", np.dtype(np.int32), (n,)),
+            ("enqueued_ns", np.dtype(np.int64), (n,)),
+            ("error_len", np.dtype(np.int32), (n,)),
+            ("offer_id_len", np.dtype(np.int32), (n,)),
+            ("partition", np.dtype(np.int32), (n,)),
+            ("offset", np.dtype(np.int64), (n,)),
+            ("image_status", np.dtype(np.int8), (n,)),
+            ("produced_ms", np.dtype(np.float64), (n,)),
+            ("preprocess_ms", np.dtype(np.float64), (n,)),
+            ("offer_id", np.dtype(np.uint8), (n, _OFFER_ID_BYTES)),
+            ("error", np.dtype(np.uint8), (n, self.error_bytes)),
+            ("worker_stats", np.dtype(np.int64), (self.workers, len(WORKER_COUNTERS))),
+            ("inference_stats", np.dtype(np.int64), (len(INFERENCE_COUNTERS),)),
+            # in-node latency histogram: counts per bucket (+Inf last), and the sum in microseconds
+            ("latency_buckets", np.dtype(np.int64), (len(LATENCY_BUCKETS_MS) + 1,)),
+            ("latency_sum_us", np.dtype(np.int64), (1,)),
+            *((f"input_{field.name}", np.dtype(field.dtype), (n, *field.shape)) for field in self.fields),
+        ]
+
+    def offsets(self) -> tuple[dict[str, tuple[int, np.dtype, tuple[int, ...]]], int]:
+        table, offset = {}, _HEADER_BYTES
+        for name, dtype, shape in self._arrays():
+            table[name] = (offset, dtype, shape)
+            size = int(np.prod(shape)) * dtype.itemsize
+            offset += (size + _ALIGN - 1) // _ALIGN * _ALIGN
+        return table, offset
+
+
+@dataclass(slots=True)
+class SlotBatch:
+    """Copies of several slots' contents: the model's inputs and each offer's metadata, oldest first."""
+
+    slots: np.ndarray  # (N,) slot indices
+    features: FeatureBatch
+    offers: list[OfferMeta]
+    enqueued_ns: np.ndarray  # (N,) when each offer was put on the queue
+
+    def __len__(self) -> int:
+        return len(self.slots)
+
+
+class FeatureQueue:
+    """A view of the queue file; ``create`` in the supervisor, ``attach`` in each worker."""
+
+    def __init__(self, path: Path, layout: QueueLayout, handle: mmap.mmap, owner: bool):
+        self.path = path
+        self.layout = layout
+        self._mmap = handle
+        self._owner = owner
+        table, _ = layout.offsets()
+        self._views = {
+            name: np.ndarray(shape, dtype=dtype, buffer=handle, offset=offset)
+            for name, (offset, dtype, shape) in table.items()
+        }
+        self.inputs = {field.name: self._views[f"input_{field.name}"] for field in layout.fields}
+        self.state = self._views["state"]
+        self.retries = self._views["retries"]
+        self.enqueued_ns = self._views["enqueued_ns"]
+        self.worker_stats = self._views["worker_stats"]
+        self.inference_stats = self._views["inference_stats"]
+        self.latency_buckets = self._views["latency_buckets"]
+        self.latency_sum_us = self._views["latency_sum_us"]
+
+    @classmethod
+    def create(cls, layout: QueueLayout, *, directory: str | Path = "/dev/shm") -> FeatureQueue:
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise FileNotFoundError(f"queue directory {directory} does not exist")
+        path = directory / f"catstream-queue-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        _, size = layout.offsets()
+        header = json.dumps(layout.to_dict()).encode()
+        if len(header) > _HEADER_BYTES:
+            raise ValueError(f"queue layout of {len(header)} bytes does not fit the {_HEADER_BYTES}-byte header")
+        with path.open("wb") as handle:
+            handle.truncate(size)  # sparse; zero state means every slot starts FREE
+            handle.write(header)
+        return cls._map(path, layout, owner=True)
+
+    @classmethod
+    def attach(cls, path: str | Path) -> FeatureQueue:
+        path = Path(path)
+        with path.open("rb") as handle:
+            header = handle.read(_HEADER_BYTES).rstrip(b"\0")
+        return cls._map(path, QueueLayout.from_dict(json.loads(header)), owner=False)
+
+    @classmethod
+    def _map(cls, path: Path, layout: QueueLayout, owner: bool) -> FeatureQueue:
+        with path.open("r+b") as handle:
+            mapped = mmap.mmap(handle.fileno(), 0)
+        return cls(path, layout, mapped, owner)
+
+    @property
+    def nbytes(self) -> int:
+        return self.layout.offsets()[1]
+
+    # --- worker side -----------------------------------------------------------------------------
+
+    def put(self, slot: int, features: Any, meta: OfferMeta) -> None:
+        """Fill a FREE slot owned by the caller with ``features`` (an attribute per input field, e.g.
+        ``core.features.OfferFeatures``) and ``meta``, and publish it as READY."""
+        offer_id = meta.offer_id.encode("utf-8")
+        if len(offer_id) > _OFFER_ID_BYTES:  # parse_offer bounds offer_id to MAX_OFFER_ID_CHARS characters
+            raise ValueError(f"offer_id of {len(offer_id)} bytes exceeds the slot's {_OFFER_ID_BYTES}")
+        for name, array in self.inputs.items():
+            array[slot] = getattr(features, name)
+        views = self._views
+        views["offer_id"][slot, : len(offer_id)] = np.frombuffer(offer_id, dtype=np.uint8)
+        views["offer_id_len"][slot] = len(offer_id)
+        views["partition"][slot] = meta.partition
+        views["offset"][slot] = meta.offset
+        views["image_status"][slot] = IMAGE_STATUSES.index(meta.image_status)
+        views["produced_ms"][slot] = math.nan if meta.produced_ms is None else meta.produced_ms
+        views["preprocess_ms"][slot] = meta.preprocess_ms
+        self.retries[slot] = 0
+        views["error_len"][slot] = 0
+        self.enqueued_ns[slot] = time.time_ns()
+        self.state[slot] = READY  # last: publishes the slot
+
+    def release(self, slot: int) -> None:
+        self.state[slot] = FREE
+
+    def error_of(self, slot: int) -> str:
+        return bytes(self._views["error"][slot, : self._views["error_len"][slot]]).decode("utf-8", "replace")
+
+    def meta_of(self, slot: int) -> OfferMeta:
+        """The metadata a worker put into ``slot``."""
+        views = self._views
+        produced = float(views["produced_ms"][slot])
+        return OfferMeta(
+            offer_id=bytes(views["offer_id"][slot, : views["offer_id_len"][slot]]).decode("utf-8"),
+            partition=int(views["partition"][slot]),
+            offset=int(views["offset"][slot]),
+            image_status=IMAGE_STATUSES[int(views["image_status"][slot])],
+            produced_ms=None if math.isnan(produced) else produced,
+            preprocess_ms=float(views["preprocess_ms"][slot]),
+        )
+
+    # --- inference side --------------------------------------------------------------------------
+
+    def ready_slots(self, limit: int) -> np.ndarray:
+        """Up to ``limit`` READY slots, oldest first."""
+        ready = np.flatnonzero(self.state == READY)
+        if len(ready) > limit:
+            ready = ready[np.argsort(self.enqueued_ns[ready], kind="stable")[:limit]]
+        elif len(ready) > 1:
+            ready = ready[np.argsort(self.enqueued_ns[ready], kind="stable")]
+        return ready
+
+    def take(self, slot: int) -> None:
+        """Mark a READY slot CLAIMED: it belongs to a forming batch."""
+        self.state[slot] = CLAIMED
+
+    def claim(self, slots: np.ndarray) -> SlotBatch:
+        """Mark ``slots`` CLAIMED and copy their contents out (the slot stays intact for retries)."""
+        slots = np.asarray(slots)
+        self.state[slots] = CLAIMED
+        return SlotBatch(
+            slots=slots,
+            features=FeatureBatch({name: array[slots] for name, array in self.inputs.items()}),
+            offers=[self.meta_of(int(slot)) for slot in slots],
+            enqueued_ns=self.enqueued_ns[slots],
+        )
+
+    def complete(self, slot: int) -> None:
+        self.state[slot] = DONE
+
+    def retry(self, slot: int) -> int:
+        """Put a CLAIMED slot back to READY; returns how many retries it has had."""
+        self.retries[slot] += 1
+        self.state[slot] = READY
+        return int(self.retries[slot])
+
+    def fail(self, slot: int, reason: str) -> None:
+        encoded = reason.encode("utf-8", "replace")[: self.layout.error_bytes]
+        self._views["error"][slot, : len(encoded)] = np.frombuffer(encoded, dtype=np.uint8)
+        self._views["error_len"][slot] = len(encoded)
+        self.state[slot] = FAILED
+
+    def count(self, worker: int, name: str, amount: int = 1) -> None:
+        """Add to a worker's counter (only that worker writes its row)."""
+        self.worker_stats[worker, WORKER_COUNTERS.index(name)] += amount
+
+    def set_worker_stat(self, worker: int, name: str, value: int) -> None:
+        self.worker_stats[worker, WORKER_COUNTERS.index(name)] = value
+
+    def worker_counts(self, worker: int) -> dict[str, int]:
+        return {
+            name: int(v)
+            for name, v in zip(WORKER_COUNTERS, self.worker_stats[worker], strict=True)
+            if name != "heartbeat_ns"
+        }
+
+    def count_inference(self, name: str, amount: int = 1) -> None:
+        self.inference_stats[INFERENCE_COUNTERS.index(name)] += amount
+
+    def set_inference_stat(self, name: str, value: int) -> None:
+        self.inference_stats[INFERENCE_COUNTERS.index(name)] = value
+
+    def observe_latency(self, milliseconds: np.ndarray) -> None:
+        """Record in-node latencies of a batch (inference process only)."""
+        index = np.searchsorted(np.asarray(LATENCY_BUCKETS_MS, dtype=np.float64), milliseconds, side="left")
+        np.add.at(self.latency_buckets, index, 1)
+        self.latency_sum_us[0] += int(np.sum(milliseconds) * 1000.0)
+
+    def depth(self) -> int:
+        """Slots waiting for inference (READY)."""
+        return int(np.count_nonzero(self.state == READY))
+
+    def close(self) -> None:
+        self._views.clear()
+        self.inputs = {}
+        for name in (
+            "state",
+            "retries",
+            "enqueued_ns",
+            "worker_stats",
+            "inference_stats",
+            "latency_buckets",
+            "latency_sum_us",
+        ):
+            setattr(self, name, None)
+        self._mmap.close()
+        if self._owner:
+            self.path.unlink(missing_ok=True)

@@ -1,0 +1,97 @@
+"""The served model: the bundle's ONNX graph in ONNX Runtime plus the lexical model's scores.
+
+The inference process, ``catstream evaluate`` and ``catstream audit`` all score through
+:class:`OnnxClassifier`, so what evaluation measures is what the stream serves.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+import onnxruntime as ort
+
+from core.bundle import ModelBundle
+from core.decision import apply_exclusions, softmax
+from core.features import Featurizer
+from core.schemas import Offer
+
+__all__ = ["OnnxClassifier", "choose_providers", "served_probabilities"]
+
+log = logging.getLogger(__name__)
+
+
+def choose_providers(requested: Sequence[str] | None = None) -> list[str]:
+    """``requested`` if given (each must be available), else CUDA when present, CPU last."""
+    available = ort.get_available_providers()
+    if requested:
+        missing = [name for name in requested if name not in available]
+        if missing:
+            raise ValueError(f"ONNX Runtime providers {missing} are not available here (have {available})")
+        return list(requested)
+    preferred = [name for name in ("CUDAExecutionProvider",) if name in available]
+    return [*preferred, "CPUExecutionProvider"]
+
+
+class OnnxClassifier:
+    """An ONNX Runtime session over the bundle's network; :meth:`logits` adds the lexical model's
+    scores (computed by the featuriser) when the bundle has one."""
+
+    def __init__(self, bundle: ModelBundle, *, providers: Sequence[str] | None = None, intra_op_threads: int = 1):
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = intra_op_threads
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.providers = choose_providers(providers)
+        if "CUDAExecutionProvider" in self.providers and hasattr(ort, "preload_dlls"):
+            # onnxruntime-gpu finds CUDA and cuDNN from the nvidia-* wheels only once they are preloaded
+            ort.preload_dlls()
+        self.session = ort.InferenceSession(str(bundle.onnx_path), sess_options=options, providers=self.providers)
+        if (
+            providers
+            and "CUDAExecutionProvider" in providers
+            and "CUDAExecutionProvider" not in self.session.get_providers()
+        ):
+            raise RuntimeError(
+                "CUDAExecutionProvider was asked for but the session fell back to the CPU "
+                "(CUDA or cuDNN libraries not loadable; see the log above)"
+            )
+        self.input_names = tuple(item.name for item in self.session.get_inputs())
+        self.uses_lexical = bundle.has_lexical
+        log.info("ONNX Runtime session on %s", self.session.get_providers())
+
+    def logits(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        """``(N, K)`` logits of a batch: ``inputs`` maps each input field's name to its ``(N, …)``
+        array (``core.features.FeatureBatch.inputs``); the graph takes the ones it declares."""
+        missing = [name for name in self.input_names if name not in inputs]
+        if missing:
+            raise ValueError(f"this model needs the input(s) {', '.join(missing)}")
+        (logits,) = self.session.run(None, {name: inputs[name] for name in self.input_names})
+        if not self.uses_lexical:
+            return logits
+        lexical = inputs.get("lexical")
+        if lexical is None or lexical.shape[-1] == 0:
+            raise ValueError("this model needs the lexical model's scores (lexical)")
+        return logits + lexical
+
+
+def served_probabilities(
+    bundle: ModelBundle, offers: Sequence[Offer], *, batch_size: int = 256, threads: int = 2, progress=None
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(probabilities, masked)`` ``(N, K)`` of ``offers`` as the bundle is served: the featuriser,
+    ONNX Runtime, softmax at the bundle's temperature, then the exclusion mask (``masked``).
+
+    ``progress``, if given, wraps the range of batch starts (a progress bar).
+    """
+    featurizer = Featurizer.from_bundle(bundle)
+    classifier = OnnxClassifier(bundle, intra_op_threads=threads)
+    probabilities = np.zeros((len(offers), len(bundle.labels)))
+    exclusion = np.zeros((len(offers), len(bundle.labels)), dtype=bool)
+    starts = range(0, len(offers), batch_size)
+    for start in progress(starts) if progress else starts:
+        batch = featurizer.batch(offers[start : start + batch_size])
+        probabilities[start : start + len(batch)] = softmax(classifier.logits(batch.inputs), bundle.temperature)
+        exclusion[start : start + len(batch)] = batch.exclusion
+    masked, _ = apply_exclusions(probabilities, exclusion)
+    return probabilities, masked
