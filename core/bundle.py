@@ -3,6 +3,8 @@
     config.json        the typed record below (:class:`BundleConfig`): format, version, the network's
                        configuration, thresholds, temperature, operating points, how it was trained
     model.onnx         the fusion model (inputs: see ``core.features.input_fields``; output: logits)
+    parity.npz         test inputs and the logits PyTorch gave on them at export: a node checks the
+                       ONNX model against them before it serves a bundle
     model.pt           its PyTorch weights, for audits and the PyTorch baseline
     tokenizer.model    SentencePiece model
     labels.json        category paths, index = model output index
@@ -33,6 +35,7 @@ from core.lexical import LEXICAL_DIR, LexicalModel
 
 __all__ = [
     "BUNDLE_FORMAT",
+    "PARITY_FILE",
     "SHOPS_FILE",
     "TRAINING_OFFERS_FILE",
     "BundleConfig",
@@ -53,9 +56,10 @@ __all__ = [
 
 BUNDLE_FORMAT: Final = 3  # 3: typed config.json (BundleConfig)
 SHOPS_FILE = "shops.json"
+PARITY_FILE = "parity.npz"  # inputs and PyTorch's logits on them, from the export's parity check
 TRAINING_OFFERS_FILE = "training_offers.tsv"
 CONFIG_FILE = "config.json"
-_REQUIRED = (CONFIG_FILE, "labels.json", "model.onnx", "tokenizer.model")
+_REQUIRED = (CONFIG_FILE, "labels.json", "model.onnx", "tokenizer.model", PARITY_FILE)
 
 
 class BundleError(ValueError):

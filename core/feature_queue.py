@@ -12,6 +12,9 @@ other transitions. There is no lock anywhere, so a worker killed by SIGKILL cann
 queue: its READY/CLAIMED slots still finish, and its replacement frees them when they are DONE.
 x86-64 keeps stores in order, so a slot's data is visible before its state word.
 
+Counters, heartbeats and the serving generation live on the node's board (``core.node_board``),
+which outlives the queue: a model change brings a new queue, laid out for the new model.
+
 The contract: a worker puts one offer's inputs (any object with an attribute per
 :class:`InputField` of the layout, e.g. ``core.features.OfferFeatures``) and its
 :class:`OfferMeta`; the inference process claims slots as one :class:`SlotBatch`, whose
@@ -21,6 +24,7 @@ featuriser declares, so no code here names a model input.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import mmap
@@ -42,10 +46,7 @@ __all__ = [
     "DONE",
     "FAILED",
     "FREE",
-    "INFERENCE_COUNTERS",
-    "LATENCY_BUCKETS_MS",
     "READY",
-    "WORKER_COUNTERS",
     "FeatureBatch",
     "FeatureQueue",
     "InputField",
@@ -55,21 +56,6 @@ __all__ = [
 ]
 
 FREE, READY, CLAIMED, DONE, FAILED = 0, 1, 2, 3, 4
-
-# Counters live in the same file, one writer per cell, so the supervisor can serve metrics
-# without asking the workers anything.
-WORKER_COUNTERS = ("consumed", "enqueued", "dead_lettered", "image_unused", "pauses", "lag", "heartbeat_ns")
-INFERENCE_COUNTERS = (
-    "predicted",
-    "uncertain",
-    "batches",
-    "failed",
-    "inference_ns",
-    "ready",
-    "heartbeat_ns",
-    "uncertain_with_parent",
-)
-LATENCY_BUCKETS_MS = (5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000)
 
 _HEADER_BYTES = 4096
 _ALIGN = 64
@@ -195,11 +181,6 @@ class QueueLayout:
             ("preprocess_ms", np.dtype(np.float64), (n,)),
             ("offer_id", np.dtype(np.uint8), (n, _OFFER_ID_BYTES)),
             ("error", np.dtype(np.uint8), (n, self.error_bytes)),
-            ("worker_stats", np.dtype(np.int64), (self.workers, len(WORKER_COUNTERS))),
-            ("inference_stats", np.dtype(np.int64), (len(INFERENCE_COUNTERS),)),
-            # in-node latency histogram: counts per bucket (+Inf last), and the sum in microseconds
-            ("latency_buckets", np.dtype(np.int64), (len(LATENCY_BUCKETS_MS) + 1,)),
-            ("latency_sum_us", np.dtype(np.int64), (1,)),
             *((f"input_{field.name}", np.dtype(field.dtype), (n, *field.shape)) for field in self.fields),
         ]
 
@@ -242,10 +223,6 @@ class FeatureQueue:
         self.state = self._views["state"]
         self.retries = self._views["retries"]
         self.enqueued_ns = self._views["enqueued_ns"]
-        self.worker_stats = self._views["worker_stats"]
-        self.inference_stats = self._views["inference_stats"]
-        self.latency_buckets = self._views["latency_buckets"]
-        self.latency_sum_us = self._views["latency_sum_us"]
 
     @classmethod
     def create(cls, layout: QueueLayout, *, directory: str | Path = "/dev/shm") -> FeatureQueue:
@@ -362,49 +339,20 @@ class FeatureQueue:
         self._views["error_len"][slot] = len(encoded)
         self.state[slot] = FAILED
 
-    def count(self, worker: int, name: str, amount: int = 1) -> None:
-        """Add to a worker's counter (only that worker writes its row)."""
-        self.worker_stats[worker, WORKER_COUNTERS.index(name)] += amount
-
-    def set_worker_stat(self, worker: int, name: str, value: int) -> None:
-        self.worker_stats[worker, WORKER_COUNTERS.index(name)] = value
-
-    def worker_counts(self, worker: int) -> dict[str, int]:
-        return {
-            name: int(v)
-            for name, v in zip(WORKER_COUNTERS, self.worker_stats[worker], strict=True)
-            if name != "heartbeat_ns"
-        }
-
-    def count_inference(self, name: str, amount: int = 1) -> None:
-        self.inference_stats[INFERENCE_COUNTERS.index(name)] += amount
-
-    def set_inference_stat(self, name: str, value: int) -> None:
-        self.inference_stats[INFERENCE_COUNTERS.index(name)] = value
-
-    def observe_latency(self, milliseconds: np.ndarray) -> None:
-        """Record in-node latencies of a batch (inference process only)."""
-        index = np.searchsorted(np.asarray(LATENCY_BUCKETS_MS, dtype=np.float64), milliseconds, side="left")
-        np.add.at(self.latency_buckets, index, 1)
-        self.latency_sum_us[0] += int(np.sum(milliseconds) * 1000.0)
-
     def depth(self) -> int:
         """Slots waiting for inference (READY)."""
         return int(np.count_nonzero(self.state == READY))
 
+    def in_use(self) -> int:
+        """Slots not FREE: offers on their way, or finished and not yet freed by their worker."""
+        return int(np.count_nonzero(self.state != FREE))
+
     def close(self) -> None:
         self._views.clear()
         self.inputs = {}
-        for name in (
-            "state",
-            "retries",
-            "enqueued_ns",
-            "worker_stats",
-            "inference_stats",
-            "latency_buckets",
-            "latency_sum_us",
-        ):
+        for name in ("state", "retries", "enqueued_ns"):
             setattr(self, name, None)
-        self._mmap.close()
+        with contextlib.suppress(BufferError):  # a view still in use elsewhere: the mapping goes with it
+            self._mmap.close()
         if self._owner:
             self.path.unlink(missing_ok=True)

@@ -19,7 +19,7 @@ import numpy as np
 from core.bundle import ModelBundle, ShopWeights
 from core.dictionaries import Dictionaries
 from core.feature_queue import FeatureBatch, InputField
-from core.images import IMAGE_USED, ImageLimits, ImageUnavailableError, load_image
+from core.images import IMAGE_USED, ImagePolicy, ImageUnavailableError, load_image
 from core.lexical import LexicalModel
 from core.schemas import Offer
 from core.text import char_ngram_ids
@@ -106,7 +106,7 @@ class Featurizer:
         char_buckets: int = 0,
         max_title_grams: int = 0,
         shop_weights: ShopWeights = ShopWeights(),
-        image_limits: ImageLimits = ImageLimits(),
+        image_policy: ImagePolicy = ImagePolicy(),
         lexical: LexicalModel | None = None,
     ):
         self.tokenizer = tokenizer
@@ -118,11 +118,11 @@ class Featurizer:
         self.char_buckets = char_buckets
         self.max_title_grams = max_title_grams if char_buckets else 0
         self.shop_weights = shop_weights
-        self.image_limits = image_limits
+        self.image_policy = image_policy
         self.lexical = lexical
 
     @classmethod
-    def from_bundle(cls, bundle: ModelBundle, *, image_limits: ImageLimits = ImageLimits()) -> Featurizer:
+    def from_bundle(cls, bundle: ModelBundle, *, image_policy: ImagePolicy = ImagePolicy()) -> Featurizer:
         model = bundle.config.model
         return cls(
             tokenizer=Tokenizer(bundle.tokenizer_path),
@@ -134,7 +134,7 @@ class Featurizer:
             char_buckets=model.char_buckets,
             max_title_grams=model.max_title_grams,
             shop_weights=bundle.shop_weights(),
-            image_limits=image_limits,
+            image_policy=image_policy,
             lexical=bundle.lexical(),
         )
 
@@ -186,7 +186,7 @@ class Featurizer:
                 image_url=offer.image_url,
                 image_b64=offer.image_b64,
                 size=self.image_size,
-                limits=self.image_limits,
+                policy=self.image_policy,
                 base_dir=base_dir,
             )
             return pixels, True, IMAGE_USED

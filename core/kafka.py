@@ -10,6 +10,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
+from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Message, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
@@ -21,7 +22,42 @@ __all__ = ["client_config", "consumer_config", "ensure_topics", "producer_config
 log = logging.getLogger(__name__)
 
 
-ClientConfig = dict[str, str | int | float | bool]
+ClientConfig = dict[str, Any]  # librdkafka properties, plus the Python logger and error callback
+
+# librdkafka logs every failed connection attempt of every client: with the brokers gone, dozens
+# of lines a second. They go through this logger, which passes one line per kind (librdkafka's
+# facility) per interval and says how many it held back.
+LOG_INTERVAL_S = 10.0
+
+
+class _RateLimit(logging.Filter):
+    """Passes one record per key per ``interval_s``; the next one passed says how many were held."""
+
+    def __init__(self, interval_s: float):
+        super().__init__()
+        self.interval_s = interval_s
+        self._last: dict[str, tuple[float, int]] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = str(record.args[0]) if isinstance(record.args, tuple) and record.args else record.getMessage()[:40]
+        now = time.monotonic()
+        last, held = self._last.get(key, (-1e9, 0))
+        if now - last < self.interval_s:
+            self._last[key] = (last, held + 1)
+            return False
+        self._last[key] = (now, 0)
+        if held:
+            record.msg = f"{record.msg} ({held} more like it in the last {self.interval_s:.0f} s)"
+        return True
+
+
+KAFKA_LOG = logging.getLogger("catstream.kafka")
+KAFKA_LOG.addFilter(_RateLimit(LOG_INTERVAL_S))
+
+
+def _on_error(error: Any) -> None:
+    """librdkafka's errors (all brokers down, authentication, ...), rate-limited like its logs."""
+    KAFKA_LOG.warning("Kafka %s: %s", error.name(), error.str())
 
 
 def client_config(settings: Settings) -> ClientConfig:
@@ -40,10 +76,11 @@ def client_config(settings: Settings) -> ClientConfig:
     }
     config.update({key: value for key, value in optional.items() if value is not None})
     config.update(settings.kafka_config)
+    config |= {"logger": KAFKA_LOG, "error_cb": _on_error, "log.connection.close": False}
     return config
 
 
-def producer_config(settings: Settings, **overrides: str | int | float | bool) -> ClientConfig:
+def producer_config(settings: Settings, **overrides: Any) -> ClientConfig:
     """An idempotent, fully acknowledged producer: a delivered prediction is a durable one."""
     config = client_config(settings) | {
         "enable.idempotence": True,
@@ -54,7 +91,7 @@ def producer_config(settings: Settings, **overrides: str | int | float | bool) -
     return config | overrides
 
 
-def consumer_config(settings: Settings, *, group_id: str, **overrides: str | int | float | bool) -> ClientConfig:
+def consumer_config(settings: Settings, *, group_id: str, **overrides: Any) -> ClientConfig:
     """A consumer that commits only what the application says is done."""
     config = client_config(settings) | {
         "group.id": group_id,

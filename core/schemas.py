@@ -6,6 +6,7 @@ readable reason, never an exception, so a bad message can always be dead-lettere
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import dataclass, field
@@ -16,10 +17,11 @@ __all__ = [
     "MAX_TITLE_CHARS",
     "SCHEMA_VERSION",
     "UNCERTAIN",
+    "DeadLetter",
     "Offer",
     "Prediction",
     "Rejection",
-    "dead_letter_headers",
+    "dead_letter",
     "parse_offer",
 ]
 
@@ -165,15 +167,79 @@ def _finite(value: float) -> float:
     return round(float(value), 6) if math.isfinite(value) else 0.0
 
 
-def dead_letter_headers(
-    original: list[tuple[str, bytes]] | None, *, stage: str, rejection: Rejection, source: str
-) -> list[tuple[str, bytes]]:
-    """Headers of a dead letter: the original ones plus where, why and what failed."""
-    headers = list(original or [])
-    headers += [
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """One record for the dead-letter topic: the original key, bytes and headers (truncated when
+    they do not fit) plus headers saying where, why and what failed."""
+
+    key: bytes | None
+    value: bytes | None
+    headers: list[tuple[str, bytes]]
+
+    @property
+    def size(self) -> int:
+        """Bytes of key, value and headers (what the broker's message size limit counts, give or
+        take the record's own framing)."""
+        return len(self.key or b"") + len(self.value or b"") + sum(len(k) + len(v) for k, v in self.headers)
+
+
+# The record's own framing (offsets, lengths, timestamps) and each header's, kept out of the budget.
+_RECORD_OVERHEAD = 512
+_HEADER_OVERHEAD = 16
+_MAX_REASON_BYTES = 1000
+
+
+def dead_letter(
+    key: bytes | None,
+    value: bytes | None,
+    original_headers: list[tuple[str, bytes]] | None,
+    *,
+    stage: str,
+    rejection: Rejection,
+    source: str,
+    max_bytes: int,
+) -> DeadLetter:
+    """The dead letter of a message, at most ``max_bytes`` in all.
+
+    A message that fits is kept whole. One that does not keeps as much of its value as fits, its
+    key cut to a quarter of the budget and its original headers while they fit in another quarter;
+    the headers ``catstream.original_bytes`` (value size), ``catstream.original_sha256`` (of the
+    whole value) and ``catstream.truncated`` (``value``, ``key``, ``headers``, as cut) say so.
+    Never raises: any bytes give a dead letter.
+    """
+    ours = [
         ("catstream.stage", stage.encode()),
-        ("catstream.reason", rejection.reason.encode("utf-8", "replace")[:4000]),
-        ("catstream.error_type", rejection.error_type.encode()),
-        ("catstream.source", source.encode()),
+        ("catstream.reason", rejection.reason.encode("utf-8", "replace")[:_MAX_REASON_BYTES]),
+        ("catstream.error_type", rejection.error_type.encode("utf-8", "replace")[:200]),
+        ("catstream.source", source.encode("utf-8", "replace")[:500]),
     ]
-    return headers
+    original = list(original_headers or [])
+    whole = DeadLetter(key, value, original + ours)
+    if whole.size + _RECORD_OVERHEAD + _HEADER_OVERHEAD * len(whole.headers) <= max_bytes:
+        return whole
+    budget = max_bytes - _RECORD_OVERHEAD
+    truncated = []
+    kept_headers: list[tuple[str, bytes]] = []
+    used = 0
+    for name, header in original:
+        cost = len(name) + len(header or b"") + _HEADER_OVERHEAD
+        if used + cost > budget // 4:
+            truncated.append("headers")
+            break
+        kept_headers.append((name, header))
+        used += cost
+    if key is not None and len(key) > budget // 4:
+        key = key[: budget // 4]
+        truncated.append("key")
+    data = value or b""
+    ours += [
+        ("catstream.original_bytes", str(len(data)).encode()),
+        ("catstream.original_sha256", hashlib.sha256(data).hexdigest().encode()),
+    ]
+    framing = sum(len(k) + len(v) + _HEADER_OVERHEAD for k, v in ours) + len("catstream.truncated") + 32
+    room = max(0, budget - used - len(key or b"") - framing)
+    if len(data) > room:
+        data = data[:room]
+        truncated.insert(0, "value")
+    ours.append(("catstream.truncated", ",".join(truncated).encode()))
+    return DeadLetter(key, data if value is not None else None, kept_headers + ours)

@@ -12,12 +12,13 @@ from collections.abc import Sequence
 import numpy as np
 import onnxruntime as ort
 
-from core.bundle import ModelBundle
+from core.bundle import PARITY_FILE, BundleError, ModelBundle
 from core.decision import apply_exclusions, softmax
 from core.features import Featurizer
+from core.images import ImagePolicy
 from core.schemas import Offer
 
-__all__ = ["OnnxClassifier", "choose_providers", "served_probabilities"]
+__all__ = ["OnnxClassifier", "check_bundle", "choose_providers", "served_probabilities"]
 
 log = logging.getLogger(__name__)
 
@@ -77,14 +78,22 @@ class OnnxClassifier:
 
 
 def served_probabilities(
-    bundle: ModelBundle, offers: Sequence[Offer], *, batch_size: int = 256, threads: int = 2, progress=None
+    bundle: ModelBundle,
+    offers: Sequence[Offer],
+    *,
+    batch_size: int = 256,
+    threads: int = 2,
+    progress=None,
+    image_policy: ImagePolicy | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(probabilities, masked)`` ``(N, K)`` of ``offers`` as the bundle is served: the featuriser,
     ONNX Runtime, softmax at the bundle's temperature, then the exclusion mask (``masked``).
 
-    ``progress``, if given, wraps the range of batch starts (a progress bar).
+    ``progress``, if given, wraps the range of batch starts (a progress bar). The offers' images
+    are read under ``image_policy``; the default trusts local files, as offer files given on the
+    command line are.
     """
-    featurizer = Featurizer.from_bundle(bundle)
+    featurizer = Featurizer.from_bundle(bundle, image_policy=image_policy or ImagePolicy.for_offer_files())
     classifier = OnnxClassifier(bundle, intra_op_threads=threads)
     probabilities = np.zeros((len(offers), len(bundle.labels)))
     exclusion = np.zeros((len(offers), len(bundle.labels)), dtype=bool)
@@ -95,3 +104,33 @@ def served_probabilities(
         exclusion[start : start + len(batch)] = batch.exclusion
     masked, _ = apply_exclusions(probabilities, exclusion)
     return probabilities, masked
+
+
+def check_bundle(
+    bundle: ModelBundle, *, providers: Sequence[str] | None = None, rtol: float = 1e-3, atol: float = 1e-4
+) -> None:
+    """Check a bundle before it serves: its featuriser loads, its ONNX model gives the logits PyTorch
+    gave at export on the same inputs (``parity.npz``; the same tolerances as the export's check),
+    and the labels match the outputs. :class:`BundleError` says what failed."""
+    try:
+        Featurizer.from_bundle(bundle)
+        session = OnnxClassifier(bundle, providers=providers).session
+        with np.load(bundle.path / PARITY_FILE) as probe:
+            feeds = {item.name: probe[item.name] for item in session.get_inputs()}
+            expected = probe["expected_logits"]
+        (actual,) = session.run(None, feeds)
+    except BundleError:
+        raise
+    except Exception as error:  # a bundle that cannot even be loaded or run is refused with the reason
+        raise BundleError(f"{bundle.path}: the model does not load or run ({type(error).__name__}: {error})") from error
+    if actual.shape != expected.shape or actual.shape[1] != len(bundle.labels):
+        raise BundleError(
+            f"{bundle.path}: the model gives {actual.shape} logits, the parity check expects "
+            f"{expected.shape} for {len(bundle.labels)} categories"
+        )
+    if not np.allclose(actual, expected, rtol=rtol, atol=atol):
+        difference = float(np.max(np.abs(actual - expected)))
+        raise BundleError(
+            f"{bundle.path}: model.onnx does not reproduce the logits of its export (max |diff| "
+            f"{difference:.2e}): the file is not the model this bundle was trained with"
+        )

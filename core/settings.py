@@ -6,8 +6,12 @@ code never reads the environment itself.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from core.images import ImagePolicy
 
 __all__ = ["ENV_PREFIX", "Settings"]
 
@@ -96,13 +100,80 @@ class Settings(BaseSettings):
 
     # --- Limits ---------------------------------------------------------------------------------
     max_message_bytes: int = Field(2_000_000, ge=1024, description="Offer messages larger than this are dead-lettered.")
+    dead_letter_max_bytes: int = Field(
+        900_000,
+        ge=4096,
+        description="Largest dead letter (value, key and headers): a bigger message is "
+        "dead-lettered truncated, with headers giving its original size and SHA-256. Keep it below the "
+        "dead-letter topic's max.message.bytes.",
+    )
     max_image_bytes: int = Field(10_000_000, ge=1024, description="Images larger than this are not used.")
-    max_image_pixels: int = Field(40_000_000, ge=1024, description="Images with more pixels are not used.")
-    image_timeout_s: float = Field(3.0, gt=0, description="Time limit to fetch one image over HTTP(S).")
+    max_image_pixels: int = Field(
+        40_000_000, ge=1024, description="JPEG images with more pixels are not used (JPEG decodes at a reduced scale)."
+    )
+    max_image_full_decode_pixels: int = Field(
+        4_000_000,
+        ge=1024,
+        description="Images of every other format (PNG, WebP, ...) with more pixels are not "
+        "used: they decode in full, at a cost that grows with their pixels.",
+    )
+
+    # --- Images from messages (untrusted) -------------------------------------------------------
+    image_timeout_s: float = Field(
+        3.0, gt=0, description="Deadline of one image fetch as a whole: DNS, connect, TLS, headers and body."
+    )
+    image_max_redirects: int = Field(3, ge=0, description="Redirects an image fetch follows (to http(s) only).")
+    image_allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description='Image hosts fetched, as a JSON list: "cdn.example.com" or '
+        '"*.example.com"; empty: any public host.',
+    )
+    image_allow_private_hosts: bool = Field(
+        False,
+        description="Fetch images from loopback, private, link-local and other non-public addresses too "
+        "(refused by default, after DNS resolution and on every redirect).",
+    )
+    image_local_root: str | None = Field(
+        None,
+        description="Local image paths and file:// URLs in messages are read only under this directory; "
+        "unset: never (`catstream produce` inlines local images into the message).",
+    )
     max_poll_interval_ms: int = Field(
         300_000, ge=10_000, description="librdkafka max.poll.interval.ms of preprocess consumers."
     )
     commit_interval_s: float = Field(1.0, gt=0, description="How often completed offsets are committed.")
+    worker_stuck_s: float = Field(
+        30.0,
+        gt=0,
+        description="A preprocess worker on one offer longer than this is killed and restarted; an "
+        "offer that wedges a worker twice is dead-lettered with reason 'stuck'. Keep it above image_timeout_s.",
+    )
+    model_poll_s: float = Field(
+        30.0,
+        ge=0,
+        description="How often the node looks where --model points for a new model (the registry "
+        "alias, or the bundle directory, e.g. a symlink swapped to a new bundle) and switches to it without a "
+        "gap; 0 = never.",
+    )
+    broker_unreachable_exit_s: float = Field(
+        60.0,
+        gt=0,
+        description="With no Kafka broker reachable this long, the node exits non-zero so that the "
+        "orchestrator restarts it (readiness turns 503 at once).",
+    )
     drain_timeout_s: float = Field(
         8.0, gt=0, description="On SIGTERM, how long in-flight offers may take to finish before exit."
     )
+
+    def image_policy(self) -> ImagePolicy:
+        """Where images named by stream messages may come from, and what one may cost."""
+        return ImagePolicy(
+            max_bytes=self.max_image_bytes,
+            max_pixels=self.max_image_pixels,
+            max_full_decode_pixels=self.max_image_full_decode_pixels,
+            timeout_s=self.image_timeout_s,
+            max_redirects=self.image_max_redirects,
+            allowed_hosts=tuple(self.image_allowed_hosts),
+            allow_private=self.image_allow_private_hosts,
+            local_root=Path(self.image_local_root) if self.image_local_root else None,
+        )

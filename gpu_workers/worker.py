@@ -2,6 +2,10 @@
 
 A slot becomes DONE only in the producer's delivery callback, i.e. once the broker holds the
 prediction; the owning preprocess worker then lets its partition's offset move past it.
+
+One inference process serves one model generation: its queue and its bundle. When the model
+changes, the supervisor starts the next generation's process beside it and stops this one once
+its queue is empty; each writes its counters to its own row of the node's board.
 """
 
 from __future__ import annotations
@@ -16,9 +20,10 @@ from confluent_kafka import Producer
 
 from core.bundle import ModelBundle
 from core.decision import decide, softmax
-from core.feature_queue import INFERENCE_COUNTERS, FeatureQueue
+from core.feature_queue import FeatureQueue
 from core.images import IMAGE_USED
 from core.kafka import producer_config
+from core.node_board import INFERENCE_COUNTERS, NodeBoard
 from core.schemas import UNCERTAIN, Prediction
 from core.scoring import OnnxClassifier
 from core.settings import Settings
@@ -36,10 +41,12 @@ _IDLE_SLEEP_S = 0.0005
 class InferenceWorker:
     """Batches READY slots, runs the model, produces predictions."""
 
-    def __init__(self, settings: Settings, bundle: ModelBundle, queue: FeatureQueue):
+    def __init__(self, settings: Settings, bundle: ModelBundle, queue: FeatureQueue, board: NodeBoard, row: int):
         self.settings = settings
         self.bundle = bundle.with_thresholds(threshold=settings.threshold, parent_threshold=settings.parent_threshold)
         self.queue = queue
+        self.board = board
+        self.row = row  # this generation's row of the board
         self.threshold = self.bundle.threshold
         self.parent_threshold = self.bundle.parent_threshold
         _log_thresholds(self.bundle)
@@ -56,9 +63,9 @@ class InferenceWorker:
     def run(self) -> int:
         """Serve until asked to stop and the queue is empty; returns the exit code."""
         parent = os.getppid()
-        self.queue.set_inference_stat("ready", 1)
+        self.board.set_inference_stat(self.row, "ready", 1)
         while True:
-            self.queue.set_inference_stat("heartbeat_ns", time.time_ns())
+            self.board.set_inference_stat(self.row, "heartbeat_ns", time.time_ns())
             now = time.monotonic()
             if self.batcher.room:
                 for slot in self.queue.ready_slots(self.batcher.room):
@@ -82,7 +89,7 @@ class InferenceWorker:
                 wait = _IDLE_SLEEP_S if deadline is None else min(_IDLE_SLEEP_S, max(0.0, deadline - now))
                 time.sleep(wait)
         remaining = self.producer.flush(self.settings.drain_timeout_s)
-        counts = {name: int(v) for name, v in zip(INFERENCE_COUNTERS, self.queue.inference_stats, strict=True)}
+        counts = {name: self.board.inference_stat(self.row, name) for name in INFERENCE_COUNTERS}
         log.info("inference stopped: %s, %d deliveries unconfirmed", counts, remaining)
         return 0
 
@@ -103,7 +110,7 @@ class InferenceWorker:
             )
         except Exception as error:  # a failed batch fails every item in it; workers dead-letter them
             self.consecutive_failures += 1
-            self.queue.count_inference("failed", len(slots))
+            self.board.count_inference(self.row, "failed", len(slots))
             log.exception("batch of %d failed", len(slots))
             for slot in slots:
                 self.queue.fail(int(slot), f"inference failed: {type(error).__name__}: {error}")
@@ -111,10 +118,10 @@ class InferenceWorker:
         self.consecutive_failures = 0
         inference_ms = (time.perf_counter() - started) * 1000.0
         flushed_ns = time.time_ns()
-        self.queue.count_inference("batches")
-        self.queue.count_inference("inference_ns", int(inference_ms * 1e6))
+        self.board.count_inference(self.row, "batches")
+        self.board.count_inference(self.row, "inference_ns", int(inference_ms * 1e6))
         preprocess_ms = np.array([offer.preprocess_ms for offer in batch.offers])
-        self.queue.observe_latency(preprocess_ms + (flushed_ns - batch.enqueued_ns) / 1e6 + inference_ms)
+        self.board.observe_latency(self.row, preprocess_ms + (flushed_ns - batch.enqueued_ns) / 1e6 + inference_ms)
         for slot, offer, decision, enqueued_ns in zip(slots, batch.offers, decisions, batch.enqueued_ns, strict=True):
             timings = {
                 "preprocess": offer.preprocess_ms,
@@ -136,9 +143,9 @@ class InferenceWorker:
                 excluded_categories=decision.excluded,
                 confident_parent=decision.parent,
             )
-            self.queue.count_inference("predicted")
-            self.queue.count_inference("uncertain", int(decision.category == UNCERTAIN))
-            self.queue.count_inference("uncertain_with_parent", int(decision.parent is not None))
+            self.board.count_inference(self.row, "predicted")
+            self.board.count_inference(self.row, "uncertain", int(decision.category == UNCERTAIN))
+            self.board.count_inference(self.row, "uncertain_with_parent", int(decision.parent is not None))
             self._produce(int(slot), offer.offer_id, prediction.to_bytes())
 
     def _produce(self, slot: int, key: str, value: bytes) -> None:
@@ -180,16 +187,20 @@ def _log_thresholds(bundle: ModelBundle) -> None:
         )
 
 
-def run_inference_worker(settings: Settings, bundle_path: str, queue_path: str, log_level: str, ready) -> None:
-    """Process entry point (spawned by the node supervisor); sets ``ready`` once serving."""
-    logging.basicConfig(level=log_level, format="%(asctime)s inference %(levelname)s %(message)s")
+def run_inference_worker(
+    settings: Settings, board_path: str, generation: int, queue_path: str, bundle_path: str, log_level: str
+) -> None:
+    """Process entry point (spawned by the node supervisor) for one model generation; the board's
+    ``ready`` counter of its row says when it serves."""
+    logging.basicConfig(level=log_level, format=f"%(asctime)s inference-{generation} %(levelname)s %(message)s")
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    board = NodeBoard.attach(board_path)
     queue = FeatureQueue.attach(queue_path)
-    worker = InferenceWorker(settings, ModelBundle.load(bundle_path, dictionaries_dir=settings.dictionaries_dir), queue)
+    bundle = ModelBundle.load(bundle_path, dictionaries_dir=settings.dictionaries_dir)
+    worker = InferenceWorker(settings, bundle, queue, board, row=generation % 2)
 
     def stop(*_):
         worker.stopping = True
 
     signal.signal(signal.SIGTERM, stop)
-    ready.set()
     raise SystemExit(worker.run())

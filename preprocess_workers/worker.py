@@ -2,25 +2,33 @@
 
 One process per CPU core you give it. Offsets are committed only up to the oldest offer whose
 prediction (or dead letter) the broker has not yet acknowledged, so a crash loses nothing.
+
+A model change reaches the worker through the node's board: a new generation names a new queue
+and bundle. The worker loads the new featuriser beside the running one, then puts every further
+offer into the new queue while its offers already in the old queue finish there; no offer is
+featurised by one bundle and scored by another, and the consumer keeps its partitions.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import dataclasses
 import logging
 import os
 import signal
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass
 
-from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from core.bundle import ModelBundle
 from core.feature_queue import DONE, FAILED, FREE, FeatureQueue, OfferMeta
 from core.features import Featurizer
-from core.images import ImageLimits
 from core.kafka import consumer_config, producer_config
-from core.schemas import Offer, Rejection, dead_letter_headers, parse_offer
+from core.node_board import NodeBoard, Serving
+from core.schemas import Offer, Rejection, dead_letter, parse_offer
 from core.settings import Settings
 from preprocess_workers.backpressure import BufferGate
 from preprocess_workers.offsets import OffsetTracker
@@ -30,6 +38,21 @@ __all__ = ["PreprocessWorker", "run_preprocess_worker"]
 log = logging.getLogger(__name__)
 
 _CONSUME_BATCH = 64
+_STRIKES_TO_DEAD_LETTER = 2  # an offer that wedged a worker this often is dead-lettered, not retried
+_SMALLEST_DEAD_LETTER = 4096  # headers and a little of the value always fit
+_DEAD_LETTER_RETRY_S = 1.0
+_LOG_INTERVAL_S = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class _PendingDeadLetter:
+    message: Message
+    rejection: Rejection
+    stage: str
+    max_bytes: int  # the dead letter's budget; halved each time the producer or broker finds it too large
+
+    def smaller(self) -> _PendingDeadLetter:
+        return dataclasses.replace(self, max_bytes=max(_SMALLEST_DEAD_LETTER, self.max_bytes // 2))
 
 
 @dataclass(slots=True)
@@ -39,27 +62,39 @@ class _InFlight:
     message: Message
 
 
-class PreprocessWorker:
-    """The consume → featurise → enqueue loop of one process."""
+class _Lane:
+    """This worker's slots in one generation's queue, with the featuriser of that generation."""
 
-    def __init__(self, index: int, settings: Settings, bundle: ModelBundle, queue: FeatureQueue):
-        self.index = index
-        self.name = f"preprocess-{index}"
-        self.settings = settings
+    def __init__(self, index: int, generation: int, queue: FeatureQueue, featurizer: Featurizer, version: str):
+        self.generation = generation
         self.queue = queue
-        self.featurizer = Featurizer.from_bundle(
-            bundle,
-            image_limits=ImageLimits(
-                max_bytes=settings.max_image_bytes,
-                max_pixels=settings.max_image_pixels,
-                timeout_s=settings.image_timeout_s,
-            ),
-        )
+        self.featurizer = featurizer
+        self.version = version
         self.slots = queue.layout.worker_slots(index)
         # Slots left READY/CLAIMED by a previous process of this index finish on their own;
         # they are freed (without touching offsets) once DONE.
         self.free_slots = deque(slot for slot in self.slots if queue.state[slot] == FREE)
         self.in_flight: dict[int, _InFlight] = {}
+
+    def busy_slots(self) -> int:
+        """Slots of this lane not yet free (its own in flight, or a previous process's)."""
+        return len(self.slots) - len(self.free_slots)
+
+
+class PreprocessWorker:
+    """The consume → featurise → enqueue loop of one process."""
+
+    def __init__(self, index: int, settings: Settings, board: NodeBoard):
+        self.index = index
+        self.name = f"preprocess-{index}"
+        self.settings = settings
+        self.board = board
+        serving = board.serving()
+        self.lane = self._open_lane(serving)
+        board.set_worker_stat(index, "generation", serving.generation)
+        self.retiring: list[_Lane] = []  # earlier generations' lanes, until their offers are done
+        self._loading: tuple[Serving, concurrent.futures.Future] | None = None
+        self._loader = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-load")
         self.backlog: deque[Message] = deque()
         self.backlog_bytes = 0
         self.gate = BufferGate(settings.max_buffered_messages, settings.max_buffered_bytes)
@@ -70,8 +105,21 @@ class PreprocessWorker:
             consumer_config(settings, group_id=settings.consumer_group, **{"client.id": self.name})
         )
         self.producer = Producer(producer_config(settings, **{"client.id": f"{self.name}-dlq"}))
-        self._dead_letters_pending: dict[tuple[tuple[str, int], int], Message] = {}
+        self._dead_letter_retries: deque[tuple[float, _PendingDeadLetter]] = deque()
+        self._log_gate: dict[str, tuple[float, int]] = {}
         self._last_commit = time.monotonic()
+        self._drain_deadline = time.monotonic() + settings.drain_timeout_s  # set again when the drain starts
+
+    def _open_lane(self, serving: Serving) -> _Lane:
+        """The lane of a generation: its queue attached, its bundle's featuriser loaded."""
+        bundle = ModelBundle.load(serving.bundle_path, dictionaries_dir=self.settings.dictionaries_dir)
+        featurizer = Featurizer.from_bundle(bundle, image_policy=self.settings.image_policy())
+        queue = FeatureQueue.attach(serving.queue_path)
+        return _Lane(self.index, serving.generation, queue, featurizer, bundle.version)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self.lane.in_flight) + sum(len(lane.in_flight) for lane in self.retiring)
 
     # --- rebalance -------------------------------------------------------------------------------
 
@@ -98,7 +146,9 @@ class PreprocessWorker:
 
     # --- main loop -------------------------------------------------------------------------------
 
-    def run(self) -> None:
+    def run(self) -> bool:
+        """Consume until asked to stop, then drain; returns whether the consumer left its group
+        within the drain's time (when not, the group drops it after its session timeout)."""
         self.consumer.subscribe(
             [self.settings.offers_topic], on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
         )
@@ -108,8 +158,10 @@ class PreprocessWorker:
                 if os.getppid() != parent:  # the node supervisor died: finish up and leave
                     log.warning("%s: supervisor gone, stopping", self.name)
                     break
-                self.queue.set_worker_stat(self.index, "heartbeat_ns", time.time_ns())
+                self.board.set_worker_stat(self.index, "heartbeat_ns", time.time_ns())
+                self._follow_generation()
                 self._reap()
+                self._retry_dead_letters()
                 self._place_backlog()
                 self._apply_backpressure()
                 timeout = 0.02 if self.in_flight or self.backlog else 0.2
@@ -121,8 +173,26 @@ class PreprocessWorker:
                     self._update_lag()
             self._drain()
         finally:
-            self.consumer.close()  # leaves the group now, so partitions move without waiting
-            log.info("%s stopped: %s", self.name, self.queue.worker_counts(self.index))
+            left = self._leave_group()
+            self._loader.shutdown(wait=False, cancel_futures=True)
+            log.info("%s stopped: %s", self.name, self.board.worker_counts(self.index))
+        return left
+
+    def _leave_group(self) -> bool:
+        """Close the consumer (it leaves the group, so partitions move without waiting), but no
+        longer than the drain allows: a close that waits on a rebalance the broker never ends must
+        not make the supervisor kill the worker. Offsets are committed before it."""
+        closer = threading.Thread(target=self.consumer.close, name="consumer-close", daemon=True)
+        closer.start()
+        closer.join(max(1.0, self._drain_deadline - time.monotonic()))
+        if closer.is_alive():
+            log.warning(
+                "%s: the consumer did not leave its group in time; the group drops it after its session "
+                "timeout (offsets are committed)",
+                self.name,
+            )
+            return False
+        return True
 
     def _update_lag(self) -> None:
         """Offers waiting in Kafka for this worker's partitions (high watermark − position)."""
@@ -133,23 +203,60 @@ class PreprocessWorker:
             _, high = self.consumer.get_watermark_offsets(tp, cached=True)
             if high >= 0:
                 lag += max(0, high - tp.offset)
-        self.queue.set_worker_stat(self.index, "lag", lag)
+        self.board.set_worker_stat(self.index, "lag", lag)
+
+    # --- model changes ------------------------------------------------------------------------------
+
+    def _follow_generation(self) -> None:
+        """Load a newly published generation in the background; once loaded, switch to it."""
+        if self.board.generation == self.lane.generation and self._loading is None:
+            return
+        if self._loading is None:
+            serving = self.board.serving()
+            log.info("%s: loading model generation %d (%s)", self.name, serving.generation, serving.bundle_path)
+            self._loading = (serving, self._loader.submit(self._open_lane, serving))
+            return
+        serving, future = self._loading
+        if not future.done():
+            return
+        self._loading = None
+        try:
+            lane = future.result()
+        except Exception:  # the supervisor checked this bundle; if it cannot load here, keep serving
+            log.exception(
+                "%s: model generation %d does not load here; staying on generation %d",
+                self.name,
+                serving.generation,
+                self.lane.generation,
+            )
+            return
+        self.retiring.append(self.lane)
+        self.lane = lane
+        self.board.set_worker_stat(self.index, "generation", lane.generation)
+        log.info(
+            "%s switched to model generation %d (version %s); %d offers finish on generation %d",
+            self.name,
+            lane.generation,
+            lane.version,
+            len(self.retiring[-1].in_flight),
+            self.retiring[-1].generation,
+        )
 
     def _accept(self, message: Message) -> None:
         if message.error() is not None:
             if message.error().code() != KafkaError._PARTITION_EOF:
-                log.warning("%s consume error: %s", self.name, message.error())
+                self._log_limited("consume", logging.WARNING, "%s consume error: %s", self.name, message.error())
             return
         self.tracker.started((message.topic(), message.partition()), message.offset())
-        self.queue.count(self.index, "consumed")
-        if self.free_slots and not self.backlog:
+        self.board.count(self.index, "consumed")
+        if self.lane.free_slots and not self.backlog:
             self._process(message)
         else:
             self.backlog.append(message)
             self.backlog_bytes += len(message.value() or b"")
 
     def _place_backlog(self) -> None:
-        while self.backlog and self.free_slots:
+        while self.backlog and self.lane.free_slots:
             message = self.backlog.popleft()
             self.backlog_bytes -= len(message.value() or b"")
             self._process(message)
@@ -164,30 +271,49 @@ class PreprocessWorker:
         if pause and not self.paused:
             self.consumer.pause(self.consumer.assignment())
             self.paused = True
-            self.queue.count(self.index, "pauses")
+            self.board.count(self.index, "pauses")
         elif not pause and self.paused:
             self.consumer.resume(self.consumer.assignment())
             self.paused = False
 
     def _process(self, message: Message) -> None:
+        """Parse, featurise and enqueue one offer, or dead-letter it with the reason: nothing a
+        message holds may end the worker. The supervisor sees which offer the worker is on, and
+        kills a worker that stays on one past ``worker_stuck_s``."""
+        strikes = self.board.strikes(message.partition(), message.offset())
+        if strikes >= _STRIKES_TO_DEAD_LETTER:
+            reason = (
+                f"stuck: this offer wedged a preprocess worker {strikes} times, over "
+                f"{self.settings.worker_stuck_s:g} s each; not tried again"
+            )
+            self._dead_letter(message, Rejection(reason, "Stuck"), stage="preprocess")
+            return
+        self.board.busy(self.index, message.partition(), message.offset())
+        try:
+            self._featurize_and_enqueue(message)
+        finally:
+            self.board.idle(self.index)
+
+    def _featurize_and_enqueue(self, message: Message) -> None:
         started = time.perf_counter()
         parsed = parse_offer(message.value(), max_bytes=self.settings.max_message_bytes)
         if isinstance(parsed, Rejection):
             self._dead_letter(message, parsed, stage="parse")
             return
+        lane = self.lane
+        slot = lane.free_slots.popleft()
         try:
-            features = self.featurizer.featurize(parsed)
-        except Exception as error:  # a bug or a pathological input must not kill the worker
+            features = lane.featurizer.featurize(parsed)
+            lane.queue.put(slot, features, self._meta(parsed, message, features.image_status, started))
+        except Exception as error:  # a bug or a pathological input: this offer fails, the worker goes on
+            lane.free_slots.appendleft(slot)
             log.exception("%s: featurising offer %s failed", self.name, parsed.offer_id)
-            self._dead_letter(
-                message, Rejection(f"featurising failed: {error}", type(error).__name__), stage="preprocess"
-            )
+            rejection = Rejection(f"featurising failed ({type(error).__name__})", type(error).__name__)
+            self._dead_letter(message, rejection, stage="preprocess")
             return
-        slot = self.free_slots.popleft()
-        self.queue.put(slot, features, self._meta(parsed, message, features.image_status, started))
-        self.in_flight[slot] = _InFlight((message.topic(), message.partition()), message.offset(), message)
-        self.queue.count(self.index, "enqueued")
-        self.queue.count(self.index, "image_unused", int(not features.has_image))
+        lane.in_flight[slot] = _InFlight((message.topic(), message.partition()), message.offset(), message)
+        self.board.count(self.index, "enqueued")
+        self.board.count(self.index, "image_unused", int(not features.has_image))
 
     @staticmethod
     def _meta(offer: Offer, message: Message, image_status: str, started: float) -> OfferMeta:
@@ -204,50 +330,123 @@ class PreprocessWorker:
     # --- completion ------------------------------------------------------------------------------
 
     def _reap(self) -> None:
-        """Collect slots the inference process finished: complete their offsets, free them."""
-        first = self.slots.start
-        states = self.queue.state[first : self.slots.stop]
+        """Collect slots the inference processes finished: complete their offsets, free them. An
+        earlier generation's lane is closed once none of its slots is in use."""
+        for lane in (self.lane, *self.retiring):
+            self._reap_lane(lane)
+        for lane in [lane for lane in self.retiring if not lane.busy_slots()]:
+            self.retiring.remove(lane)
+            lane.queue.close()
+            log.info("%s: generation %d done", self.name, lane.generation)
+
+    def _reap_lane(self, lane: _Lane) -> None:
+        first = lane.slots.start
+        states = lane.queue.state[first : lane.slots.stop]
         for relative in (states >= DONE).nonzero()[0]:
             slot = first + int(relative)
-            state = int(self.queue.state[slot])
-            item = self.in_flight.pop(slot, None)
+            state = int(lane.queue.state[slot])
+            item = lane.in_flight.pop(slot, None)
             if item is not None and state == DONE:
                 self.tracker.finished(item.key, item.offset)
             elif item is not None and state == FAILED:
-                rejection = Rejection(self.queue.error_of(slot), "InferenceError")
+                rejection = Rejection(lane.queue.error_of(slot), "InferenceError")
                 self._dead_letter(item.message, rejection, stage="inference")
-            self.queue.release(slot)
-            self.free_slots.append(slot)
+            lane.queue.release(slot)
+            lane.free_slots.append(slot)
 
     def _dead_letter(self, message: Message, rejection: Rejection, *, stage: str) -> None:
-        key = (message.topic(), message.partition())
-        offset = message.offset()
+        """Send ``message`` to the dead-letter topic; its offset passes once the broker has it."""
+        self.board.count(self.index, "dead_lettered")
+        log.info(
+            "%s dead-lettered %s/%d@%d (%s): %s",
+            self.name,
+            message.topic(),
+            message.partition(),
+            message.offset(),
+            stage,
+            rejection.reason[:200],
+        )
+        self._send_dead_letter(_PendingDeadLetter(message, rejection, stage, self.settings.dead_letter_max_bytes))
 
-        def delivered(error, _msg, key=key, offset=offset):
-            if error is not None:
-                log.error("%s: dead letter for %s@%d not delivered: %s; retrying", self.name, key, offset, error)
-                self._send_dead_letter(message, rejection, stage, delivered)
-                return
-            self.tracker.finished(key, offset)
-
-        self.queue.count(self.index, "dead_lettered")
-        log.info("%s dead-lettered %s@%d (%s): %s", self.name, key, offset, stage, rejection.reason[:200])
-        self._send_dead_letter(message, rejection, stage, delivered)
-
-    def _send_dead_letter(self, message: Message, rejection: Rejection, stage: str, callback) -> None:
+    def _send_dead_letter(self, pending: _PendingDeadLetter) -> None:
+        """Produce ``pending``; never raises. A record too large for the producer or the broker is sent
+        again cut to half the bytes; any other failure is retried later from the main loop."""
+        message = pending.message
         source = f"{message.topic()}/{message.partition()}/{message.offset()}"
+
+        def delivered(error, _record, pending=pending):
+            if error is None:
+                self.tracker.finished((message.topic(), message.partition()), message.offset())
+            elif error.code() == KafkaError.MSG_SIZE_TOO_LARGE and pending.max_bytes > _SMALLEST_DEAD_LETTER:
+                self._send_dead_letter(pending.smaller())
+            else:
+                self._retry_dead_letter_later(pending, str(error))
+
         while True:
+            letter = dead_letter(
+                message.key(),
+                message.value(),
+                message.headers(),
+                stage=pending.stage,
+                rejection=pending.rejection,
+                source=source,
+                max_bytes=pending.max_bytes,
+            )
             try:
                 self.producer.produce(
                     self.settings.dead_letter_topic,
-                    value=message.value(),
-                    key=message.key(),
-                    headers=dead_letter_headers(message.headers(), stage=stage, rejection=rejection, source=source),
-                    on_delivery=callback,
+                    value=letter.value,
+                    key=letter.key,
+                    headers=letter.headers,
+                    on_delivery=delivered,
                 )
                 return
             except BufferError:  # local queue full: serve callbacks, then try again
                 self.producer.poll(0.1)
+            except KafkaException as error:
+                code = error.args[0].code() if error.args and hasattr(error.args[0], "code") else None
+                if code == KafkaError.MSG_SIZE_TOO_LARGE and pending.max_bytes > _SMALLEST_DEAD_LETTER:
+                    pending = pending.smaller()
+                    continue
+                self._retry_dead_letter_later(pending, str(error))
+                return
+            except Exception as error:  # a dead letter must never end the worker; its offset waits
+                self._retry_dead_letter_later(pending, f"{type(error).__name__}: {error}")
+                return
+
+    def _retry_dead_letter_later(self, pending: _PendingDeadLetter, reason: str) -> None:
+        message = pending.message
+        self._log_limited(
+            "dead-letter",
+            logging.ERROR,
+            "%s: dead letter for %s/%d@%d not delivered (%s); retrying, its offset waits",
+            self.name,
+            message.topic(),
+            message.partition(),
+            message.offset(),
+            reason,
+        )
+        self._dead_letter_retries.append((time.monotonic() + _DEAD_LETTER_RETRY_S, pending))
+
+    def _retry_dead_letters(self) -> None:
+        now = time.monotonic()
+        for _ in range(len(self._dead_letter_retries)):
+            due, pending = self._dead_letter_retries.popleft()
+            if due <= now:
+                self._send_dead_letter(pending)
+            else:
+                self._dead_letter_retries.append((due, pending))
+
+    def _log_limited(self, topic: str, level: int, text: str, *args) -> None:
+        """Log at most once per ``_LOG_INTERVAL_S`` for ``topic`` (with how many were held back)."""
+        now = time.monotonic()
+        last, held = self._log_gate.get(topic, (0.0, 0))
+        if now - last < _LOG_INTERVAL_S:
+            self._log_gate[topic] = (last, held + 1)
+            return
+        suffix = f" ({held} more like it in the last {_LOG_INTERVAL_S:.0f} s)" if held else ""
+        log.log(level, text + suffix, *args)
+        self._log_gate[topic] = (now, 0)
 
     def _commit(self, keys, *, asynchronous: bool) -> None:
         positions = self.tracker.uncommitted(keys)
@@ -263,7 +462,7 @@ class PreprocessWorker:
 
     def _drain(self) -> None:
         """Stop taking offers; wait for in-flight ones; flush dead letters; commit."""
-        deadline = time.monotonic() + self.settings.drain_timeout_s
+        deadline = self._drain_deadline = time.monotonic() + self.settings.drain_timeout_s
         self._drop_backlog()  # consumed but never started: uncommitted, so redelivered later
         while self.in_flight and time.monotonic() < deadline:
             self._reap()
@@ -272,22 +471,21 @@ class PreprocessWorker:
         self._reap()
         self._commit(None, asynchronous=False)
         if self.in_flight:
-            log.warning(
-                "%s: %d offers still in flight at exit; they will be redelivered", self.name, len(self.in_flight)
-            )
+            log.warning("%s: %d offers still in flight at exit; they will be redelivered", self.name, self.in_flight)
+        for lane in (self.lane, *self.retiring):
+            lane.queue.close()
 
 
-def run_preprocess_worker(index: int, settings: Settings, bundle_path: str, queue_path: str, log_level: str) -> None:
-    """Process entry point (spawned by the node supervisor)."""
+def run_preprocess_worker(index: int, settings: Settings, board_path: str, log_level: str) -> None:
+    """Process entry point (spawned by the node supervisor); the board names the queue and bundle."""
     logging.basicConfig(level=log_level, format=f"%(asctime)s preprocess-{index} %(levelname)s %(message)s")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when we stop
-    queue = FeatureQueue.attach(queue_path)
-    worker = PreprocessWorker(
-        index, settings, ModelBundle.load(bundle_path, dictionaries_dir=settings.dictionaries_dir), queue
-    )
+    worker = PreprocessWorker(index, settings, NodeBoard.attach(board_path))
 
     def stop(*_):
         worker.stopping = True
 
     signal.signal(signal.SIGTERM, stop)
-    worker.run()
+    if not worker.run():  # the consumer's close is stuck in librdkafka: do not wait for its threads
+        logging.shutdown()
+        os._exit(0)

@@ -106,8 +106,8 @@ class NodeProcess:
 def start_node(bundle, stream_settings, tmp_path):
     nodes: list[NodeProcess] = []
 
-    def start(*, workers: int = 1, env: dict[str, str] | None = None) -> NodeProcess:
-        node = NodeProcess(bundle, stream_settings, tmp_path / f"node-{len(nodes)}.log", workers, env or {})
+    def start(*, workers: int = 1, env: dict[str, str] | None = None, model: Path | None = None) -> NodeProcess:
+        node = NodeProcess(model or bundle, stream_settings, tmp_path / f"node-{len(nodes)}.log", workers, env or {})
         nodes.append(node)
         return node
 

@@ -40,6 +40,7 @@ from core.decision import softmax
 from core.dictionaries import PATH_SEPARATOR
 from core.feature_queue import FeatureBatch
 from core.features import Featurizer
+from core.images import ImagePolicy
 from core.offer_files import LABEL, offers_from_frame
 from core.scoring import OnnxClassifier, served_probabilities
 from core.text import words
@@ -100,7 +101,7 @@ class OfferExplainer:
         self, bundle: ModelBundle, *, image_grid: int = 4, max_evals: int = 300, threads: int = 2, seed: int = 0
     ):
         self.bundle = bundle
-        self.featurizer = Featurizer.from_bundle(bundle)
+        self.featurizer = Featurizer.from_bundle(bundle, image_policy=ImagePolicy.for_offer_files())
         self.classifier = OnnxClassifier(bundle, intra_op_threads=threads)
         self.image_grid = image_grid
         self.max_evals = max_evals

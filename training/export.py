@@ -10,6 +10,7 @@ import numpy as np
 import onnx
 import torch
 
+from core.bundle import PARITY_FILE
 from core.model import FusionModel
 
 __all__ = [
@@ -96,7 +97,12 @@ def strip_source_metadata(path: Path) -> None:
 
 
 def check_parity(model: FusionModel, path: Path, *, batch: int = 5, rtol: float = 1e-3, atol: float = 1e-4) -> float:
-    """Compare ONNX Runtime with PyTorch on a batch size other than the export's; returns max |diff|."""
+    """Compare ONNX Runtime with PyTorch on a batch size other than the export's; returns max |diff|.
+
+    The inputs and PyTorch's logits are saved beside the model (``parity.npz``, see
+    ``core.scoring.check_parity``), so that a serving node can repeat the check on a bundle
+    without PyTorch before it serves it.
+    """
     import onnxruntime as ort
 
     inputs = example_inputs(model, batch, seed=1)
@@ -105,6 +111,7 @@ def check_parity(model: FusionModel, path: Path, *, batch: int = 5, rtol: float 
         expected = model(*inputs).numpy()
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     feeds = {name: tensor.numpy() for name, tensor in zip(input_names(model), inputs, strict=True)}
+    np.savez(path.with_name(PARITY_FILE), expected_logits=expected, **feeds)
     (actual,) = session.run(None, feeds)
     difference = float(np.max(np.abs(actual - expected)))
     try:

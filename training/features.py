@@ -22,6 +22,7 @@ import torch
 from core.bundle import FusionConfig
 from core.dictionaries import Dictionaries
 from core.features import Featurizer
+from core.images import ImagePolicy
 from core.model import BACKBONE_BLOCKS, FusionModel, find_pretrained_weights
 from core.offer_files import LABEL, offers_from_frame
 from core.tokenizer import train_tokenizer
@@ -114,6 +115,7 @@ def prepare(data: str | Path, out_dir: Path, options: TrainOptions, *, progress:
         **options.network(),
     )
     featurizer = Featurizer(
+        image_policy=ImagePolicy.for_offer_files(),
         tokenizer=tokenizer,
         dictionaries=dictionaries,
         labels=labels,

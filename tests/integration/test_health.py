@@ -60,8 +60,37 @@ def test_health_readiness_and_metrics(marketplace, stream_settings, start_node):
     assert metric(text, "catstream_consumer_lag") == 0
     assert metric(text, "catstream_queue_slots") == 128
     assert re.search(r'catstream_model_info\{version="[^"]+"\} 1', text)
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    documented = set(re.findall(r"`(catstream_\w+)", readme.split("## Health and metrics")[1].split("\n## ")[0]))
+    page = Path(__file__).resolve().parents[2] / "docs" / "operations" / "health-and-metrics.md"
+    documented = set(re.findall(r"^\| `(catstream_\w+)`", page.read_text(), flags=re.M))
     served = set(re.findall(r"^# TYPE (\S+)", text, flags=re.M))
     assert len(documented) >= 15 and documented == served
     assert node.stop() == 0
+
+
+def test_half_open_connections_cannot_pile_up_threads(tmp_path):
+    import socket
+    import threading
+
+    from catstream.health import MAX_CONNECTIONS, HealthServer, NodeStatus
+    from core.node_board import NodeBoard
+
+    board = NodeBoard.create(1, directory=tmp_path)
+    status = NodeStatus(inference_alive=True, workers_alive=(True,), restarts=0, model_version="v1")
+    server = HealthServer("127.0.0.1", 0, board, lambda: status).start()
+    before = threading.active_count()
+    idle = []
+    try:
+        for _ in range(300):  # connect and send nothing
+            idle.append(socket.create_connection(("127.0.0.1", server.port), timeout=5))
+        time.sleep(0.5)
+        assert threading.active_count() - before <= MAX_CONNECTIONS
+        for sock in idle:
+            sock.close()
+        idle.clear()
+        time.sleep(0.5)
+        assert get(f"http://127.0.0.1:{server.port}/healthz") == (200, "ok\n")
+    finally:
+        for sock in idle:
+            sock.close()
+        server.stop()
+        board.close()

@@ -25,8 +25,7 @@ helm = pytest.importorskip("helm_python")
 
 from catstream.cli import _build_parser  # noqa: E402
 from catstream.health import HealthServer, NodeStatus  # noqa: E402
-from core.feature_queue import FeatureQueue, QueueLayout  # noqa: E402
-from core.features import input_fields  # noqa: E402
+from core.node_board import NodeBoard  # noqa: E402
 from core.settings import ENV_PREFIX, Settings  # noqa: E402
 
 pytestmark = pytest.mark.integration
@@ -278,17 +277,10 @@ def test_probes_hit_endpoints_the_workers_serve(chart, tmp_path):
     for probe in probes.values():
         assert ports[probe["port"]] == int(env["CATSTREAM_HEALTH_PORT"]["value"])
 
-    # The real health server of a node, on a real queue file, before the model is loaded.
-    layout = QueueLayout(
-        workers=1,
-        slots_per_worker=2,
-        fields=input_fields(
-            image_size=8, max_title_tokens=4, max_mall_tokens=4, max_title_grams=0, num_classes=3, lexical=False
-        ),
-    )
-    queue = FeatureQueue.create(layout, directory=tmp_path)
+    # The real health server of a node, on a real board file, before the model is loaded.
+    board = NodeBoard.create(1, directory=tmp_path)
     status = NodeStatus(inference_alive=True, workers_alive=(True,), restarts=0, model_version="v1")
-    server = HealthServer("127.0.0.1", 0, queue, lambda: status).start()
+    server = HealthServer("127.0.0.1", 0, board, lambda: status).start()
     try:
         answers = {}
         for path in {probe["path"] for probe in probes.values()} | {
@@ -301,7 +293,7 @@ def test_probes_hit_endpoints_the_workers_serve(chart, tmp_path):
                 answers[path] = (error.code, error.read().decode())
     finally:
         server.stop()
-        queue.close()
+        board.close()
     assert answers["/healthz"] == (200, "ok\n")
     assert answers["/readyz"] == (503, "model not loaded yet\n")
     assert answers["/metrics"][0] == 200 and "catstream_predictions_total" in answers["/metrics"][1]

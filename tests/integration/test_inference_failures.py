@@ -7,6 +7,7 @@ import pytest
 from core.bundle import ModelBundle
 from core.feature_queue import FAILED, FeatureQueue, OfferMeta, QueueLayout
 from core.features import Featurizer
+from core.node_board import NodeBoard
 from core.schemas import Offer
 from gpu_workers.worker import InferenceWorker
 
@@ -43,8 +44,9 @@ def test_failed_batch_fails_every_item_and_repeated_failures_exit_non_zero(bundl
     featurizer = Featurizer.from_bundle(model)
     layout = QueueLayout(workers=1, slots_per_worker=24, fields=featurizer.fields)
     queue = FeatureQueue.create(layout, directory=tmp_path)
+    board = NodeBoard.create(1, directory=tmp_path)
     try:
-        worker = InferenceWorker(settings, model, queue)
+        worker = InferenceWorker(settings, model, queue, board, row=0)
         worker.classifier = _LostDevice()
         _fill(queue, featurizer, range(3))
         worker.stopping = True  # finish what is queued, then return
@@ -56,5 +58,7 @@ def test_failed_batch_fails_every_item_and_repeated_failures_exit_non_zero(bundl
         worker.consecutive_failures = 0
         assert worker.run() == 3
         assert worker.consecutive_failures == 5
+        assert board.inference_total("failed") == 3 + 20  # every offer of every failed batch
     finally:
         queue.close()
+        board.close()

@@ -19,9 +19,9 @@ from core.decision import ParentCategories
 from core.kafka import client_config, read_topic
 from core.offer_files import offers_from_frame, read_offer_file
 from core.schemas import SCHEMA_VERSION, UNCERTAIN, Offer
+from core.scoring import served_probabilities
 from producers.publish import publish_offers, publish_raw
 from tests.conftest import read_predictions
-from training.evaluate import served_probabilities
 
 pytestmark = pytest.mark.integration
 
@@ -51,7 +51,7 @@ def test_n_offers_in_n_distinct_offer_ids_out(marketplace, bundle, stream_settin
             mall_id="mall-hana",
             image_b64=base64.b64encode(png.getvalue()).decode(),
         ),
-        Offer(offer_id="ko-2", title="키즈 운동화", image_url="file:///nonexistent/x.jpg"),
+        Offer(offer_id="ko-2", title="키즈 운동화", image_url="http://127.0.0.1:9/x.jpg"),  # loopback: refused
         Offer(offer_id="ko-3", title="전기장판 특가"),
     ]
     # The small bundle's noisy synthetic labels leave it no parent threshold that reaches its target;
@@ -70,7 +70,7 @@ def test_n_offers_in_n_distinct_offer_ids_out(marketplace, bundle, stream_settin
         assert prediction["category"] in (UNCERTAIN, prediction["top3"][0]["category"])
         assert {"preprocess", "queue_wait", "inference", "batch_size", "end_to_end"} <= set(prediction["timings_ms"])
     assert by_id["ko-1"]["image_used"] is True
-    assert (by_id["ko-2"]["image_used"], by_id["ko-2"]["image_status"]) == (False, "missing")
+    assert (by_id["ko-2"]["image_used"], by_id["ko-2"]["image_status"]) == (False, "refused")
     assert by_id["ko-3"]["image_status"] == "absent"
     # The exclusion dictionary: "여성" (women) rules out the men's and kids' branches.
     assert not any(c["category"].startswith(("Men", "Kids")) for c in by_id["ko-1"]["top3"][:1])
@@ -87,7 +87,7 @@ def test_n_offers_in_n_distinct_offer_ids_out(marketplace, bundle, stream_settin
     # The stream serves exactly the offline model: network logits + the lexical model's scores,
     # which travel from the preprocess workers through the queue.
     loaded = ModelBundle.load(bundle)
-    _, masked = served_probabilities(loaded, read_offer_file(marketplace).head(300), progress=False)
+    _, masked = served_probabilities(loaded, offers[:300])
     streamed = [by_id[o.offer_id]["confidence"] for o in offers[:300]]
     assert streamed == pytest.approx(masked.max(1).tolist(), abs=1e-4)
     # ...and names the same parent category where the leaf is uncertain, none where it is not.

@@ -1,9 +1,10 @@
+import hashlib
 import json
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from core.schemas import MAX_OFFER_ID_CHARS, Offer, Prediction, Rejection, parse_offer
+from core.schemas import MAX_OFFER_ID_CHARS, Offer, Prediction, Rejection, dead_letter, parse_offer
 
 LIMIT = 100_000
 
@@ -100,3 +101,57 @@ def test_prediction_is_valid_json_even_with_non_finite_confidence():
     )
     document = json.loads(prediction.to_bytes())
     assert document["confidence"] == 0.0 and document["image_status"] == "missing"
+
+
+REJECTION = Rejection("malformed JSON: Expecting value", "JSONDecodeError")
+
+
+def letter_of(value, *, key=b"k", headers=None, max_bytes=900_000):
+    return dead_letter(
+        key, value, headers, stage="parse", rejection=REJECTION, source="offers/0/7", max_bytes=max_bytes
+    )
+
+
+def test_a_dead_letter_that_fits_is_whole():
+    letter = letter_of(b"{not json", headers=[("trace", b"abc")])
+    assert (letter.key, letter.value) == (b"k", b"{not json")
+    assert dict(letter.headers) == {
+        "trace": b"abc",
+        "catstream.stage": b"parse",
+        "catstream.reason": b"malformed JSON: Expecting value",
+        "catstream.error_type": b"JSONDecodeError",
+        "catstream.source": b"offers/0/7",
+    }
+
+
+def test_a_dead_letter_too_large_is_cut_and_says_what_it_was():
+    value = bytes(range(256)) * 4700  # 1.2 MB, as a shop's broken message may be
+    letter = letter_of(value, max_bytes=900_000)
+    headers = dict(letter.headers)
+    assert letter.size <= 900_000 - 512 and len(letter.value) > 800_000
+    assert value.startswith(letter.value)
+    assert headers["catstream.original_bytes"] == str(len(value)).encode()
+    assert headers["catstream.original_sha256"] == hashlib.sha256(value).hexdigest().encode()
+    assert headers["catstream.truncated"] == b"value" and headers["catstream.stage"] == b"parse"
+
+
+def test_huge_keys_and_headers_are_cut_too():
+    letter = letter_of(
+        b"x" * 10_000, key=b"k" * 50_000, headers=[(f"h{i}", b"v" * 1000) for i in range(200)], max_bytes=16_384
+    )
+    assert letter.size <= 16_384 and len(letter.key) <= 16_384 // 4
+    assert dict(letter.headers)["catstream.truncated"] == b"value,headers,key"
+    assert dict(letter.headers)["catstream.original_bytes"] == b"10000"
+
+
+@settings(max_examples=200)
+@given(
+    st.binary(max_size=5000),
+    st.one_of(st.none(), st.binary(max_size=3000)),
+    st.lists(st.tuples(st.text(max_size=20), st.binary(max_size=500)), max_size=20),
+    st.integers(min_value=4096, max_value=8192),
+)
+def test_any_message_gives_a_dead_letter_within_its_budget(value, key, headers, budget):
+    letter = dead_letter(key, value, headers, stage="parse", rejection=REJECTION, source="s", max_bytes=budget)
+    assert letter.size + 16 * len(letter.headers) <= budget
+    assert dict(letter.headers)["catstream.stage"] == b"parse"
