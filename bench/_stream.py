@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import threading
 import time
+import urllib.request
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,7 +17,7 @@ from core.kafka import ensure_topics, producer_config
 from core.schemas import Offer
 from core.settings import Settings
 
-__all__ = ["OpenLoopProducer", "fresh_settings", "health_port", "node_roles", "process_tree", "rss_bytes"]
+__all__ = ["OpenLoopProducer", "fresh_settings", "health_port", "node_roles", "process_tree", "rss_bytes", "wait_ready"]
 
 
 def fresh_settings(bootstrap: str, *, partitions: int = 4) -> Settings:
@@ -43,6 +44,19 @@ def health_port(log_path: Path, *, timeout_s: float = 120.0) -> int:
             return int(match[1])
         time.sleep(0.2)
     raise TimeoutError(f"no health port in {log_path}")
+
+
+def wait_ready(log_path: Path, *, timeout_s: float = 120.0) -> str:
+    """Until the node whose log is ``log_path`` answers /readyz with 200; returns its health URL."""
+    base = f"http://127.0.0.1:{health_port(log_path, timeout_s=timeout_s)}"
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{base}/readyz", timeout=5):
+                return base
+        except OSError:
+            time.sleep(0.3)
+    raise TimeoutError(f"the node logging to {log_path} did not become ready")
 
 
 class OpenLoopProducer:

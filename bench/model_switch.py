@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from _record import record  # noqa: E402  (bench/, the script's own folder)
-from _stream import OpenLoopProducer, fresh_settings, health_port  # noqa: E402
+from _stream import OpenLoopProducer, fresh_settings, wait_ready  # noqa: E402
 
 from catstream.demo import start_node, stop_node  # noqa: E402
 from core.broker import EmbeddedBroker  # noqa: E402
@@ -50,20 +50,6 @@ def point(link: Path, target: Path) -> None:
     temporary.unlink(missing_ok=True)
     temporary.symlink_to(target)
     os.replace(temporary, link)
-
-
-def wait_ready(log_path: Path) -> None:
-    import urllib.request
-
-    base = f"http://127.0.0.1:{health_port(log_path)}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"{base}/readyz", timeout=5):
-                return
-        except OSError:
-            time.sleep(0.3)
-    raise TimeoutError("the node did not become ready")
 
 
 def run(

@@ -38,7 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from _record import record  # noqa: E402  (bench/, the script's own folder)
-from _stream import OpenLoopProducer, fresh_settings, health_port, node_roles, process_tree, rss_bytes  # noqa: E402
+from _stream import OpenLoopProducer, fresh_settings, node_roles, process_tree, rss_bytes, wait_ready  # noqa: E402
 
 from catstream.demo import start_node, stop_node  # noqa: E402
 from core.broker import EmbeddedBroker  # noqa: E402
@@ -115,14 +115,7 @@ def run_steady(
     settings = fresh_settings(bootstrap)
     log_path = work / f"node-{rate:g}-{int(time.time())}.log"
     node = start_node(bundle, settings, log_path=log_path, workers=workers, extra_env=env)
-    base = f"http://127.0.0.1:{health_port(log_path)}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:  # ready: model loaded, workers polling
-        try:
-            with urllib.request.urlopen(f"{base}/readyz", timeout=5):
-                break
-        except OSError:
-            time.sleep(0.5)
+    base = wait_ready(log_path)  # the model loaded, the workers polling
     sampler = Sampler(node.pid, log_path, base, sample_s).start()
     producer = OpenLoopProducer(offers, settings, rate=rate, duration_s=seconds).start()
     producer.join()

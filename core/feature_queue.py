@@ -25,12 +25,8 @@ featuriser declares, so no code here names a model input.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import mmap
-import os
 import time
-import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +36,7 @@ import numpy as np
 
 from core.images import IMAGE_STATUSES
 from core.schemas import MAX_OFFER_ID_CHARS
+from core.shared_memory import ArraySpec, attach_header, create_mapped_file, map_arrays, mapped_size
 
 __all__ = [
     "CLAIMED",
@@ -57,8 +54,6 @@ __all__ = [
 
 FREE, READY, CLAIMED, DONE, FAILED = 0, 1, 2, 3, 4
 
-_HEADER_BYTES = 4096
-_ALIGN = 64
 _OFFER_ID_BYTES = 4 * MAX_OFFER_ID_CHARS  # UTF-8 takes at most 4 bytes a character
 
 
@@ -166,7 +161,7 @@ class QueueLayout:
             fields=tuple(InputField.from_dict(f) for f in value["fields"]),
         )
 
-    def _arrays(self) -> list[tuple[str, np.dtype, tuple[int, ...]]]:
+    def _arrays(self) -> list[ArraySpec]:
         n = self.slots
         return [
             ("state", np.dtype(np.int32), (n,)),
@@ -184,13 +179,8 @@ class QueueLayout:
             *((f"input_{field.name}", np.dtype(field.dtype), (n, *field.shape)) for field in self.fields),
         ]
 
-    def offsets(self) -> tuple[dict[str, tuple[int, np.dtype, tuple[int, ...]]], int]:
-        table, offset = {}, _HEADER_BYTES
-        for name, dtype, shape in self._arrays():
-            table[name] = (offset, dtype, shape)
-            size = int(np.prod(shape)) * dtype.itemsize
-            offset += (size + _ALIGN - 1) // _ALIGN * _ALIGN
-        return table, offset
+    def nbytes(self) -> int:
+        return mapped_size(self._arrays())
 
 
 @dataclass(slots=True)
@@ -209,16 +199,11 @@ class SlotBatch:
 class FeatureQueue:
     """A view of the queue file; ``create`` in the supervisor, ``attach`` in each worker."""
 
-    def __init__(self, path: Path, layout: QueueLayout, handle: mmap.mmap, owner: bool):
+    def __init__(self, path: Path, layout: QueueLayout, owner: bool):
         self.path = path
         self.layout = layout
-        self._mmap = handle
         self._owner = owner
-        table, _ = layout.offsets()
-        self._views = {
-            name: np.ndarray(shape, dtype=dtype, buffer=handle, offset=offset)
-            for name, (offset, dtype, shape) in table.items()
-        }
+        self._mmap, self._views = map_arrays(path, layout._arrays())
         self.inputs = {field.name: self._views[f"input_{field.name}"] for field in layout.fields}
         self.state = self._views["state"]
         self.retries = self._views["retries"]
@@ -226,35 +211,18 @@ class FeatureQueue:
 
     @classmethod
     def create(cls, layout: QueueLayout, *, directory: str | Path = "/dev/shm") -> FeatureQueue:
-        directory = Path(directory)
-        if not directory.is_dir():
-            raise FileNotFoundError(f"queue directory {directory} does not exist")
-        path = directory / f"catstream-queue-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        _, size = layout.offsets()
-        header = json.dumps(layout.to_dict()).encode()
-        if len(header) > _HEADER_BYTES:
-            raise ValueError(f"queue layout of {len(header)} bytes does not fit the {_HEADER_BYTES}-byte header")
-        with path.open("wb") as handle:
-            handle.truncate(size)  # sparse; zero state means every slot starts FREE
-            handle.write(header)
-        return cls._map(path, layout, owner=True)
+        """A new queue file (every slot FREE) in ``directory``; the creator removes it on :meth:`close`."""
+        path = create_mapped_file(directory, "catstream-queue", layout.to_dict(), layout._arrays())
+        return cls(path, layout, owner=True)
 
     @classmethod
     def attach(cls, path: str | Path) -> FeatureQueue:
         path = Path(path)
-        with path.open("rb") as handle:
-            header = handle.read(_HEADER_BYTES).rstrip(b"\0")
-        return cls._map(path, QueueLayout.from_dict(json.loads(header)), owner=False)
-
-    @classmethod
-    def _map(cls, path: Path, layout: QueueLayout, owner: bool) -> FeatureQueue:
-        with path.open("r+b") as handle:
-            mapped = mmap.mmap(handle.fileno(), 0)
-        return cls(path, layout, mapped, owner)
+        return cls(path, QueueLayout.from_dict(attach_header(path)), owner=False)
 
     @property
     def nbytes(self) -> int:
-        return self.layout.offsets()[1]
+        return self.layout.nbytes()
 
     # --- worker side -----------------------------------------------------------------------------
 

@@ -17,15 +17,14 @@ replaced when the model changes; the board stays.
 
 from __future__ import annotations
 
-import json
-import mmap
-import os
+import contextlib
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from core.shared_memory import ArraySpec, attach_header, create_mapped_file, map_arrays
 
 __all__ = [
     "INFERENCE_COUNTERS",
@@ -62,9 +61,7 @@ INFERENCE_COUNTERS = (
 LATENCY_BUCKETS_MS = (5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000)
 STUCK_TABLE_ROWS = 64  # offers that wedged a worker (oldest overwritten)
 INFERENCE_ROWS = 2  # by generation parity
-_HEADER_BYTES = 4096
 _PATH_BYTES = 1024
-_ALIGN = 64
 
 
 @dataclass(frozen=True)
@@ -79,69 +76,43 @@ class Serving:
 class NodeBoard:
     """A view of the board file; ``create`` in the supervisor, ``attach`` in each process."""
 
-    def __init__(self, path: Path, workers: int, handle: mmap.mmap, owner: bool):
+    def __init__(self, path: Path, workers: int, owner: bool):
         self.path = path
         self.workers = workers
-        self._mmap = handle
         self._owner = owner
-        offset = _HEADER_BYTES
-        self._views: dict[str, np.ndarray] = {}
-        for name, dtype, shape in self._arrays(workers):
-            self._views[name] = np.ndarray(shape, dtype=dtype, buffer=handle, offset=offset)
-            size = int(np.prod(shape)) * np.dtype(dtype).itemsize
-            offset += (size + _ALIGN - 1) // _ALIGN * _ALIGN
+        self._mmap, self._views = map_arrays(path, self._arrays(workers))
         self.worker_stats = self._views["worker_stats"]
         self.inference_stats = self._views["inference_stats"]
         self.latency_buckets = self._views["latency_buckets"]
         self.latency_sum_us = self._views["latency_sum_us"]
 
     @staticmethod
-    def _arrays(workers: int) -> list[tuple[str, type, tuple[int, ...]]]:
+    def _arrays(workers: int) -> list[ArraySpec]:
         return [
-            ("worker_stats", np.int64, (workers, len(WORKER_COUNTERS))),
-            ("inference_stats", np.int64, (INFERENCE_ROWS, len(INFERENCE_COUNTERS))),
+            ("worker_stats", np.dtype(np.int64), (workers, len(WORKER_COUNTERS))),
+            ("inference_stats", np.dtype(np.int64), (INFERENCE_ROWS, len(INFERENCE_COUNTERS))),
             # in-node latency: counts per bucket (+Inf last) and the sum in microseconds, per row
-            ("latency_buckets", np.int64, (INFERENCE_ROWS, len(LATENCY_BUCKETS_MS) + 1)),
-            ("latency_sum_us", np.int64, (INFERENCE_ROWS,)),
+            ("latency_buckets", np.dtype(np.int64), (INFERENCE_ROWS, len(LATENCY_BUCKETS_MS) + 1)),
+            ("latency_sum_us", np.dtype(np.int64), (INFERENCE_ROWS,)),
             # partition + 1 (0: empty row), offset, strikes; a ring written by the supervisor only
-            ("stuck_offers", np.int64, (STUCK_TABLE_ROWS, 3)),
-            ("stuck_next", np.int64, (1,)),
-            ("generation", np.int64, (1,)),
-            ("queue_path", np.uint8, (_PATH_BYTES,)),
-            ("bundle_path", np.uint8, (_PATH_BYTES,)),
-            ("path_lengths", np.int64, (2,)),
+            ("stuck_offers", np.dtype(np.int64), (STUCK_TABLE_ROWS, 3)),
+            ("stuck_next", np.dtype(np.int64), (1,)),
+            ("generation", np.dtype(np.int64), (1,)),
+            ("queue_path", np.dtype(np.uint8), (_PATH_BYTES,)),
+            ("bundle_path", np.dtype(np.uint8), (_PATH_BYTES,)),
+            ("path_lengths", np.dtype(np.int64), (2,)),
         ]
 
     @classmethod
-    def _size(cls, workers: int) -> int:
-        offset = _HEADER_BYTES
-        for _, dtype, shape in cls._arrays(workers):
-            offset += (int(np.prod(shape)) * np.dtype(dtype).itemsize + _ALIGN - 1) // _ALIGN * _ALIGN
-        return offset
-
-    @classmethod
     def create(cls, workers: int, *, directory: str | Path = "/dev/shm") -> NodeBoard:
-        directory = Path(directory)
-        if not directory.is_dir():
-            raise FileNotFoundError(f"board directory {directory} does not exist")
-        path = directory / f"catstream-board-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        with path.open("wb") as handle:
-            handle.truncate(cls._size(workers))
-            handle.write(json.dumps({"workers": workers}).encode())
-        return cls._map(path, workers, owner=True)
+        """A new board file in ``directory``; the creator removes it on :meth:`close`."""
+        path = create_mapped_file(directory, "catstream-board", {"workers": workers}, cls._arrays(workers))
+        return cls(path, workers, owner=True)
 
     @classmethod
     def attach(cls, path: str | Path) -> NodeBoard:
         path = Path(path)
-        with path.open("rb") as handle:
-            header = json.loads(handle.read(_HEADER_BYTES).rstrip(b"\0"))
-        return cls._map(path, int(header["workers"]), owner=False)
-
-    @classmethod
-    def _map(cls, path: Path, workers: int, owner: bool) -> NodeBoard:
-        with path.open("r+b") as handle:
-            mapped = mmap.mmap(handle.fileno(), 0)
-        return cls(path, workers, mapped, owner)
+        return cls(path, int(attach_header(path)["workers"]), owner=False)
 
     # --- serving generation (the supervisor writes, every process reads) ---------------------------
 
@@ -252,6 +223,9 @@ class NodeBoard:
 
     def close(self) -> None:
         self._views.clear()
-        self._mmap.close()
+        for name in ("worker_stats", "inference_stats", "latency_buckets", "latency_sum_us"):
+            setattr(self, name, None)
+        with contextlib.suppress(BufferError):  # a view still in use elsewhere: the mapping goes with it
+            self._mmap.close()
         if self._owner:
             self.path.unlink(missing_ok=True)

@@ -69,3 +69,12 @@ def test_serving_imports_neither_torch_nor_training():
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == ""
+
+
+@pytest.mark.parametrize("module", ["training.evaluate", "training.audit"])
+def test_evaluate_and_audit_do_not_load_torch(module):
+    """They score the served ONNX model; only training needs PyTorch."""
+    probe = f"import sys\nimport {module}\nprint('torch' in sys.modules)\n"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"
