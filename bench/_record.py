@@ -20,5 +20,8 @@ def record(benchmark: str, report: dict, out_dir: Path) -> Path:
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{benchmark}-{now:%Y%m%dT%H%M%S}.json"
-    path.write_text(json.dumps(stamped, indent=2))
+    # numpy scalars (a verdict's bool, a percentile) are written as the Python values they hold
+    path.write_text(
+        json.dumps(stamped, indent=2, default=lambda value: value.item() if hasattr(value, "item") else str(value))
+    )
     return path

@@ -3,6 +3,7 @@ port is, an open-loop producer, and the memory of a process tree."""
 
 from __future__ import annotations
 
+import os
 import re
 import threading
 import time
@@ -17,7 +18,17 @@ from core.kafka import ensure_topics, producer_config
 from core.schemas import Offer
 from core.settings import Settings
 
-__all__ = ["OpenLoopProducer", "fresh_settings", "health_port", "node_roles", "process_tree", "rss_bytes", "wait_ready"]
+__all__ = [
+    "OpenLoopProducer",
+    "cpu_seconds",
+    "every_key",
+    "fresh_settings",
+    "health_port",
+    "node_roles",
+    "process_tree",
+    "rss_bytes",
+    "wait_ready",
+]
 
 
 def fresh_settings(bootstrap: str, *, partitions: int = 4) -> Settings:
@@ -47,16 +58,36 @@ def health_port(log_path: Path, *, timeout_s: float = 120.0) -> int:
 
 
 def wait_ready(log_path: Path, *, timeout_s: float = 120.0) -> str:
-    """Until the node whose log is ``log_path`` answers /readyz with 200; returns its health URL."""
+    """Until the node whose log is ``log_path`` answers /readyz with 200 and its consumers hold
+    their partitions (the group join takes seconds: offers published before it would wait in
+    Kafka and count against the node); returns its health URL."""
     base = f"http://127.0.0.1:{health_port(log_path, timeout_s=timeout_s)}"
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
             with urllib.request.urlopen(f"{base}/readyz", timeout=5):
-                return base
+                if re.search(r"preprocess-\d+ assigned \[\d", log_path.read_text()):
+                    return base
         except OSError:
-            time.sleep(0.3)
+            pass
+        time.sleep(0.3)
     raise TimeoutError(f"the node logging to {log_path} did not become ready")
+
+
+def every_key(expected: set[str]):
+    """A ``read_topic(until=...)`` test that is true once every key in ``expected`` was read: it
+    looks at each message once, so reading a million predictions stays linear."""
+    missing = set(expected)
+    looked = 0
+
+    def until(messages) -> bool:
+        nonlocal looked
+        for message in messages[looked:]:
+            missing.discard(message.key().decode())
+        looked = len(messages)
+        return not missing
+
+    return until
 
 
 class OpenLoopProducer:
@@ -113,6 +144,10 @@ class OpenLoopProducer:
     def join(self, timeout: float | None = None) -> None:
         self._thread.join(timeout)
 
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
 
 def process_tree(root: int) -> list[int]:
     """``root`` and its descendants (from /proc)."""
@@ -141,6 +176,15 @@ def rss_bytes(pid: int) -> int | None:
         return None
     rss = re.search(r"^VmRSS:\s+(\d+) kB", status, flags=re.M)
     return int(rss[1]) * 1024 if rss else 0
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU seconds a process has used (0 once it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def node_roles(log_path: Path) -> dict[int, str]:

@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from _record import record  # noqa: E402  (bench/, the script's own folder)
-from _stream import OpenLoopProducer, fresh_settings, wait_ready  # noqa: E402
+from _stream import OpenLoopProducer, every_key, fresh_settings, wait_ready  # noqa: E402
 
 from catstream.demo import start_node, stop_node  # noqa: E402
 from core.broker import EmbeddedBroker  # noqa: E402
@@ -85,7 +85,7 @@ def run(
         settings.categorized_topic,
         timeout_s=180,
         idle_s=45,
-        until=lambda ms: expected <= {m.key().decode() for m in ms},
+        until=every_key(expected),
     )
     code = stop_node(node)
     predictions = [(json.loads(m.value()), m.timestamp()[1] / 1000.0) for m in messages]

@@ -55,6 +55,11 @@ class EmbeddedBroker:
     def bootstrap_servers(self) -> str:
         return f"127.0.0.1:{self.port}"
 
+    @property
+    def pid(self) -> int | None:
+        """The broker process's id while it runs (benchmarks sample its memory and CPU)."""
+        return self._process.pid if self._process is not None else None
+
     def start(self, *, timeout_s: float = 20.0) -> EmbeddedBroker:
         url = f"tcp://127.0.0.1:{self.port}"
         output = self.log_path.open("ab") if self.log_path else subprocess.DEVNULL

