@@ -9,6 +9,7 @@ training options become flags only for the commands that train.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
@@ -20,6 +21,7 @@ from confluent_kafka import KafkaException
 from pydantic import ValidationError
 
 from catstream.options_cli import add_training_options, training_options
+from core.bundle import EMBEDDER_DIR
 from core.registry import MODEL_NAME, Registry, resolve_model_uri
 from core.settings import ENV_PREFIX, Settings
 
@@ -193,6 +195,37 @@ def _build_parser(command: str | None = None) -> argparse.ArgumentParser:
         add_training_options(tune)
     _add_tracking(tune)
 
+    embedder = commands.add_parser(
+        "train-embedder",
+        help="train the offer embedder (image, title, fused vectors) on a product split, then evaluate retrieval",
+    )
+    embedder.add_argument("--data", required=True, type=Path, help="labeled offer file (.csv, .jsonl, .parquet)")
+    embedder.add_argument(
+        "--model",
+        required=True,
+        type=Path,
+        help="classifier bundle: its tokenizer is read, and the embedder is written into it (<model>/embedder), "
+        "attached to its graph so that `catstream run` serves the vectors with the categories",
+    )
+    embedder.add_argument("--epochs", type=int, default=30, help="passes over the training products (default 30)")
+    embedder.add_argument("--dim", type=int, default=128, help="dimension of the image and text spaces (default 128)")
+    embedder.add_argument("--seed", type=int, default=0, help="seed of the product split and of training (default 0)")
+    embedder.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="PyTorch threads")
+    embedder.add_argument("--feature-cache", type=Path, help="where frozen image features are cached")
+    embedder.add_argument("--no-evaluate", action="store_true", help="skip the retrieval evaluation after training")
+
+    retrieval = commands.add_parser(
+        "evaluate-retrieval",
+        help="duplicate matching, similar products and cold-start search on held-out products, against BM25, "
+        "TF-IDF and ImageNet baselines",
+    )
+    retrieval.add_argument("--data", required=True, type=Path, help="labeled offer file (.csv, .jsonl, .parquet)")
+    retrieval.add_argument("--model", required=True, type=Path, help="classifier bundle whose tokenizer it reads")
+    retrieval.add_argument("--embedder", type=Path, help="embedder directory (default: <model>/embedder)")
+    retrieval.add_argument("--queries", type=int, default=3000, help="matching and similar queries (default 3000)")
+    retrieval.add_argument("--out", type=Path, help="report directory (default: the embedder directory)")
+    retrieval.add_argument("--feature-cache", type=Path, help="where frozen image features are cached")
+
     history = commands.add_parser("history", help="the labeled-offer history store (Parquet, one partition per month)")
     history_commands = history.add_subparsers(dest="history_command", required=True, metavar="ACTION")
     add = history_commands.add_parser("add", help="append labeled offers from a file")
@@ -262,6 +295,14 @@ def _build_parser(command: str | None = None) -> argparse.ArgumentParser:
         help="MLflow registry for models:/ URIs (env MLFLOW_TRACKING_URI; default sqlite:///mlflow.db)",
     )
     _add_kafka(run)
+
+    index = commands.add_parser(
+        "index",
+        help="keep the offer index current from the predictions stream and publish candidate duplicates "
+        "(offers.matched) until interrupted",
+    )
+    index.add_argument("--index-location", help=f"index directory or Qdrant URL {_env('index_location')}")
+    _add_kafka(index)
 
     demo = commands.add_parser("demo", help="synth → train → embedded broker → pipeline → summary")
     demo.add_argument("--out", type=Path, default=Path("demo-output"), help="work directory (default ./demo-output)")
@@ -638,10 +679,77 @@ def _cmd_run(args) -> int:
             broker.stop()
 
 
+def _cmd_index(args) -> int:
+    from core.index_location import open_index
+    from core.kafka import ensure_topics, wait_for_broker
+    from retrieval.indexer import OfferIndexer
+
+    settings = _settings(args)
+    if args.index_location:
+        settings = settings.model_copy(update={"index_location": args.index_location})
+    if not settings.bootstrap_servers:
+        raise ValueError(
+            "catstream index reads the node's predictions: give --bootstrap-servers (or set it in the env)"
+        )
+    location = settings.index_location
+    indexer = OfferIndexer(settings, lambda spaces: open_index(location, spaces=spaces))  # a damaged index fails here
+    wait_for_broker(settings)
+    ensure_topics(settings, extra=(settings.matched_topic,))
+    indexer.install_signal_handlers()
+    print(f"indexing {settings.categorized_topic} into {location}", flush=True)
+    return indexer.run()
+
+
 def _cmd_demo(args) -> int:
     from catstream.demo import run_demo
 
     return run_demo(args)
+
+
+def _cmd_train_embedder(args) -> int:
+    from training.embeddings import EmbedderOptions, fit_embedder, prepare_embedding_data, save_embedder
+
+    if args.epochs < 1 or args.dim < 2:
+        raise ValueError(f"--epochs must be at least 1 and --dim at least 2, got {args.epochs} and {args.dim}")
+    options = EmbedderOptions(epochs=args.epochs, dim=args.dim, seed=args.seed, threads=args.threads)
+    data = prepare_embedding_data(args.data, args.model, options=options, feature_cache=args.feature_cache)
+    model, history = fit_embedder(data, options)
+    from training.embedder_export import write_embedded_model
+
+    out = args.model / EMBEDDER_DIR
+    report = _retrieval_report(model, data, queries=3000, seed=args.seed, out=out) if not args.no_evaluate else {}
+    save_embedder(model, out, options=options, history=history, report=report, data=data)
+    parity = write_embedded_model(args.model, model, out)
+    print(
+        f"embedder: {out} ({history[-1]['seconds']:.0f} s of training, final loss {history[-1]['loss']:.3f}); "
+        f"attached to the classifier graph (largest difference from PyTorch {max(parity.values()):.1e})"
+    )
+    return 0
+
+
+def _cmd_evaluate_retrieval(args) -> int:
+    from training.embeddings import load_embedder, prepare_embedding_data
+
+    if not 1 <= args.queries <= 100_000:
+        raise ValueError(f"--queries must be in 1..100000, got {args.queries}")
+    directory = args.embedder or args.model / EMBEDDER_DIR
+    model, options = load_embedder(directory)
+    data = prepare_embedding_data(args.data, args.model, options=options, feature_cache=args.feature_cache)
+    _retrieval_report(model, data, queries=args.queries, seed=options.seed, out=args.out or directory)
+    return 0
+
+
+def _retrieval_report(model, data, *, queries: int, seed: int, out: Path) -> dict:
+    from training.retrieval_eval import evaluate_retrieval, format_report
+
+    report = evaluate_retrieval(model, data, max_queries=queries, seed=seed)
+    out.mkdir(parents=True, exist_ok=True)
+    markdown = format_report(report)
+    (out / "retrieval-evaluation.md").write_text(markdown)
+    (out / "retrieval-evaluation.json").write_text(json.dumps(report.to_dict(), indent=1, default=str))
+    print(markdown)
+    print(f"report: {out / 'retrieval-evaluation.md'} and {out / 'retrieval-evaluation.json'}")
+    return report.to_dict()
 
 
 _COMMANDS = {
@@ -652,11 +760,14 @@ _COMMANDS = {
     "audit": _cmd_audit,
     "ablation": _cmd_ablation,
     "tune": _cmd_tune,
+    "train-embedder": _cmd_train_embedder,
+    "evaluate-retrieval": _cmd_evaluate_retrieval,
     "history": _cmd_history,
     "mine-exclusions": _cmd_mine_exclusions,
     "promote": _cmd_promote,
     "produce": _cmd_produce,
     "run": _cmd_run,
+    "index": _cmd_index,
     "demo": _cmd_demo,
 }
 

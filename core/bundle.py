@@ -11,6 +11,9 @@
     dictionaries/      the dictionary files the model was trained with
     shops.json         per-shop trust in the shop's own category (mall_id → weight), optional
     lexical/           the lexical model whose scores are added to the logits (core.lexical), optional
+    embedder/          the offer embedder (``catstream train-embedder``), optional: ``model.onnx`` is
+                       the classifier's graph with the embedder attached to its pooled image
+                       features, so one pass gives the logits and the image, text and fused vectors
     training_offers.tsv  offer_id and content fingerprint of every offer its training or calibration
                        saw, so a later model is compared with it only on offers neither has seen,
                        even where the same offers come back under new ids
@@ -35,6 +38,8 @@ from core.lexical import LEXICAL_DIR, LexicalModel
 
 __all__ = [
     "BUNDLE_FORMAT",
+    "EMBEDDER_DIR",
+    "EMBEDDING_OUTPUTS",
     "PARITY_FILE",
     "SHOPS_FILE",
     "TRAINING_OFFERS_FILE",
@@ -56,6 +61,9 @@ __all__ = [
 
 BUNDLE_FORMAT: Final = 3  # 3: typed config.json (BundleConfig)
 SHOPS_FILE = "shops.json"
+EMBEDDER_DIR = "embedder"
+# Output name of each vector space in the classifier graph with the embedder attached.
+EMBEDDING_OUTPUTS: Final = {"image": "embedding_image", "text": "embedding_text", "fused": "embedding_fused"}
 PARITY_FILE = "parity.npz"  # inputs and PyTorch's logits on them, from the export's parity check
 TRAINING_OFFERS_FILE = "training_offers.tsv"
 CONFIG_FILE = "config.json"
@@ -383,6 +391,12 @@ class ModelBundle:
     @property
     def onnx_path(self) -> Path:
         return self.path / "model.onnx"
+
+    @property
+    def embedded_onnx_path(self) -> Path | None:
+        """The graph that also gives the offer vectors (``embedder/model.onnx``), None without an embedder."""
+        path = self.path / EMBEDDER_DIR / "model.onnx"
+        return path if path.is_file() else None
 
     @property
     def tokenizer_path(self) -> Path:

@@ -107,10 +107,10 @@ def consumer_config(settings: Settings, *, group_id: str, **overrides: Any) -> C
     return config | overrides
 
 
-def ensure_topics(settings: Settings, *, timeout_s: float = 15.0) -> None:
-    """Create the offers, categorized and dead-letter topics if they do not exist."""
+def ensure_topics(settings: Settings, *, timeout_s: float = 15.0, extra: tuple[str, ...] = ()) -> None:
+    """Create the offers, categorized and dead-letter topics (and ``extra`` ones) if they do not exist."""
     admin = AdminClient(client_config(settings))
-    wanted = [settings.offers_topic, settings.categorized_topic, settings.dead_letter_topic]
+    wanted = [settings.offers_topic, settings.categorized_topic, settings.dead_letter_topic, *extra]
     existing = set(admin.list_topics(timeout=timeout_s).topics)
     missing = [
         NewTopic(name, num_partitions=settings.topic_partitions, replication_factor=1)

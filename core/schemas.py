@@ -6,11 +6,14 @@ readable reason, never an exception, so a bad message can always be dead-lettere
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import math
 from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
 
 __all__ = [
     "MAX_OFFER_ID_CHARS",
@@ -22,6 +25,8 @@ __all__ = [
     "Prediction",
     "Rejection",
     "dead_letter",
+    "decode_vectors",
+    "encode_vectors",
     "parse_offer",
 ]
 
@@ -143,6 +148,7 @@ class Prediction:
     timings_ms: dict[str, float]
     excluded_categories: int = 0
     confident_parent: tuple[str, float] | None = None  # only when ``category`` is uncertain
+    vectors: dict[str, np.ndarray] | None = None  # space -> (D,) float16, when the model has an embedder
 
     def to_bytes(self) -> bytes:
         document = {
@@ -160,7 +166,38 @@ class Prediction:
             else {"category": self.confident_parent[0], "probability": _finite(self.confident_parent[1])},
             "timings_ms": {stage: round(ms, 3) for stage, ms in self.timings_ms.items()},
         }
+        if self.vectors:
+            document["vectors"] = encode_vectors(self.vectors)
         return json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def encode_vectors(vectors: dict[str, np.ndarray]) -> dict[str, str]:
+    """``{"dtype": "float16", space: base64 of the little-endian values}``: a prediction's vectors."""
+    encoded = {"dtype": "float16"}
+    for space, vector in vectors.items():
+        encoded[space] = base64.b64encode(np.asarray(vector, dtype="<f2").tobytes()).decode("ascii")
+    return encoded
+
+
+def decode_vectors(document: dict[str, Any]) -> dict[str, np.ndarray]:
+    """The vectors of a prediction document as float32 arrays by space (empty when it has none).
+
+    Raises ``ValueError`` for an unknown dtype or a value that is not base64 of whole float16s.
+    """
+    encoded = document.get("vectors")
+    if not encoded:
+        return {}
+    if not isinstance(encoded, dict) or encoded.get("dtype") != "float16":
+        raise ValueError("prediction vectors must be an object with dtype float16")
+    vectors = {}
+    for space, text in encoded.items():
+        if space == "dtype":
+            continue
+        raw = base64.b64decode(text, validate=True)
+        if len(raw) % 2 or not raw:
+            raise ValueError(f"vector {space!r} is not a whole number of float16 values")
+        vectors[space] = np.frombuffer(raw, dtype="<f2").astype(np.float32)
+    return vectors
 
 
 def _finite(value: float) -> float:

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 import onnxruntime as ort
 
-from core.bundle import PARITY_FILE, BundleError, ModelBundle
+from core.bundle import EMBEDDING_OUTPUTS, PARITY_FILE, BundleError, ModelBundle
 from core.decision import apply_exclusions, softmax
 from core.features import Featurizer
 from core.images import ImagePolicy
@@ -37,9 +37,21 @@ def choose_providers(requested: Sequence[str] | None = None) -> list[str]:
 
 class OnnxClassifier:
     """An ONNX Runtime session over the bundle's network; :meth:`logits` adds the lexical model's
-    scores (computed by the featuriser) when the bundle has one."""
+    scores (computed by the featuriser) when the bundle has one.
 
-    def __init__(self, bundle: ModelBundle, *, providers: Sequence[str] | None = None, intra_op_threads: int = 1):
+    With ``embeddings`` and a bundle that has an embedder, the session runs the graph with the
+    embedder attached (``embedder/model.onnx``) and :meth:`score` also returns the offer vectors
+    from the same pass; :attr:`spaces` names them (empty otherwise).
+    """
+
+    def __init__(
+        self,
+        bundle: ModelBundle,
+        *,
+        providers: Sequence[str] | None = None,
+        intra_op_threads: int = 1,
+        embeddings: bool = False,
+    ):
         options = ort.SessionOptions()
         options.intra_op_num_threads = intra_op_threads
         options.inter_op_num_threads = 1
@@ -48,7 +60,8 @@ class OnnxClassifier:
         if "CUDAExecutionProvider" in self.providers and hasattr(ort, "preload_dlls"):
             # onnxruntime-gpu finds CUDA and cuDNN from the nvidia-* wheels only once they are preloaded
             ort.preload_dlls()
-        self.session = ort.InferenceSession(str(bundle.onnx_path), sess_options=options, providers=self.providers)
+        graph = bundle.embedded_onnx_path if embeddings and bundle.embedded_onnx_path else bundle.onnx_path
+        self.session = ort.InferenceSession(str(graph), sess_options=options, providers=self.providers)
         if (
             providers
             and "CUDAExecutionProvider" in providers
@@ -59,16 +72,27 @@ class OnnxClassifier:
                 "(CUDA or cuDNN libraries not loadable; see the log above)"
             )
         self.input_names = tuple(item.name for item in self.session.get_inputs())
+        outputs = {item.name for item in self.session.get_outputs()}
+        self.spaces = tuple(space for space, name in EMBEDDING_OUTPUTS.items() if name in outputs)
+        self._outputs = ["logits", *(EMBEDDING_OUTPUTS[space] for space in self.spaces)]
         self.uses_lexical = bundle.has_lexical
-        log.info("ONNX Runtime session on %s", self.session.get_providers())
+        log.info("ONNX Runtime session on %s (%s)", self.session.get_providers(), graph.relative_to(bundle.path))
 
     def logits(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
         """``(N, K)`` logits of a batch: ``inputs`` maps each input field's name to its ``(N, …)``
         array (``core.features.FeatureBatch.inputs``); the graph takes the ones it declares."""
+        return self.score(inputs)[0]
+
+    def score(self, inputs: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """``(logits, vectors)``: :meth:`logits` and, by space, the ``(N, D)`` unit vectors of the
+        batch (an empty dict without an embedder)."""
         missing = [name for name in self.input_names if name not in inputs]
         if missing:
             raise ValueError(f"this model needs the input(s) {', '.join(missing)}")
-        (logits,) = self.session.run(None, {name: inputs[name] for name in self.input_names})
+        logits, *vectors = self.session.run(self._outputs, {name: inputs[name] for name in self.input_names})
+        return self._with_lexical(logits, inputs), dict(zip(self.spaces, vectors, strict=True))
+
+    def _with_lexical(self, logits: np.ndarray, inputs: dict[str, np.ndarray]) -> np.ndarray:
         if not self.uses_lexical:
             return logits
         lexical = inputs.get("lexical")
@@ -114,11 +138,12 @@ def check_bundle(
     and the labels match the outputs. :class:`BundleError` says what failed."""
     try:
         Featurizer.from_bundle(bundle)
-        session = OnnxClassifier(bundle, providers=providers).session
+        # The graph the node will serve: with the embedder attached when the bundle has one.
+        session = OnnxClassifier(bundle, providers=providers, embeddings=True).session
         with np.load(bundle.path / PARITY_FILE) as probe:
             feeds = {item.name: probe[item.name] for item in session.get_inputs()}
             expected = probe["expected_logits"]
-        (actual,) = session.run(None, feeds)
+        (actual,) = session.run(["logits"], feeds)
     except BundleError:
         raise
     except Exception as error:  # a bundle that cannot even be loaded or run is refused with the reason

@@ -48,6 +48,21 @@ class Settings(BaseSettings):
     consumer_group: str = Field("catstream-preprocess", description="Consumer group of preprocess workers.")
     topic_partitions: int = Field(4, ge=1, description="Partitions used when this node creates a topic.")
 
+    # --- Offer index (catstream index) ------------------------------------------------------------
+    matched_topic: str = Field(
+        "offers.matched", description="Output topic of the candidate duplicates the index finds for each new offer."
+    )
+    index_group: str = Field("catstream-index", description="Consumer group of the offer indexer.")
+    index_location: str = Field(
+        "offer-index",
+        description="Where the offer index lives: a directory (embedded Faiss, the default), "
+        "qdrant+http(s)://HOST:PORT for a Qdrant cluster, or qdrant:DIRECTORY for Qdrant's local mode.",
+    )
+    index_save_interval_s: float = Field(
+        5.0, gt=0, description="How often the embedded index is saved with its offsets (what a crash re-reads)."
+    )
+    match_candidates: int = Field(10, ge=1, le=1000, description="Candidate duplicates published per new offer.")
+
     # --- Node layout and queue ----------------------------------------------------------------
     preprocess_workers: int = Field(2, ge=1, description="Preprocess processes on this node.")
     slots_per_worker: int = Field(

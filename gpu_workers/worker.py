@@ -51,7 +51,7 @@ class InferenceWorker:
         self.parent_threshold = self.bundle.parent_threshold
         _log_thresholds(self.bundle)
         self.classifier = OnnxClassifier(
-            self.bundle, providers=settings.providers, intra_op_threads=settings.intra_op_threads
+            self.bundle, providers=settings.providers, intra_op_threads=settings.intra_op_threads, embeddings=True
         )
         self.batcher: DynamicBatcher[int] = DynamicBatcher(
             max_batch_size=settings.max_batch_size, max_wait_s=settings.max_wait_ms / 1000.0
@@ -97,7 +97,7 @@ class InferenceWorker:
         batch = self.queue.claim(slots)
         started = time.perf_counter()
         try:
-            logits = self.classifier.logits(batch.features.inputs)
+            logits, vectors = self.classifier.score(batch.features.inputs)
             if logits.shape[0] != len(slots):
                 raise RuntimeError(f"model returned {logits.shape[0]} rows for {len(slots)} inputs")
             probabilities = softmax(logits, self.bundle.temperature)
@@ -122,7 +122,11 @@ class InferenceWorker:
         self.board.count_inference(self.row, "inference_ns", int(inference_ms * 1e6))
         preprocess_ms = np.array([offer.preprocess_ms for offer in batch.offers])
         self.board.observe_latency(self.row, preprocess_ms + (flushed_ns - batch.enqueued_ns) / 1e6 + inference_ms)
-        for slot, offer, decision, enqueued_ns in zip(slots, batch.offers, decisions, batch.enqueued_ns, strict=True):
+        # float16 halves the message; a vector's rounding error (~1e-3) is below what ranks differ by.
+        half = {space: matrix.astype(np.float16) for space, matrix in vectors.items()}
+        for row, (slot, offer, decision, enqueued_ns) in enumerate(
+            zip(slots, batch.offers, decisions, batch.enqueued_ns, strict=True)
+        ):
             timings = {
                 "preprocess": offer.preprocess_ms,
                 "queue_wait": (flushed_ns - int(enqueued_ns)) / 1e6,
@@ -142,6 +146,7 @@ class InferenceWorker:
                 timings_ms=timings,
                 excluded_categories=decision.excluded,
                 confident_parent=decision.parent,
+                vectors={space: matrix[row] for space, matrix in half.items()} or None,
             )
             self.board.count_inference(self.row, "predicted")
             self.board.count_inference(self.row, "uncertain", int(decision.category == UNCERTAIN))

@@ -32,7 +32,7 @@ from training.progress import progress_bar
 from training.shops import estimate_shop_weights
 from training.splits import Split, split_offers
 
-__all__ = ["NOT_NETWORK_INPUTS", "Prepared", "prepare"]
+__all__ = ["NOT_NETWORK_INPUTS", "Prepared", "cached_image_trunk", "prepare"]
 
 log = logging.getLogger(__name__)
 
@@ -129,13 +129,13 @@ def prepare(data: str | Path, out_dir: Path, options: TrainOptions, *, progress:
     if weights is None:
         log.warning(
             "no ImageNet MobileNetV2 weights%s: the image branch is randomly initialised "
-            "(see README, 'Pretrained weights'); text branches still learn",
+            "(docs/training.md, 'Pretrained weights'); text branches still learn",
             "" if options.use_pretrained else " (--no-pretrained)",
         )
     inputs, images, texts = _featurize(frame, featurizer, progress=progress)
     inputs["mall_weight"] = torch.tensor([shop_weights.get(m, 1.0) for m in frame["mall_id"]], dtype=torch.float32)
     trunk_layer = BACKBONE_BLOCKS - options.finetune_blocks
-    trunk = _cached_image_trunk(frame, images, config, weights, trunk_layer, options, device, progress=progress)
+    trunk = cached_image_trunk(images, config, weights, trunk_layer, options, device, progress=progress)
     report["offers_without_usable_image"] = int((inputs["has_image"] == 0).sum())
     return Prepared(
         frame=frame,
@@ -186,8 +186,7 @@ def _featurize(
     return inputs, images, pd.DataFrame(texts, columns=["title", "mall"], index=frame.index)
 
 
-def _cached_image_trunk(
-    frame: pd.DataFrame,
+def cached_image_trunk(
     images: np.ndarray,
     config: FusionConfig,
     weights: Path | None,

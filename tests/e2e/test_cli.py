@@ -22,11 +22,14 @@ SUBCOMMANDS = (
     "audit",
     "ablation",
     "tune",
+    "train-embedder",
+    "evaluate-retrieval",
     "history",
     "mine-exclusions",
     "promote",
     "produce",
     "run",
+    "index",
     "demo",
 )
 

@@ -231,8 +231,8 @@ def test_a_lost_broker_turns_readiness_off_and_ends_the_node_non_zero(bundle, ma
         publish(settings, [offer("before")])
         read_predictions(settings, {"before"})
         lines_before = len(log_path.read_text().splitlines())
+        lost = time.monotonic()  # before the stop: the node may see the broker go while stop() is still waiting
         broker.stop()
-        lost = time.monotonic()
         while (answer := get(f"{base}/readyz")) == (200, "ok\n"):
             assert time.monotonic() - lost < 15, "readiness stayed 200 with the broker gone"
             time.sleep(0.2)

@@ -12,7 +12,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 CORE, ENTRY = "core", "catstream"
-STAGES = ("producers", "preprocess_workers", "gpu_workers", "training")
+STAGES = ("producers", "preprocess_workers", "gpu_workers", "training", "retrieval")
 DATA = "dictionaries"
 
 

@@ -1,0 +1,221 @@
+"""The offer index under load: build time, query latency and throughput, memory, and the
+approximate path's recall, each next to a baseline measured in the same run.
+
+1. **Myntra offers** (``--embedder``, ``--model``, ``--data``): the embedder's vectors of every
+   offer (image, text, fused) into the embedded Faiss index (exact at this size). Single queries
+   (one thread) unfiltered and inside the query's leaf, batches of 64, against a plain numpy
+   matrix product over the same vectors (the baseline), then a save and a load.
+2. **Synthetic vectors** (``--synthetic N``, default 1,000,000 x 128): clustered unit vectors into
+   the HNSW path; recall@10 against exact search on the same queries, and latency at several
+   ``efSearch`` values.
+
+    .venv/bin/python bench/retrieval.py --model MYNTRA_BUNDLE --embedder MYNTRA_BUNDLE/embedder
+    .venv/bin/python bench/retrieval.py --synthetic 200000 --skip-myntra
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import faiss  # noqa: E402
+from _record import record  # noqa: E402  (bench/, the script's own folder)
+
+from core.faiss_index import FaissIndex  # noqa: E402
+from core.offer_files import LABEL  # noqa: E402
+from core.offer_index import IndexedOffer  # noqa: E402
+
+MYNTRA = REPO.parent / "shared" / "datasets" / "myntra-fashion" / "offers.csv"
+
+
+def rss_mib() -> float:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def latency(run, queries: np.ndarray, repeats: int = 1) -> dict:
+    """p50/p99 in ms of ``run(query)`` over single queries ``(1, D)``."""
+    times = []
+    for _ in range(repeats):
+        for row in range(len(queries)):
+            started = time.perf_counter()
+            run(queries[row : row + 1])
+            times.append(time.perf_counter() - started)
+    milliseconds = np.array(times) * 1000
+    return {"p50_ms": float(np.percentile(milliseconds, 50)), "p99_ms": float(np.percentile(milliseconds, 99))}
+
+
+def per_second(run, queries: np.ndarray, batch: int) -> float:
+    started = time.perf_counter()
+    for start in range(0, len(queries), batch):
+        run(queries[start : start + batch])
+    return len(queries) / (time.perf_counter() - started)
+
+
+def myntra(args) -> dict:
+    from training.embeddings import embed_offers, load_embedder, prepare_embedding_data
+
+    model, options = load_embedder(args.embedder)
+    data = prepare_embedding_data(args.data, args.model, options=options, progress=False)
+    rows = np.arange(len(data.frame))
+    vectors = embed_offers(model, data, rows)
+    categories = data.frame[LABEL].tolist()
+    offers = [
+        IndexedOffer(
+            offer_id=str(data.frame["offer_id"].iloc[row]),
+            category=categories[row],
+            vectors={space: vectors[space][row] for space in vectors},
+            product=str(data.groups[row]),
+            image_sha=data.image_sha[row],
+        )
+        for row in rows
+    ]
+    spaces = {space: matrix.shape[1] for space, matrix in vectors.items()}
+    before = rss_mib()
+    started = time.perf_counter()
+    index = FaissIndex(spaces, mode="auto")
+    for start in range(0, len(offers), 1000):
+        index.upsert(offers[start : start + 1000])
+    build_s = time.perf_counter() - started
+    memory = rss_mib() - before
+    rng = np.random.default_rng(0)
+    picks = rng.choice(len(offers), size=min(args.queries, len(offers)), replace=False)
+    queries = vectors["fused"][picks]
+    leaves = [categories[p] for p in picks]
+    matrix = vectors["fused"]
+    report: dict = {
+        "offers": len(offers),
+        "spaces": spaces,
+        "build_s": build_s,
+        "index_rss_mib": memory,
+        "approximate": index._approximate,
+    }
+    report["single_unfiltered"] = latency(lambda q: index.search("fused", q, k=10), queries)
+    position = iter(range(len(leaves) * 2))
+    report["single_in_leaf"] = latency(
+        lambda q: index.search("fused", q, k=10, category=leaves[next(position) % len(leaves)]), queries
+    )
+    report["baseline_numpy_single"] = latency(lambda q: np.argpartition(-(q @ matrix.T), 10, axis=1)[:, :10], queries)
+    report["batched_64_per_s"] = per_second(lambda q: index.search("fused", q, k=10), queries, 64)
+    report["baseline_numpy_batched_64_per_s"] = per_second(
+        lambda q: np.argpartition(-(q @ matrix.T), 10, axis=1)[:, :10], queries, 64
+    )
+    with tempfile.TemporaryDirectory() as scratch:
+        index.path = Path(scratch) / "index"
+        started = time.perf_counter()
+        index.save({("offers.predictions", 0): len(offers)})
+        report["save_s"] = time.perf_counter() - started
+        report["saved_mib"] = sum(f.stat().st_size for f in index.path.iterdir()) / 2**20
+        started = time.perf_counter()
+        FaissIndex.open(index.path)
+        report["load_s"] = time.perf_counter() - started
+    return report
+
+
+def synthetic(args) -> dict:
+    rng = np.random.default_rng(1)
+    count, dimension = args.synthetic, 128
+    centres = rng.normal(size=(1000, dimension)).astype(np.float32)
+    vectors = centres[rng.integers(1000, size=count)] + rng.normal(size=(count, dimension)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    # Queries are fresh draws from the same clusters, not perturbed copies of indexed vectors:
+    # their neighbours are a cluster's crowd, which is what makes approximate search miss.
+    queries = centres[rng.integers(1000, size=args.queries)] + rng.normal(size=(args.queries, dimension)).astype(
+        np.float32
+    )
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    exact = faiss.IndexFlatIP(dimension)
+    exact.add(vectors)
+    truth = exact.search(queries, 10)[1]
+    report: dict = {"vectors": count, "dimension": dimension, "queries": args.queries}
+    report["exact_single"] = latency(lambda q: exact.search(q, 10), queries[:200])
+    before = rss_mib()
+    started = time.perf_counter()
+    offers = (
+        IndexedOffer(offer_id=f"s{row}", category="Synthetic", vectors={"v": vectors[row]}) for row in range(count)
+    )
+    index = FaissIndex({"v": dimension}, mode="hnsw", ef_construction=args.ef_construction)
+    batch: list[IndexedOffer] = []
+    for offer in offers:
+        batch.append(offer)
+        if len(batch) == 20_000:
+            index.upsert(batch)
+            batch = []
+    index.upsert(batch)
+    report["hnsw_build_s"] = time.perf_counter() - started
+    report["hnsw_rss_mib"] = rss_mib() - before
+    report["ef_construction"] = args.ef_construction
+    slot_of = {f"s{row}": row for row in range(count)}
+    for ef_search in (32, 64, 128, 256):
+        index.ef_search = ef_search
+        found = [[slot_of[hit.offer_id] for hit in row] for row in index.search("v", queries, k=10)]
+        recall = float(np.mean([len(set(f) & set(t)) / 10 for f, t in zip(found, truth, strict=True)]))
+        timing = latency(lambda q: index.search("v", q, k=10), queries[:500])
+        report[f"hnsw_ef{ef_search}"] = {"recall@10": recall, **timing}
+    return report
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, help="classifier bundle (its tokenizer)")
+    parser.add_argument("--embedder", type=Path, help="embedder directory (default: <model>/embedder)")
+    parser.add_argument("--data", type=Path, default=MYNTRA)
+    parser.add_argument("--queries", type=int, default=2000)
+    parser.add_argument("--synthetic", type=int, default=1_000_000, help="vectors for the HNSW part (0 skips it)")
+    parser.add_argument("--ef-construction", type=int, default=80)
+    parser.add_argument("--skip-myntra", action="store_true")
+    parser.add_argument("--threads", type=int, default=1, help="Faiss and BLAS threads (default 1)")
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    args = parser.parse_args()
+    faiss.omp_set_num_threads(args.threads)
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    report: dict = {"threads": args.threads}
+    if not args.skip_myntra:
+        if args.model is None:
+            parser.error("--model is required for the Myntra part (or pass --skip-myntra)")
+        args.embedder = args.embedder or args.model / "embedder"
+        report["myntra"] = mine = myntra(args)
+        single, leaf, numpy = mine["single_unfiltered"], mine["single_in_leaf"], mine["baseline_numpy_single"]
+        print(
+            f"Myntra: {mine['offers']:,} offers, built in {mine['build_s']:.1f} s, +{mine['index_rss_mib']:.0f} MiB; "
+            f"single query p50/p99 {single['p50_ms']:.2f}/{single['p99_ms']:.2f} ms "
+            f"(in leaf {leaf['p50_ms']:.2f}/{leaf['p99_ms']:.2f} ms; "
+            f"numpy {numpy['p50_ms']:.2f}/{numpy['p99_ms']:.2f} ms); "
+            f"batched {mine['batched_64_per_s']:,.0f} queries/s "
+            f"(numpy {mine['baseline_numpy_batched_64_per_s']:,.0f}); "
+            f"save {mine['save_s']:.2f} s ({mine['saved_mib']:.0f} MiB), load {mine['load_s']:.2f} s"
+        )
+    if args.synthetic:
+        report["synthetic"] = synth = synthetic(args)
+        print(
+            f"synthetic: {synth['vectors']:,} x {synth['dimension']}; exact p50/p99 "
+            f"{synth['exact_single']['p50_ms']:.1f}/{synth['exact_single']['p99_ms']:.1f} ms; HNSW built in "
+            f"{synth['hnsw_build_s']:.0f} s, +{synth['hnsw_rss_mib']:.0f} MiB"
+        )
+        for ef in (32, 64, 128, 256):
+            figures = synth[f"hnsw_ef{ef}"]
+            print(
+                f"  efSearch {ef}: recall@10 {figures['recall@10']:.3f}, "
+                f"p50/p99 {figures['p50_ms']:.2f}/{figures['p99_ms']:.2f} ms"
+            )
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    report["peak_rss_mib"] = usage.ru_maxrss / 1024
+    print(f"wrote {record('retrieval', report, args.out)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,253 @@
+"""The offer indexer: keeps the offer index current from the predictions stream, and publishes the
+candidate duplicates of every new offer to ``offers.matched``.
+
+- Input: the predictions topic. A prediction with vectors (a bundle with an embedder) is upserted
+  by ``offer_id``, so a redelivered one changes nothing; a tombstone (a null value under an
+  offer's key) deletes it; a prediction without vectors is skipped and counted.
+- Matching is search: once a new offer is in the index, its image, text and fused vectors each
+  fetch their nearest other offers (offers of the same batch included), and the union goes out
+  with the score of every way it was found.
+- State: the index is the state, saved every ``index_save_interval_s`` together with the offset
+  of the next message of every partition. Before a save, every matched message of what it covers
+  has been delivered. A restart (or a crash) resumes from the last save, so no offer is lost;
+  offers after the save are upserted again (harmless) and their matches may be published again.
+- One indexer per index: it reads every partition itself (no group rebalancing), since an
+  embedded index must see every offer. The consumer group only records its progress (lag).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, Producer, TopicPartition
+
+from core.kafka import consumer_config, producer_config
+from core.offer_index import IndexedOffer, OfferIndex, OfferIndexError, Offsets
+from core.schemas import UNCERTAIN, decode_vectors
+from core.settings import Settings
+
+__all__ = ["OfferIndexer", "candidates_of", "matched_message"]
+
+log = logging.getLogger(__name__)
+
+_BATCH = 500
+_POLL_S = 0.2
+
+
+def _category(document: dict[str, Any]) -> str:
+    """Where an offer is filed in the index: its category, else its confident parent, else its best guess."""
+    category = document.get("category")
+    if isinstance(category, str) and category and category != UNCERTAIN:
+        return category
+    parent = document.get("confident_parent")
+    if isinstance(parent, dict) and isinstance(parent.get("category"), str):
+        return parent["category"]
+    top = document.get("top3") or [{}]
+    guess = top[0].get("category") if isinstance(top[0], dict) else None
+    return guess if isinstance(guess, str) and guess else UNCERTAIN
+
+
+def candidates_of(index: OfferIndex, offers: list[IndexedOffer], *, k: int) -> list[list[dict[str, Any]]]:
+    """For each offer, up to ``k`` indexed offers found by any of its vectors, best first:
+    ``{"offer_id", "score", "scores": {space: cosine}}`` (``score`` is the best of ``scores``)."""
+    found: list[dict[str, dict[str, float]]] = [{} for _ in offers]
+    for space in index.spaces:
+        queries = np.stack([offer.vectors[space] for offer in offers])
+        for row, hits in enumerate(index.search(space, queries, k=k + 1)):
+            for hit in hits:
+                if hit.offer_id != offers[row].offer_id:
+                    found[row].setdefault(hit.offer_id, {})[space] = round(hit.score, 5)
+    results = []
+    for scores_by_offer in found:
+        ranked = sorted(scores_by_offer.items(), key=lambda item: -max(item[1].values()))[:k]
+        results.append([{"offer_id": o, "score": max(s.values()), "scores": s} for o, s in ranked])
+    return results
+
+
+def matched_message(offer_id: str, candidates: list[dict[str, Any]]) -> bytes:
+    """The ``offers.matched`` document of one new offer."""
+    return json.dumps({"offer_id": offer_id, "candidates": candidates}, separators=(",", ":")).encode()
+
+
+class OfferIndexer:
+    """The loop. ``open_index(spaces)`` opens (or creates) the index once the spaces are known:
+    at start when one was saved, else from the first prediction that carries vectors."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        open_index: Callable[[dict[str, int] | None], OfferIndex | None],
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.settings = settings
+        self._open_index = open_index
+        self.clock = clock
+        self.index: OfferIndex | None = open_index(None)  # None: nothing saved yet
+        self.positions: Offsets = dict(self.index.offsets()) if self.index is not None else {}
+        self.counts: Counter[str] = Counter()
+        self.stopping = False
+        self._dirty = False
+        self._last_save = clock()
+        self.consumer = Consumer(consumer_config(settings, group_id=settings.index_group))
+        self.producer = Producer(producer_config(settings))
+        self._undelivered = 0
+
+    def install_signal_handlers(self) -> None:
+        def stop(signum, _frame):
+            log.info("signal %d: saving the index and stopping", signum)
+            self.stopping = True
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+
+    def run(self) -> int:
+        """Index until asked to stop; returns the exit code."""
+        self._assign()
+        try:
+            while not self.stopping:
+                messages = self.consumer.consume(_BATCH, timeout=_POLL_S)
+                if messages:
+                    self.handle(messages)
+                self.producer.poll(0)
+                if self._dirty and self.clock() - self._last_save >= self.settings.index_save_interval_s:
+                    self.save()
+            if self._dirty:
+                self.save()
+        finally:
+            self.consumer.close()
+        log.info("indexer stopped: %s", dict(self.counts))
+        return 0
+
+    def _assign(self) -> None:
+        topic = self.settings.categorized_topic
+        metadata = self.consumer.list_topics(topic, timeout=10)
+        partitions = metadata.topics.get(topic)
+        if partitions is None or partitions.error is not None or not partitions.partitions:
+            raise RuntimeError(f"topic {topic} is not there to index (start a node first, or create it)")
+        self.consumer.assign(
+            [
+                TopicPartition(topic, partition, self.positions.get((topic, partition), OFFSET_BEGINNING))
+                for partition in sorted(partitions.partitions)
+            ]
+        )
+        log.info(
+            "indexing %s (%d partitions) from %s", topic, len(partitions.partitions), self.positions or "the start"
+        )
+
+    def handle(self, messages: list[Message]) -> None:
+        """Apply one batch of prediction messages: deletes, then matches and upserts."""
+        upserts: dict[str, IndexedOffer] = {}
+        deletes: list[str] = []
+        for message in messages:
+            error = message.error()
+            if error is not None:
+                if error.code() != KafkaError._PARTITION_EOF:
+                    self.counts["consume_errors"] += 1
+                    log.warning("consume error: %s", error)
+                continue
+            topic, partition, offset = message.topic(), message.partition(), message.offset()
+            assert topic is not None and partition is not None and offset is not None, "a message without a position"
+            self.positions[(topic, partition)] = offset + 1
+            self._dirty = True
+            key = (message.key() or b"").decode("utf-8", errors="replace")
+            value = message.value()
+            if not value:  # a tombstone (some brokers hand a null value back as empty bytes)
+                deletes.append(key)
+                upserts.pop(key, None)
+                continue
+            offer = self._offer(value)
+            if offer is not None:
+                upserts[offer.offer_id] = offer
+                if offer.offer_id in deletes:
+                    deletes.remove(offer.offer_id)
+        if deletes and self.index is not None:
+            self.counts["deleted"] += self.index.delete(deletes)
+        if not upserts:
+            return
+        offers = list(upserts.values())
+        if self.index is None:
+            self.index = self._open_index({space: len(vector) for space, vector in offers[0].vectors.items()})
+            assert self.index is not None
+        wanted = dict(self.index.spaces)
+        fitting = [o for o in offers if {s: len(v) for s, v in o.vectors.items()} == wanted]
+        if len(fitting) < len(offers):
+            self.counts["wrong_spaces"] += len(offers) - len(fitting)
+            log.warning(
+                "%d predictions carry vectors other than the index's %s: skipped", len(offers) - len(fitting), wanted
+            )
+        if not fitting:
+            return
+        # Upsert first, then search: offers of one batch find each other too (never themselves).
+        self.index.upsert(fitting)
+        self.counts["upserted"] += len(fitting)
+        found = candidates_of(self.index, fitting, k=self.settings.match_candidates)
+        for offer, candidates in zip(fitting, found, strict=True):
+            self._publish(offer.offer_id, candidates)
+
+    def _offer(self, value: bytes) -> IndexedOffer | None:
+        try:
+            document = json.loads(value)
+            vectors = decode_vectors(document)
+            offer_id = document["offer_id"]
+            if not isinstance(offer_id, str) or not offer_id:
+                raise ValueError("no offer_id")
+        except (ValueError, KeyError, TypeError) as error:
+            self.counts["unreadable"] += 1
+            log.warning("a prediction the indexer cannot read: %s", error)
+            return None
+        if not vectors:
+            self.counts["without_vectors"] += 1
+            return None
+        try:
+            return IndexedOffer(offer_id=offer_id, category=_category(document), vectors=vectors)
+        except OfferIndexError as error:
+            self.counts["unreadable"] += 1
+            log.warning("prediction %s: %s", offer_id, error)
+            return None
+
+    def _publish(self, offer_id: str, candidates: list[dict[str, Any]]) -> None:
+        def delivered(error, _message):
+            self._undelivered -= 1
+            if error is not None:
+                self.counts["matched_failed"] += 1
+                log.error("matches of %s not delivered: %s", offer_id, error)
+
+        while True:
+            try:
+                self.producer.produce(
+                    self.settings.matched_topic,
+                    key=offer_id.encode(),
+                    value=matched_message(offer_id, candidates),
+                    on_delivery=delivered,
+                )
+                self._undelivered += 1
+                self.counts["matched"] += 1
+                return
+            except BufferError:
+                self.producer.poll(0.1)
+
+    def save(self) -> None:
+        """Deliver every matched message, then save the index with the offsets it covers."""
+        remaining = self.producer.flush(30)
+        if remaining:
+            log.error("%d matched messages undelivered after 30 s; not saving yet", remaining)
+            return
+        if self.index is not None:
+            self.index.save(dict(self.positions))
+        if self.positions:
+            committed = [TopicPartition(t, p, o) for (t, p), o in self.positions.items()]
+            try:
+                self.consumer.commit(offsets=committed, asynchronous=True)  # progress for lag metrics only
+            except Exception as error:
+                log.debug("offset commit skipped: %s", error)
+        self._dirty = False
+        self._last_save = self.clock()
+        self.counts["saves"] += 1

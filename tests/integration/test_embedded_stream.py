@@ -1,0 +1,67 @@
+"""A bundle with the embedder attached, served by a real node on the embedded broker: every
+prediction carries the offer's image, text and fused vectors from the same ONNX pass, equal to
+the attached graph's offline output, and the categories are the classifier's own."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+from core.bundle import ModelBundle
+from core.features import Featurizer
+from core.images import ImagePolicy
+from core.offer_files import offers_from_frame, read_offer_file
+from core.schemas import decode_vectors
+from core.scoring import OnnxClassifier
+from producers.publish import publish_offers
+from tests.conftest import read_predictions
+from training.embedder_export import write_embedded_model
+from training.embeddings import EmbedderOptions, fit_embedder, prepare_embedding_data
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def embedded_bundle(marketplace, bundle, tmp_path_factory):
+    copy = shutil.copytree(bundle, tmp_path_factory.mktemp("embedded") / "bundle")
+    options = EmbedderOptions(dim=16, epochs=1, batch_pairs=64)
+    data = prepare_embedding_data(marketplace, copy, options=options, progress=False)
+    model, _ = fit_embedder(data, options, progress=False)
+    differences = write_embedded_model(copy, model, copy / "embedder")
+    assert max(differences.values()) < 1e-4
+    return copy
+
+
+def test_predictions_carry_the_vectors_of_the_same_pass(marketplace, embedded_bundle, stream_settings, start_node):
+    offers = list(offers_from_frame(read_offer_file(marketplace).head(120)))
+    node = start_node(model=embedded_bundle)
+    publish_offers(offers, stream_settings, progress=False)
+    predictions = {p["offer_id"]: p for p in read_predictions(stream_settings, {o.offer_id for o in offers})}
+    assert node.stop() == 0
+    assert len(predictions) == len(offers)
+
+    bundle = ModelBundle.load(embedded_bundle)
+    featurizer = Featurizer.from_bundle(bundle, image_policy=ImagePolicy.for_offer_files())
+    batch = featurizer.batch(offers)
+    attached = OnnxClassifier(bundle, embeddings=True)
+    assert attached.spaces == ("image", "text", "fused")
+    logits, expected = attached.score(batch.inputs)
+    plain_logits = OnnxClassifier(bundle).logits(batch.inputs)
+    np.testing.assert_allclose(logits, plain_logits, rtol=1e-5, atol=1e-5)  # attaching changes no category
+    for row, offer in enumerate(offers):
+        vectors = decode_vectors(predictions[offer.offer_id])
+        assert {space: len(v) for space, v in vectors.items()} == {"image": 16, "text": 16, "fused": 32}
+        for space, vector in vectors.items():
+            np.testing.assert_allclose(vector, expected[space][row], atol=2e-3)  # float16 on the wire
+            assert abs(np.linalg.norm(vector) - 1.0) < 5e-3
+
+
+def test_a_bundle_without_an_embedder_sends_no_vectors(marketplace, bundle, stream_settings, start_node):
+    offers = list(offers_from_frame(read_offer_file(marketplace).head(20)))
+    node = start_node(model=bundle)
+    publish_offers(offers, stream_settings, progress=False)
+    predictions = read_predictions(stream_settings, {o.offer_id for o in offers})
+    assert node.stop() == 0
+    assert predictions and all("vectors" not in p and decode_vectors(p) == {} for p in predictions)

@@ -1,0 +1,144 @@
+"""The offer indexer against the embedded broker: N predictions in, N offers in the index and N
+matched messages out; a planted duplicate is found by every vector; a tombstone deletes; a SIGKILL
+mid-stream loses nothing after a restart from the saved index."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from confluent_kafka import Producer
+
+from core.faiss_index import FaissIndex
+from core.index_location import open_index
+from core.kafka import ensure_topics, producer_config, read_topic
+from core.offer_index import OfferIndexError
+from core.schemas import Prediction
+from retrieval.indexer import OfferIndexer
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+SPACES = {"image": 8, "text": 8, "fused": 16}
+
+
+def unit(rng, size):
+    vector = rng.normal(size=size)
+    return (vector / np.linalg.norm(vector)).astype(np.float16)
+
+
+def prediction(offer_id: str, rng, *, vectors=None, category="Men > Footwear > Shoes") -> bytes:
+    return Prediction(
+        offer_id=offer_id,
+        category=category,
+        confidence=0.99,
+        top3=[(category, 0.99)],
+        model_version="test",
+        image_used=True,
+        image_status="used",
+        timings_ms={},
+        vectors=vectors or {space: unit(rng, size) for space, size in SPACES.items()},
+    ).to_bytes()
+
+
+def publish(settings, messages: list[tuple[str, bytes | None]]) -> None:
+    producer = Producer(producer_config(settings))
+    for key, value in messages:
+        producer.produce(settings.categorized_topic, key=key.encode(), value=value)
+        producer.poll(0)
+    assert producer.flush(30) == 0
+
+
+def saved_count(path: Path) -> int:
+    """Offers in the saved index (0 before the first save; retried across a save's rename)."""
+    for _ in range(50):
+        try:
+            return FaissIndex.open(path).count() if (path / "manifest.json").exists() else 0
+        except (OfferIndexError, FileNotFoundError, OSError):
+            time.sleep(0.1)
+    raise AssertionError(f"{path} stayed unreadable")
+
+
+def test_n_in_n_indexed_duplicates_found_and_a_tombstone_deletes(stream_settings, tmp_path):
+    settings = stream_settings.model_copy(update={"index_save_interval_s": 0.5, "match_candidates": 5})
+    ensure_topics(settings, extra=(settings.matched_topic,))
+    rng = np.random.default_rng(0)
+    twin = {space: unit(rng, size) for space, size in SPACES.items()}
+    messages = [(f"offer-{n}", prediction(f"offer-{n}", rng)) for n in range(300)]
+    # Twins in one publish, so usually in one consumed batch: they must still find each other.
+    messages += [
+        ("twin-a", prediction("twin-a", rng, vectors=twin)),
+        ("twin-b", prediction("twin-b", rng, vectors=twin)),
+    ]
+    messages += [("offer-7", prediction("offer-7", rng))]  # redelivered or updated: still one offer
+    location = tmp_path / "index"
+    indexer = OfferIndexer(settings, lambda spaces: open_index(str(location), spaces=spaces))
+    runner = threading.Thread(target=indexer.run)
+    runner.start()
+    try:
+        publish(settings, messages)
+        deadline = time.monotonic() + 60
+        while indexer.counts["upserted"] < len(messages) + 1 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        publish(settings, [("offer-3", None)])  # a tombstone
+        while indexer.counts["deleted"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        indexer.stopping = True
+        runner.join(30)
+    assert not runner.is_alive()
+    saved = FaissIndex.open(location)
+    assert saved.count() == 302 - 1  # 300 + two twins, offer-7 once, offer-3 deleted
+    assert saved.get("offer-3") is None and saved.get("twin-b") is not None
+    assert saved.offsets() and sum(saved.offsets().values()) == len(messages) + 1  # and the tombstone
+    matched = read_topic(settings, settings.matched_topic, timeout_s=30, until=lambda ms: len(ms) >= len(messages))
+    documents = {m.key().decode(): json.loads(m.value()) for m in matched}
+    assert len(documents) == 302
+    for one, other in (("twin-a", "twin-b"), ("twin-b", "twin-a")):
+        best = documents[one]["candidates"][0]
+        assert best["offer_id"] == other and set(best["scores"]) == set(SPACES)
+        assert all(score > 0.99 for score in best["scores"].values())
+    assert all(len(d["candidates"]) <= 5 for d in documents.values())
+
+
+def test_a_sigkilled_indexer_resumes_from_its_saved_index_and_loses_nothing(stream_settings, tmp_path):
+    ensure_topics(stream_settings, extra=(stream_settings.matched_topic,))
+    location = tmp_path / "index"
+    env = {
+        **os.environ,
+        "CATSTREAM_BOOTSTRAP_SERVERS": stream_settings.bootstrap_servers,
+        "CATSTREAM_CATEGORIZED_TOPIC": stream_settings.categorized_topic,
+        "CATSTREAM_MATCHED_TOPIC": stream_settings.matched_topic,
+        "CATSTREAM_INDEX_GROUP": f"index-{stream_settings.consumer_group}",
+        "CATSTREAM_INDEX_SAVE_INTERVAL_S": "0.3",
+    }
+    command = [sys.executable, "-m", "catstream", "index", "--index-location", str(location)]
+    rng = np.random.default_rng(1)
+    total = 3000
+    first = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    publish(stream_settings, [(f"offer-{n}", prediction(f"offer-{n}", rng)) for n in range(total // 2)])
+    deadline = time.monotonic() + 60
+    while saved_count(location) == 0 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    os.kill(first.pid, signal.SIGKILL)
+    first.wait(10)
+    assert 0 < saved_count(location) <= total // 2
+    publish(stream_settings, [(f"offer-{n}", prediction(f"offer-{n}", rng)) for n in range(total // 2, total)])
+    second = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        while saved_count(location) < total and time.monotonic() < deadline + 60:
+            time.sleep(0.2)
+    finally:
+        second.send_signal(signal.SIGTERM)
+        assert second.wait(30) == 0, second.stderr.read().decode()[-2000:]
+    saved = FaissIndex.open(location)
+    assert saved.count() == total
+    assert all(saved.get(f"offer-{n}") is not None for n in range(0, total, 97))
