@@ -8,6 +8,8 @@ approximate path's recall, each next to a baseline measured in the same run.
 2. **Synthetic vectors** (``--synthetic N``, default 1,000,000 x 128): clustered unit vectors into
    the HNSW path; recall@10 against exact search on the same queries, and latency at several
    ``efSearch`` values.
+3. **Freshness**: predictions at a steady rate through the indexer's loop on the embedded
+   broker, into the Myntra index: how long after its prediction a new offer is searchable.
 
     .venv/bin/python bench/retrieval.py --model MYNTRA_BUNDLE --embedder MYNTRA_BUNDLE/embedder
     .venv/bin/python bench/retrieval.py --synthetic 200000 --skip-myntra
@@ -16,7 +18,6 @@ approximate path's recall, each next to a baseline measured in the same run.
 from __future__ import annotations
 
 import argparse
-import os
 import resource
 import sys
 import tempfile
@@ -30,6 +31,7 @@ sys.path.insert(0, str(REPO))
 
 import faiss  # noqa: E402
 from _record import record  # noqa: E402  (bench/, the script's own folder)
+from threadpoolctl import threadpool_limits  # noqa: E402
 
 from core.faiss_index import FaissIndex  # noqa: E402
 from core.offer_files import LABEL  # noqa: E402
@@ -65,7 +67,7 @@ def per_second(run, queries: np.ndarray, batch: int) -> float:
     return len(queries) / (time.perf_counter() - started)
 
 
-def myntra(args) -> dict:
+def myntra(args) -> tuple[dict, list[IndexedOffer]]:
     from training.embeddings import embed_offers, load_embedder, prepare_embedding_data
 
     model, options = load_embedder(args.embedder)
@@ -122,7 +124,77 @@ def myntra(args) -> dict:
         started = time.perf_counter()
         FaissIndex.open(index.path)
         report["load_s"] = time.perf_counter() - started
-    return report
+    return report, offers
+
+
+def freshness(args, offers: list[IndexedOffer]) -> dict:
+    """A steady stream of predictions through the indexer (``catstream index``'s loop) on the
+    embedded broker, into an index already holding ``offers``: how long after its prediction each
+    new offer is searchable (broker timestamp to upsert done)."""
+    import threading
+
+    from confluent_kafka import Producer
+
+    from core.broker import EmbeddedBroker
+    from core.kafka import ensure_topics, producer_config, wait_for_broker
+    from core.schemas import Prediction
+    from core.settings import Settings
+    from retrieval.indexer import OfferIndexer
+
+    spaces = {space: len(vector) for space, vector in offers[0].vectors.items()}
+    prefilled = FaissIndex(spaces, mode="auto")
+    prefilled.upsert(offers)
+    total = int(args.freshness_rate * args.freshness_seconds)
+    with tempfile.TemporaryDirectory() as scratch, EmbeddedBroker(log_path=Path(scratch) / "broker.log") as broker:
+        settings = Settings(
+            bootstrap_servers=broker.bootstrap_servers,
+            categorized_topic="fresh-predictions",
+            matched_topic="fresh-matched",
+            index_group="fresh-index",
+        )
+        wait_for_broker(settings)
+        ensure_topics(settings, extra=(settings.matched_topic,))
+        prefilled.path = Path(scratch) / "index"
+        indexer = OfferIndexer(settings, lambda _spaces: prefilled)
+        runner = threading.Thread(target=indexer.run)
+        runner.start()
+        producer = Producer(producer_config(settings))
+        started = time.perf_counter()
+        for number in range(total):
+            pause = started + number / args.freshness_rate - time.perf_counter()
+            if pause > 0:
+                time.sleep(pause)
+            source = offers[number % len(offers)]
+            value = Prediction(
+                offer_id=f"new-{number}",
+                category=source.category,
+                confidence=0.99,
+                top3=[(source.category, 0.99)],
+                model_version="bench",
+                image_used=True,
+                image_status="used",
+                timings_ms={},
+                vectors={space: vector.astype(np.float16) for space, vector in source.vectors.items()},
+            ).to_bytes()
+            producer.produce(settings.categorized_topic, key=f"new-{number}".encode(), value=value)
+            producer.poll(0)
+        producer.flush(30)
+        deadline = time.monotonic() + 60
+        while indexer.counts["upserted"] < total and time.monotonic() < deadline:
+            time.sleep(0.05)
+        indexer.stopping = True
+        runner.join(60)
+    waits = np.array(indexer.freshness_ms)
+    return {
+        "rate": args.freshness_rate,
+        "seconds": args.freshness_seconds,
+        "offers": total,
+        "indexed": int(indexer.counts["upserted"]),
+        "index_size_at_end": prefilled.count(),
+        "p50_ms": float(np.percentile(waits, 50)),
+        "p99_ms": float(np.percentile(waits, 99)),
+        "max_ms": float(waits.max()),
+    }
 
 
 def synthetic(args) -> dict:
@@ -177,17 +249,21 @@ def main() -> int:
     parser.add_argument("--synthetic", type=int, default=1_000_000, help="vectors for the HNSW part (0 skips it)")
     parser.add_argument("--ef-construction", type=int, default=80)
     parser.add_argument("--skip-myntra", action="store_true")
+    parser.add_argument("--freshness-rate", type=float, default=300.0, help="predictions/s of the freshness run")
+    parser.add_argument("--freshness-seconds", type=float, default=30.0, help="its length (0 skips it)")
     parser.add_argument("--threads", type=int, default=1, help="Faiss and BLAS threads (default 1)")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     args = parser.parse_args()
     faiss.omp_set_num_threads(args.threads)
-    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    # The exact path and the numpy baseline run on numpy's BLAS: hold it to the same threads.
+    threadpool_limits(args.threads)
     report: dict = {"threads": args.threads}
     if not args.skip_myntra:
         if args.model is None:
             parser.error("--model is required for the Myntra part (or pass --skip-myntra)")
         args.embedder = args.embedder or args.model / "embedder"
-        report["myntra"] = mine = myntra(args)
+        report["myntra"], offers = myntra(args)
+        mine = report["myntra"]
         single, leaf, numpy = mine["single_unfiltered"], mine["single_in_leaf"], mine["baseline_numpy_single"]
         print(
             f"Myntra: {mine['offers']:,} offers, built in {mine['build_s']:.1f} s, +{mine['index_rss_mib']:.0f} MiB; "
@@ -198,6 +274,13 @@ def main() -> int:
             f"(numpy {mine['baseline_numpy_batched_64_per_s']:,.0f}); "
             f"save {mine['save_s']:.2f} s ({mine['saved_mib']:.0f} MiB), load {mine['load_s']:.2f} s"
         )
+        if args.freshness_seconds:
+            report["freshness"] = fresh = freshness(args, offers)
+            print(
+                f"freshness at {fresh['rate']:.0f} predictions/s for {fresh['seconds']:.0f} s into "
+                f"{len(offers):,} offers: searchable after p50 {fresh['p50_ms']:.0f} ms, p99 {fresh['p99_ms']:.0f} ms, "
+                f"max {fresh['max_ms']:.0f} ms ({fresh['indexed']:,} of {fresh['offers']:,} indexed)"
+            )
     if args.synthetic:
         report["synthetic"] = synth = synthetic(args)
         print(

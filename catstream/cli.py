@@ -207,7 +207,7 @@ def _build_parser(command: str | None = None) -> argparse.ArgumentParser:
         help="classifier bundle: its tokenizer is read, and the embedder is written into it (<model>/embedder), "
         "attached to its graph so that `catstream run` serves the vectors with the categories",
     )
-    embedder.add_argument("--epochs", type=int, default=30, help="passes over the training products (default 30)")
+    embedder.add_argument("--epochs", type=int, default=8, help="passes over the training products (default 8)")
     embedder.add_argument("--dim", type=int, default=128, help="dimension of the image and text spaces (default 128)")
     embedder.add_argument("--seed", type=int, default=0, help="seed of the product split and of training (default 0)")
     embedder.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="PyTorch threads")

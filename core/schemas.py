@@ -180,7 +180,8 @@ def encode_vectors(vectors: dict[str, np.ndarray]) -> dict[str, str]:
 
 
 def decode_vectors(document: dict[str, Any]) -> dict[str, np.ndarray]:
-    """The vectors of a prediction document as float32 arrays by space (empty when it has none).
+    """The vectors of a prediction document as float32 arrays by space (empty when it has none);
+    ``fused`` is rebuilt from ``image`` and ``text`` when the message leaves it out, as nodes do.
 
     Raises ``ValueError`` for an unknown dtype or a value that is not base64 of whole float16s.
     """
@@ -197,6 +198,9 @@ def decode_vectors(document: dict[str, Any]) -> dict[str, np.ndarray]:
         if len(raw) % 2 or not raw:
             raise ValueError(f"vector {space!r} is not a whole number of float16 values")
         vectors[space] = np.frombuffer(raw, dtype="<f2").astype(np.float32)
+    if "fused" not in vectors and "image" in vectors and "text" in vectors:
+        # Sent without it: the fused vector is [image, text] / sqrt(2) (core.embedder).
+        vectors["fused"] = np.concatenate([vectors["image"], vectors["text"]]) / np.float32(math.sqrt(2.0))
     return vectors
 
 

@@ -123,7 +123,8 @@ class InferenceWorker:
         preprocess_ms = np.array([offer.preprocess_ms for offer in batch.offers])
         self.board.observe_latency(self.row, preprocess_ms + (flushed_ns - batch.enqueued_ns) / 1e6 + inference_ms)
         # float16 halves the message; a vector's rounding error (~1e-3) is below what ranks differ by.
-        half = {space: matrix.astype(np.float16) for space, matrix in vectors.items()}
+        # The fused vector is [image, text] / sqrt(2): readers rebuild it (core.schemas.decode_vectors).
+        half = {space: matrix.astype(np.float16) for space, matrix in vectors.items() if space != "fused"}
         for row, (slot, offer, decision, enqueued_ns) in enumerate(
             zip(slots, batch.offers, decisions, batch.enqueued_ns, strict=True)
         ):

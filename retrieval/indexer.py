@@ -21,7 +21,7 @@ import json
 import logging
 import signal
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from typing import Any
 
@@ -93,6 +93,8 @@ class OfferIndexer:
         self.index: OfferIndex | None = open_index(None)  # None: nothing saved yet
         self.positions: Offsets = dict(self.index.offsets()) if self.index is not None else {}
         self.counts: Counter[str] = Counter()
+        # Milliseconds from a prediction's broker timestamp to its offer being searchable, recent ones.
+        self.freshness_ms: deque[float] = deque(maxlen=100_000)
         self.stopping = False
         self._dirty = False
         self._last_save = clock()
@@ -146,6 +148,7 @@ class OfferIndexer:
         """Apply one batch of prediction messages: deletes, then matches and upserts."""
         upserts: dict[str, IndexedOffer] = {}
         deletes: list[str] = []
+        stamps: dict[str, int] = {}
         for message in messages:
             error = message.error()
             if error is not None:
@@ -166,6 +169,7 @@ class OfferIndexer:
             offer = self._offer(value)
             if offer is not None:
                 upserts[offer.offer_id] = offer
+                stamps[offer.offer_id] = message.timestamp()[1]
                 if offer.offer_id in deletes:
                     deletes.remove(offer.offer_id)
         if deletes and self.index is not None:
@@ -188,6 +192,8 @@ class OfferIndexer:
         # Upsert first, then search: offers of one batch find each other too (never themselves).
         self.index.upsert(fitting)
         self.counts["upserted"] += len(fitting)
+        searchable_ms = time.time() * 1000.0
+        self.freshness_ms.extend(searchable_ms - stamps[offer.offer_id] for offer in fitting)
         found = candidates_of(self.index, fitting, k=self.settings.match_candidates)
         for offer, candidates in zip(fitting, found, strict=True):
             self._publish(offer.offer_id, candidates)

@@ -68,13 +68,14 @@ class EmbedderOptions:
     """How the embedder is trained. Every field is a ``train-embedder`` flag of the same name."""
 
     dim: int = 128  # per space; the fused vector has twice this
-    epochs: int = 30
+    epochs: int = 8
     batch_pairs: int = 256  # offers per batch, each with one other offer of its product
     learning_rate: float = 2e-3
     weight_decay: float = 1e-4
     category_weight: float = 0.5  # the category loss against the two contrastive ones
     category_scale: float = 16.0  # normalised-softmax scale (cosine logits times this)
     product_temperature: float = 0.05
+    clip_positives: str = "offer"  # image-title pairs: "offer" (its own picture) or "product" (any listing)
     test_share: float = 0.2
     validation_share: float = 0.1
     seed: int = 0
@@ -288,12 +289,14 @@ def _batch_loss(
     image = model.embed_image(data.image_features[rows])
     seen = data.has_image[rows] > 0
     same = groups[:, None] == groups[None, :]  # (B, B) positives, self included
-    scale = model.logit_scale.exp()
-    # Image–title contrast over offers with an image, both directions, every same-product pair positive.
-    clip = _multi_positive_nce(scale * text[seen] @ image[seen].T, same[seen][:, seen])
-    clip = clip + _multi_positive_nce(scale * image[seen] @ text[seen].T, same[seen][:, seen])
-    # Product contrast inside each space: the partner (and any other listing) against the rest.
     eye = torch.eye(len(rows), dtype=torch.bool)
+    scale = model.logit_scale.exp()
+    # Image–title contrast over offers with an image, both directions. A product's colour variants
+    # have other colours: with "offer" positives a title is pulled to its own picture only.
+    pairs = (same if options.clip_positives == "product" else eye)[seen][:, seen]
+    clip = _multi_positive_nce(scale * text[seen] @ image[seen].T, pairs)
+    clip = clip + _multi_positive_nce(scale * image[seen] @ text[seen].T, pairs)
+    # Product contrast inside each space: the partner (and any other listing) against the rest.
     product = _multi_positive_nce((text @ text.T) / options.product_temperature, same & ~eye, exclude=eye)
     image_seen = image[seen]
     seen_eye = eye[seen][:, seen]
