@@ -200,7 +200,8 @@ def decode_vectors(document: dict[str, Any]) -> dict[str, np.ndarray]:
         vectors[space] = np.frombuffer(raw, dtype="<f2").astype(np.float32)
     if "fused" not in vectors and "image" in vectors and "text" in vectors:
         # Sent without it: the fused vector is [image, text] / sqrt(2) (core.embedder).
-        vectors["fused"] = np.concatenate([vectors["image"], vectors["text"]]) / np.float32(math.sqrt(2.0))
+        fused = np.concatenate([vectors["image"], vectors["text"]]) / math.sqrt(2.0)
+        vectors["fused"] = fused.astype(np.float32)
     return vectors
 
 

@@ -1,6 +1,7 @@
 import hashlib
 import json
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -155,3 +156,22 @@ def test_any_message_gives_a_dead_letter_within_its_budget(value, key, headers, 
     letter = dead_letter(key, value, headers, stage="parse", rejection=REJECTION, source="s", max_bytes=budget)
     assert letter.size + 16 * len(letter.headers) <= budget
     assert dict(letter.headers)["catstream.stage"] == b"parse"
+
+
+def test_prediction_vectors_round_trip_in_float16_and_fused_is_rebuilt():
+    import numpy as np
+
+    from core.schemas import decode_vectors, encode_vectors
+
+    rng = np.random.default_rng(0)
+    image, text = (v / np.linalg.norm(v) for v in rng.normal(size=(2, 16)))
+    document = json.loads(json.dumps({"vectors": encode_vectors({"image": image, "text": text})}))
+    vectors = decode_vectors(document)
+    assert set(vectors) == {"image", "text", "fused"} and vectors["fused"].dtype == np.float32
+    np.testing.assert_allclose(vectors["image"], image, atol=1e-3)
+    np.testing.assert_allclose(vectors["fused"], np.concatenate([image, text]) / np.sqrt(2), atol=1e-3)
+    assert decode_vectors({}) == {}
+    with pytest.raises(ValueError, match="dtype float16"):
+        decode_vectors({"vectors": {"dtype": "float64", "image": "AAAA"}})
+    with pytest.raises(ValueError, match="whole number"):
+        decode_vectors({"vectors": {"dtype": "float16", "image": "AA=="}})  # one byte
