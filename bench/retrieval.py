@@ -10,6 +10,7 @@ approximate path's recall, each next to a baseline measured in the same run.
    ``efSearch`` values.
 3. **Freshness**: predictions at a steady rate through the indexer's loop on the embedded
    broker, into the Myntra index: how long after its prediction a new offer is searchable.
+4. **HTTP**: ``GET /similar`` on the Myntra index at a fixed rate, open loop, over real HTTP.
 
     .venv/bin/python bench/retrieval.py --model MYNTRA_BUNDLE --embedder MYNTRA_BUNDLE/embedder
     .venv/bin/python bench/retrieval.py --synthetic 200000 --skip-myntra
@@ -197,6 +198,55 @@ def freshness(args, offers: list[IndexedOffer]) -> dict:
     }
 
 
+def http_similar(args, offers: list[IndexedOffer]) -> dict:
+    """``GET /similar/{offer_id}?k=10`` over real HTTP at a fixed rate, open loop: each request at
+    its scheduled time, its latency counted from that time (waiting included)."""
+    import threading
+    import urllib.request
+    from concurrent.futures import ThreadPoolExecutor
+
+    from catstream.query_service import QueryService
+
+    spaces = {space: len(vector) for space, vector in offers[0].vectors.items()}
+    index = FaissIndex(spaces, mode="auto")
+    index.upsert(offers)
+    service = QueryService(lambda: index, threading.Lock()).start("127.0.0.1", 0)
+    rng = np.random.default_rng(2)
+    total = int(args.http_rate * args.http_seconds)
+    ids = [offers[i].offer_id for i in rng.integers(len(offers), size=total)]
+    latencies: list[float] = []
+    failures = 0
+
+    def one(scheduled: float, offer_id: str) -> None:
+        nonlocal failures
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{service.port}/similar/{offer_id}?k=10", timeout=10) as r:
+                r.read()
+        except OSError:
+            failures += 1
+        latencies.append((time.perf_counter() - scheduled) * 1000)
+
+    started = time.perf_counter() + 0.1
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        for number, offer_id in enumerate(ids):
+            scheduled = started + number / args.http_rate
+            pause = scheduled - time.perf_counter()
+            if pause > 0:
+                time.sleep(pause)
+            pool.submit(one, scheduled, offer_id)
+    service.stop()
+    waits = np.array(latencies)
+    return {
+        "rate": args.http_rate,
+        "seconds": args.http_seconds,
+        "requests": total,
+        "failures": failures,
+        "p50_ms": float(np.percentile(waits, 50)),
+        "p99_ms": float(np.percentile(waits, 99)),
+        "max_ms": float(waits.max()),
+    }
+
+
 def synthetic(args) -> dict:
     rng = np.random.default_rng(1)
     count, dimension = args.synthetic, 128
@@ -251,6 +301,8 @@ def main() -> int:
     parser.add_argument("--skip-myntra", action="store_true")
     parser.add_argument("--freshness-rate", type=float, default=300.0, help="predictions/s of the freshness run")
     parser.add_argument("--freshness-seconds", type=float, default=30.0, help="its length (0 skips it)")
+    parser.add_argument("--http-rate", type=float, default=100.0, help="GET /similar requests/s of the HTTP run")
+    parser.add_argument("--http-seconds", type=float, default=20.0, help="its length (0 skips it)")
     parser.add_argument("--threads", type=int, default=1, help="Faiss and BLAS threads (default 1)")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     args = parser.parse_args()
@@ -280,6 +332,13 @@ def main() -> int:
                 f"freshness at {fresh['rate']:.0f} predictions/s for {fresh['seconds']:.0f} s into "
                 f"{len(offers):,} offers: searchable after p50 {fresh['p50_ms']:.0f} ms, p99 {fresh['p99_ms']:.0f} ms, "
                 f"max {fresh['max_ms']:.0f} ms ({fresh['indexed']:,} of {fresh['offers']:,} indexed)"
+            )
+        if args.http_seconds:
+            report["http_similar"] = http = http_similar(args, offers)
+            print(
+                f"GET /similar at {http['rate']:.0f} requests/s for {http['seconds']:.0f} s: "
+                f"p50 {http['p50_ms']:.1f} ms, p99 {http['p99_ms']:.1f} ms, max {http['max_ms']:.1f} ms, "
+                f"{http['failures']} failed"
             )
     if args.synthetic:
         report["synthetic"] = synth = synthetic(args)

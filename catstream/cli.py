@@ -302,6 +302,11 @@ def _build_parser(command: str | None = None) -> argparse.ArgumentParser:
         "(offers.matched) until interrupted",
     )
     index.add_argument("--index-location", help=f"index directory or Qdrant URL {_env('index_location')}")
+    index.add_argument(
+        "--model",
+        help="bundle with an embedder, to embed the queries of POST /search and /match (without it they answer 503)",
+    )
+    index.add_argument("--http-port", type=int, help=f"query service port, 0 = off {_env('index_http_port')}")
     _add_kafka(index)
 
     demo = commands.add_parser("demo", help="synth → train → embedded broker → pipeline → summary")
@@ -680,8 +685,11 @@ def _cmd_run(args) -> int:
 
 
 def _cmd_index(args) -> int:
+    from catstream.query_service import QueryService
+    from core.bundle import ModelBundle
     from core.index_location import open_index
     from core.kafka import ensure_topics, wait_for_broker
+    from core.scoring import OfferEmbedder
     from retrieval.indexer import OfferIndexer
 
     settings = _settings(args)
@@ -691,13 +699,26 @@ def _cmd_index(args) -> int:
         raise ValueError(
             "catstream index reads the node's predictions: give --bootstrap-servers (or set it in the env)"
         )
+    if args.http_port is not None:
+        settings = settings.model_copy(update={"index_http_port": args.http_port})
+    # Bad input fails here, before any connection: a damaged index, a bundle without an embedder.
+    embedder = OfferEmbedder(ModelBundle.load(resolve_model_uri(args.model))) if args.model else None
     location = settings.index_location
-    indexer = OfferIndexer(settings, lambda spaces: open_index(location, spaces=spaces))  # a damaged index fails here
+    indexer = OfferIndexer(settings, lambda spaces: open_index(location, spaces=spaces))
     wait_for_broker(settings)
     ensure_topics(settings, extra=(settings.matched_topic,))
     indexer.install_signal_handlers()
+    service = None
+    if settings.index_http_port:
+        service = QueryService(
+            lambda: indexer.index, indexer.lock, embedder=embedder, indexer_counts=lambda: dict(indexer.counts)
+        ).start(settings.health_host, settings.index_http_port)
     print(f"indexing {settings.categorized_topic} into {location}", flush=True)
-    return indexer.run()
+    try:
+        return indexer.run()
+    finally:
+        if service is not None:
+            service.stop()
 
 
 def _cmd_demo(args) -> int:

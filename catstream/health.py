@@ -20,10 +20,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from core.node_board import LATENCY_BUCKETS_MS, WORKER_COUNTERS, NodeBoard
 
 __all__ = [
+    "CONNECTION_TIMEOUT_S",
     "HEARTBEAT_TIMEOUT_S",
     "INFERENCE_METRICS",
     "NODE_METRICS",
     "WORKER_METRICS",
+    "BoundedHTTPServer",
     "HealthServer",
     "NodeStatus",
     "liveness",
@@ -179,7 +181,10 @@ CONNECTION_TIMEOUT_S = 5.0
 MAX_CONNECTIONS = 16
 
 
-class _BoundedServer(ThreadingHTTPServer):
+class BoundedHTTPServer(ThreadingHTTPServer):
+    """A threading HTTP server that serves at most ``MAX_CONNECTIONS`` connections at once and
+    drops the rest, so half-open connections cannot take every thread."""
+
     daemon_threads = True
     request_queue_size = 128  # the listen backlog: connections beyond it wait in the kernel, unseen
 
@@ -236,7 +241,7 @@ class HealthServer:
             def log_message(self, *args):  # probes every few seconds would flood the log
                 pass
 
-        self._server = _BoundedServer((host, port), Handler)
+        self._server = BoundedHTTPServer((host, port), Handler)
         self.port = self._server.server_address[1]
         self._thread = threading.Thread(target=self._server.serve_forever, name="health", daemon=True)
 

@@ -32,7 +32,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from core.offer_index import Hit, IndexedOffer, OfferIndexError, Offsets, category_prefixes, normalised
+from core.offer_index import (
+    Hit,
+    IndexedOffer,
+    OfferIndexError,
+    Offsets,
+    category_prefixes,
+    checked_queries,
+    normalised,
+)
 
 __all__ = ["FORMAT", "FaissIndex"]
 
@@ -171,11 +179,7 @@ class FaissIndex:
         return len(self._slot_of)
 
     def search(self, space: str, queries: np.ndarray, *, k: int, category: str | None = None) -> list[list[Hit]]:
-        if space not in self.spaces:
-            raise OfferIndexError(f"unknown space {space!r}; this index holds {sorted(self.spaces)}")
-        if k < 1:
-            raise ValueError(f"k must be at least 1, got {k}")
-        queries = normalised(queries, dimension=self.spaces[space], what="query")
+        queries = checked_queries(self.spaces, space, queries, k)
         if category is not None:
             subset = self._subset(category)
             if len(subset) == 0:

@@ -27,6 +27,7 @@ __all__ = [
     "OfferIndexError",
     "Offsets",
     "category_prefixes",
+    "checked_queries",
     "normalised",
 ]
 
@@ -115,6 +116,15 @@ def category_prefixes(category: str) -> list[str]:
     """``"A > B > C"`` -> ``["A", "A > B", "A > B > C"]``: every filter that holds ``category``."""
     parts = [part.strip() for part in category.split(PATH_SEPARATOR.strip())]
     return [PATH_SEPARATOR.join(parts[: depth + 1]) for depth in range(len(parts))]
+
+
+def checked_queries(spaces: Mapping[str, int], space: str, queries: np.ndarray, k: int) -> np.ndarray:
+    """``queries`` ready for :meth:`OfferIndex.search` in ``space``, or the reason they are not."""
+    if space not in spaces:
+        raise OfferIndexError(f"unknown space {space!r}; this index holds {sorted(spaces)}")
+    if k < 1:
+        raise ValueError(f"k must be at least 1, got {k}")
+    return normalised(queries, dimension=spaces[space], what="query")
 
 
 def normalised(vectors: np.ndarray, *, dimension: int, what: str) -> np.ndarray:

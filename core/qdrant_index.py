@@ -21,7 +21,15 @@ from collections.abc import Iterable, Mapping, Sequence
 import numpy as np
 from qdrant_client import QdrantClient, models
 
-from core.offer_index import Hit, IndexedOffer, OfferIndexError, Offsets, category_prefixes, normalised
+from core.offer_index import (
+    Hit,
+    IndexedOffer,
+    OfferIndexError,
+    Offsets,
+    category_prefixes,
+    checked_queries,
+    normalised,
+)
 
 __all__ = ["QdrantIndex"]
 
@@ -171,11 +179,7 @@ class QdrantIndex:
         return self.count()
 
     def search(self, space: str, queries: np.ndarray, *, k: int, category: str | None = None) -> list[list[Hit]]:
-        if space not in self.spaces:
-            raise OfferIndexError(f"unknown space {space!r}; this index holds {sorted(self.spaces)}")
-        if k < 1:
-            raise ValueError(f"k must be at least 1, got {k}")
-        queries = normalised(queries, dimension=self.spaces[space], what="query")
+        queries = checked_queries(self.spaces, space, queries, k)
         requests = [
             models.QueryRequest(
                 query=query.tolist(), using=space, filter=_category_filter(category), limit=k, with_payload=True

@@ -18,7 +18,7 @@ from core.features import Featurizer
 from core.images import ImagePolicy
 from core.schemas import Offer
 
-__all__ = ["OnnxClassifier", "check_bundle", "choose_providers", "served_probabilities"]
+__all__ = ["OfferEmbedder", "OnnxClassifier", "check_bundle", "choose_providers", "served_probabilities"]
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +99,26 @@ class OnnxClassifier:
         if lexical is None or lexical.shape[-1] == 0:
             raise ValueError("this model needs the lexical model's scores (lexical)")
         return logits + lexical
+
+
+class OfferEmbedder:
+    """Offers (or free text, as an offer's title) to vectors through the bundle's attached graph,
+    featurised as the stream featurises them. What the query service embeds queries with."""
+
+    def __init__(self, bundle: ModelBundle, *, image_policy: ImagePolicy = ImagePolicy(), intra_op_threads: int = 1):
+        self.model = OnnxClassifier(bundle, embeddings=True, intra_op_threads=intra_op_threads)
+        if not self.model.spaces:
+            raise BundleError(f"{bundle.path} has no embedder (catstream train-embedder adds one)")
+        self.featurizer = Featurizer.from_bundle(bundle, image_policy=image_policy)
+
+    def embed(self, offers: Sequence[Offer]) -> dict[str, np.ndarray]:
+        """By space, the ``(N, D)`` unit vectors of ``offers`` (an unusable image leaves the text's)."""
+        _, vectors = self.model.score(self.featurizer.batch(offers).inputs)
+        return vectors
+
+    def embed_text(self, texts: Sequence[str]) -> np.ndarray:
+        """``(N, D)`` query vectors: each text read as a title, which the text tower puts in the image space."""
+        return self.embed([Offer(offer_id=f"query-{n}", title=text) for n, text in enumerate(texts)])["text"]
 
 
 def served_probabilities(

@@ -62,6 +62,9 @@ class Settings(BaseSettings):
         5.0, gt=0, description="How often the embedded index is saved with its offsets (what a crash re-reads)."
     )
     match_candidates: int = Field(10, ge=1, le=1000, description="Candidate duplicates published per new offer.")
+    index_http_port: int = Field(
+        8091, ge=0, le=65535, description="Port of the index's query service (/similar, /search, /match); 0 = off."
+    )
 
     # --- Node layout and queue ----------------------------------------------------------------
     preprocess_workers: int = Field(2, ge=1, description="Preprocess processes on this node.")

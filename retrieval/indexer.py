@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import signal
+import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable
@@ -96,6 +97,7 @@ class OfferIndexer:
         # Milliseconds from a prediction's broker timestamp to its offer being searchable, recent ones.
         self.freshness_ms: deque[float] = deque(maxlen=100_000)
         self.stopping = False
+        self.lock = threading.Lock()  # the index is shared with the query service
         self._dirty = False
         self._last_save = clock()
         self.consumer = Consumer(consumer_config(settings, group_id=settings.index_group))
@@ -172,6 +174,10 @@ class OfferIndexer:
                 stamps[offer.offer_id] = message.timestamp()[1]
                 if offer.offer_id in deletes:
                     deletes.remove(offer.offer_id)
+        with self.lock:
+            self._apply(deletes, upserts, stamps)
+
+    def _apply(self, deletes: list[str], upserts: dict[str, IndexedOffer], stamps: dict[str, int]) -> None:
         if deletes and self.index is not None:
             self.counts["deleted"] += self.index.delete(deletes)
         if not upserts:
@@ -247,7 +253,8 @@ class OfferIndexer:
             log.error("%d matched messages undelivered after 30 s; not saving yet", remaining)
             return
         if self.index is not None:
-            self.index.save(dict(self.positions))
+            with self.lock:
+                self.index.save(dict(self.positions))
         if self.positions:
             committed = [TopicPartition(t, p, o) for (t, p), o in self.positions.items()]
             try:

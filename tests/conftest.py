@@ -34,6 +34,23 @@ def bundle(marketplace, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def embedded_bundle(marketplace, bundle, tmp_path_factory) -> Path:
+    """A copy of the small bundle with a small embedder attached (one epoch, 16 dimensions)."""
+    import shutil
+
+    from training.embedder_export import write_embedded_model
+    from training.embeddings import EmbedderOptions, fit_embedder, prepare_embedding_data
+
+    copy = Path(shutil.copytree(bundle, tmp_path_factory.mktemp("embedded") / "bundle"))
+    options = EmbedderOptions(dim=16, epochs=1, batch_pairs=64)
+    data = prepare_embedding_data(marketplace, copy, options=options, progress=False)
+    model, _ = fit_embedder(data, options, progress=False)
+    differences = write_embedded_model(copy, model, copy / "embedder")
+    assert max(differences.values()) < 1e-4
+    return copy
+
+
 def small_training_options(feature_cache: Path, **overrides):
     """Options that train on the 1500-offer marketplace in seconds."""
     from training.options import TrainOptions

@@ -38,7 +38,6 @@ from core.features import Featurizer
 from core.images import ImagePolicy
 from core.model import BACKBONE_BLOCKS, find_pretrained_weights
 from core.offer_files import LABEL, offers_from_frame
-from core.tokenizer import Tokenizer
 from training.data import data_fingerprint, load_labeled
 from training.features import cached_image_trunk
 from training.options import TrainOptions
@@ -145,17 +144,7 @@ def prepare_embedding_data(
             seed=options.seed,
         ),
     )
-    featurizer = Featurizer(
-        tokenizer=Tokenizer(bundle.tokenizer_path),
-        dictionaries=bundle.dictionaries,
-        labels=bundle.labels,
-        image_size=model_config.image_size,
-        max_title_tokens=model_config.max_title_tokens,
-        max_mall_tokens=model_config.max_mall_tokens,
-        char_buckets=model_config.char_buckets,
-        max_title_grams=model_config.max_title_grams,
-        image_policy=ImagePolicy.for_offer_files(),
-    )
+    featurizer = Featurizer.from_bundle(bundle, image_policy=ImagePolicy.for_offer_files())
     n = len(frame)
     images = np.zeros((n, 3, model_config.image_size, model_config.image_size), np.uint8)
     title_ids = np.zeros((n, model_config.max_title_tokens), np.int64)

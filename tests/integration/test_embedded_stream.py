@@ -4,8 +4,6 @@ the attached graph's offline output, and the categories are the classifier's own
 
 from __future__ import annotations
 
-import shutil
-
 import numpy as np
 import pytest
 
@@ -17,21 +15,8 @@ from core.schemas import decode_vectors
 from core.scoring import OnnxClassifier
 from producers.publish import publish_offers
 from tests.conftest import read_predictions
-from training.embedder_export import write_embedded_model
-from training.embeddings import EmbedderOptions, fit_embedder, prepare_embedding_data
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def embedded_bundle(marketplace, bundle, tmp_path_factory):
-    copy = shutil.copytree(bundle, tmp_path_factory.mktemp("embedded") / "bundle")
-    options = EmbedderOptions(dim=16, epochs=1, batch_pairs=64)
-    data = prepare_embedding_data(marketplace, copy, options=options, progress=False)
-    model, _ = fit_embedder(data, options, progress=False)
-    differences = write_embedded_model(copy, model, copy / "embedder")
-    assert max(differences.values()) < 1e-4
-    return copy
 
 
 def test_predictions_carry_the_vectors_of_the_same_pass(marketplace, embedded_bundle, stream_settings, start_node):

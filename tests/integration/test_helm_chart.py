@@ -350,6 +350,26 @@ def test_commands_are_ones_the_cli_accepts(chart):
     producer = parser.parse_args(container_args(one(render(chart, load_values("producer-values.yaml")), "Job")))
     assert (producer.command, str(producer.data), producer.rate) == ("produce", "/data/offers.csv", 200.0)
 
+    assert not find(defaults, "Deployment", "index")  # off unless asked for
+    with_index = render(chart, load_values("index-values.yaml"))
+    index = parser.parse_args(container_args(one(with_index, "Deployment", "index")))
+    assert (index.command, index.index_location, index.model) == (
+        "index",
+        "/var/lib/catstream/offer-index",
+        "models:/catstream@champion",
+    )
+    index_pod = pod_spec(one(with_index, "Deployment", "index"))
+    (index_container,) = index_pod["containers"]
+    assert {p["httpGet"]["path"] for k, p in index_container.items() if k.endswith("Probe")} == {"/healthz", "/readyz"}
+    assert env_of(index_container)["CATSTREAM_INDEX_HTTP_PORT"]["value"] == "8091"
+    claim = next(v for v in index_pod["volumes"] if v["name"] == "index")
+    assert claim["persistentVolumeClaim"]["claimName"] == "offer-index"
+    qdrant = render(
+        chart, load_values("index-values.yaml") | {"index": {"enabled": True, "location": "qdrant+http://qdrant:6333"}}
+    )
+    qdrant_pod = pod_spec(one(qdrant, "Deployment", "index"))
+    assert not any(v["name"] == "index" for v in qdrant_pod["volumes"])  # the index lives in Qdrant
+
     retraining = one(defaults, "CronJob", "retraining")
     args = parser.parse_args(container_args(retraining))
     assert args.command == "train" and args.register and args.season_balance
