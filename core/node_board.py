@@ -18,6 +18,8 @@ replaced when the model changes; the board stays.
 from __future__ import annotations
 
 import contextlib
+import multiprocessing
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +35,20 @@ __all__ = [
     "WORKER_COUNTERS",
     "NodeBoard",
     "Serving",
+    "supervisor_pid",
 ]
+
+
+def supervisor_pid() -> int:
+    """The pid of the node supervisor that started this worker process.
+
+    Taken from multiprocessing's record of the parent, not from ``os.getppid()`` at start: a worker
+    that reaches its loop after its supervisor was killed would read 1 there, and would never
+    notice that it is an orphan.
+    """
+    parent = multiprocessing.parent_process()
+    return parent.pid if parent is not None and parent.pid else os.getppid()
+
 
 WORKER_COUNTERS = (
     "consumed",

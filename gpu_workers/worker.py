@@ -23,7 +23,7 @@ from core.decision import decide, softmax
 from core.feature_queue import FeatureQueue
 from core.images import IMAGE_USED
 from core.kafka import producer_config
-from core.node_board import INFERENCE_COUNTERS, NodeBoard
+from core.node_board import INFERENCE_COUNTERS, NodeBoard, supervisor_pid
 from core.schemas import UNCERTAIN, Prediction
 from core.scoring import OnnxClassifier
 from core.settings import Settings
@@ -62,7 +62,8 @@ class InferenceWorker:
 
     def run(self) -> int:
         """Serve until asked to stop and the queue is empty; returns the exit code."""
-        parent = os.getppid()
+        parent = supervisor_pid()
+        orphaned_at: float | None = None
         self.board.set_inference_stat(self.row, "ready", 1)
         while True:
             self.board.set_inference_stat(self.row, "heartbeat_ns", time.time_ns())
@@ -81,9 +82,18 @@ class InferenceWorker:
             self.producer.poll(0)
             if self.stopping and not len(self.batcher) and not self.queue.depth():
                 break
-            if os.getppid() != parent:
+            if orphaned_at is None and os.getppid() != parent:
                 log.warning("supervisor gone; finishing the queue and stopping")
                 self.stopping = True
+                orphaned_at = now
+            if orphaned_at is not None and now - orphaned_at > self.settings.drain_timeout_s:
+                # Slots a dead worker was still filling never become ready; nobody is left to wait for.
+                log.warning(
+                    "supervisor gone %.0f s ago; leaving %d queued offers to the next node",
+                    now - orphaned_at,
+                    self.queue.depth(),
+                )
+                break
             if not batch:
                 deadline = self.batcher.deadline()
                 wait = _IDLE_SLEEP_S if deadline is None else min(_IDLE_SLEEP_S, max(0.0, deadline - now))

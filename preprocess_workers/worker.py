@@ -27,7 +27,7 @@ from core.bundle import ModelBundle
 from core.feature_queue import DONE, FAILED, FREE, FeatureQueue, OfferMeta
 from core.features import Featurizer
 from core.kafka import consumer_config, producer_config
-from core.node_board import NodeBoard, Serving
+from core.node_board import NodeBoard, Serving, supervisor_pid
 from core.schemas import Offer, Rejection, dead_letter, parse_offer
 from core.settings import Settings
 from preprocess_workers.backpressure import BufferGate
@@ -154,7 +154,7 @@ class PreprocessWorker:
         self.consumer.subscribe(
             [self.settings.offers_topic], on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
         )
-        parent = os.getppid()
+        parent = supervisor_pid()
         try:
             while not self.stopping:
                 if os.getppid() != parent:  # the node supervisor died: finish up and leave

@@ -36,14 +36,17 @@ def test_a_killed_nodes_files_are_removed_by_the_next_and_no_semaphores_are_made
     queue_dir = tmp_path / "shm"
     queue_dir.mkdir()
     semaphores = set(Path("/dev/shm").glob("sem.*"))
-    env = {"CATSTREAM_QUEUE_DIR": str(queue_dir)}
+    env = {"CATSTREAM_QUEUE_DIR": str(queue_dir), "CATSTREAM_DRAIN_TIMEOUT_S": "3"}
     first = start_node(workers=1, env=env)
-    first.worker_pids()
+    children = set(first.worker_pids().values())
     wait_for(lambda: len(list(queue_dir.glob("catstream-*"))) == 2, 60, "the first node's queue and board")
+    children |= {int(pid) for pid in re.findall(r"inference pid=(\d+)", first.log())}
+    assert len(children) == 2
     left = set(queue_dir.glob("catstream-*"))
     first.process.send_signal(signal.SIGKILL)
     first.process.wait(timeout=10)
-    time.sleep(2)  # its workers notice the supervisor is gone and stop
+    # Orphans notice the supervisor is gone and leave within the drain bound: none lingers.
+    wait_for(lambda: not any(Path(f"/proc/{pid}").exists() and _alive(pid) for pid in children), 20, "orphans to exit")
     assert set(queue_dir.glob("catstream-*")) == left  # SIGKILL: nothing cleaned up
 
     second = start_node(workers=1, env=env)
@@ -89,3 +92,11 @@ def test_the_broker_command_stops_its_broker_on_sigterm(tmp_path):
     time.sleep(0.5)
     with pytest.raises(OSError):  # nothing holds the port any more
         socket.create_connection(("127.0.0.1", port), timeout=2).close()
+
+
+def _alive(pid: int) -> bool:
+    """Running, not a zombie waiting for a parent that is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
