@@ -247,6 +247,12 @@ class QueryService:
                 except ValueError:
                     raise _RequestError(400, "Content-Length is not a number") from None
                 if length > MAX_BODY_BYTES:
+                    # Read a moderately large body away, so the client sees the 413 rather than a
+                    # broken pipe; a huge one is cut off with the connection.
+                    if length <= 4 * MAX_BODY_BYTES:
+                        self.rfile.read(length)
+                    else:
+                        self.close_connection = True
                     raise _RequestError(413, f"a body of {length} bytes is over {MAX_BODY_BYTES}")
                 return self.rfile.read(length)
 

@@ -17,7 +17,9 @@ pytestmark = pytest.mark.integration
 class _LostDevice:
     """Stands in for a GPU that went away: every model call raises."""
 
-    def logits(self, inputs):
+    spaces = ()
+
+    def score(self, inputs):
         raise RuntimeError("CUDA error: device lost")
 
 
