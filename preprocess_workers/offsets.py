@@ -72,6 +72,15 @@ class OffsetTracker:
                 out[key] = position
         return out
 
+    def positions(self, keys=None) -> dict[TopicPartitionKey, int]:
+        """Every partition's commit position, whether :meth:`mark_committed` saw it or not."""
+        out = {}
+        for key in keys if keys is not None else list(self._partitions):
+            position = self.commit_position(key)
+            if position is not None:
+                out[key] = position
+        return out
+
     def mark_committed(self, positions: dict[TopicPartitionKey, int]) -> None:
         for key, position in positions.items():
             if key in self._partitions:

@@ -455,7 +455,10 @@ class PreprocessWorker:
         self._log_gate[topic] = (now, 0)
 
     def _commit(self, keys, *, asynchronous: bool) -> None:
-        positions = self.tracker.uncommitted(keys)
+        # An asynchronous commit is marked done when sent; the broker may still refuse it (a
+        # rebalance under way) without a word here. So a synchronous commit (revoke, drain)
+        # sends every position again, not only the ones that moved since.
+        positions = self.tracker.uncommitted(keys) if asynchronous else self.tracker.positions(keys)
         self._last_commit = time.monotonic()
         if not positions:
             return

@@ -30,6 +30,19 @@ def test_uncommitted_reports_only_moved_positions():
     assert tracker.uncommitted() == {}
 
 
+def test_positions_include_ones_marked_committed_so_a_final_commit_resends_them():
+    """An asynchronous commit is marked when sent and may still be refused by the broker; the
+    synchronous commit at revoke and drain sends every position again."""
+    tracker = OffsetTracker()
+    tracker.assign(P)
+    tracker.assign(("offers", 1))
+    tracker.started(P, 0)
+    tracker.finished(P, 0)
+    tracker.mark_committed({P: 1})
+    assert tracker.uncommitted() == {}
+    assert tracker.positions() == {P: 1}  # partition 1 has no position yet: nothing to commit
+
+
 def test_acks_for_revoked_partitions_are_ignored():
     tracker = OffsetTracker()
     tracker.assign(P)
