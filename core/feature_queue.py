@@ -55,6 +55,22 @@ __all__ = [
 FREE, READY, CLAIMED, DONE, FAILED = 0, 1, 2, 3, 4
 
 _OFFER_ID_BYTES = 4 * MAX_OFFER_ID_CHARS  # UTF-8 takes at most 4 bytes a character
+_PRODUCT_BYTES = 16
+_IMAGE_SHA_BYTES = 32
+
+
+def _digest_bytes(digest: str | None, size: int) -> np.ndarray:
+    """A hex digest as ``(size,)`` uint8; all zero for None (no digest is all zero in practice)."""
+    if digest is None:
+        return np.zeros(size, dtype=np.uint8)
+    raw = bytes.fromhex(digest)
+    if len(raw) != size:
+        raise ValueError(f"expected a digest of {size} bytes, got {len(raw)}")
+    return np.frombuffer(raw, dtype=np.uint8)
+
+
+def _digest_hex(raw: np.ndarray) -> str | None:
+    return raw.tobytes().hex() if raw.any() else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +131,8 @@ class OfferMeta:
     image_status: str  # one of core.images.IMAGE_STATUSES
     produced_ms: float | None  # the Kafka message's create time; None when the broker gave none
     preprocess_ms: float  # time the worker spent on it
+    product: str | None = None  # core.text.product_key of the title: 32 hex digits
+    image_sha: str | None = None  # SHA-256 of the image bytes: 64 hex digits
 
 
 @dataclass(frozen=True)
@@ -175,6 +193,8 @@ class QueueLayout:
             ("produced_ms", np.dtype(np.float64), (n,)),
             ("preprocess_ms", np.dtype(np.float64), (n,)),
             ("offer_id", np.dtype(np.uint8), (n, _OFFER_ID_BYTES)),
+            ("product", np.dtype(np.uint8), (n, _PRODUCT_BYTES)),  # all zero: none
+            ("image_sha", np.dtype(np.uint8), (n, _IMAGE_SHA_BYTES)),
             ("error", np.dtype(np.uint8), (n, self.error_bytes)),
             *((f"input_{field.name}", np.dtype(field.dtype), (n, *field.shape)) for field in self.fields),
         ]
@@ -242,6 +262,8 @@ class FeatureQueue:
         views["image_status"][slot] = IMAGE_STATUSES.index(meta.image_status)
         views["produced_ms"][slot] = math.nan if meta.produced_ms is None else meta.produced_ms
         views["preprocess_ms"][slot] = meta.preprocess_ms
+        views["product"][slot] = _digest_bytes(meta.product, _PRODUCT_BYTES)
+        views["image_sha"][slot] = _digest_bytes(meta.image_sha, _IMAGE_SHA_BYTES)
         self.retries[slot] = 0
         views["error_len"][slot] = 0
         self.enqueued_ns[slot] = time.time_ns()
@@ -264,6 +286,8 @@ class FeatureQueue:
             image_status=IMAGE_STATUSES[int(views["image_status"][slot])],
             produced_ms=None if math.isnan(produced) else produced,
             preprocess_ms=float(views["preprocess_ms"][slot]),
+            product=_digest_hex(views["product"][slot]),
+            image_sha=_digest_hex(views["image_sha"][slot]),
         )
 
     # --- inference side --------------------------------------------------------------------------

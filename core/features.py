@@ -9,6 +9,7 @@ computed), in the model and nowhere in between.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ import numpy as np
 from core.bundle import ModelBundle, ShopWeights
 from core.dictionaries import Dictionaries
 from core.feature_queue import FeatureBatch, InputField
-from core.images import IMAGE_USED, ImagePolicy, ImageUnavailableError, load_image
+from core.images import IMAGE_USED, ImagePolicy, ImageUnavailableError, decode_image, image_bytes
 from core.lexical import LexicalModel
 from core.schemas import Offer
 from core.text import char_ngram_ids
@@ -89,6 +90,7 @@ class OfferFeatures:
     exclusion: np.ndarray
     lexical: np.ndarray
     image_status: str
+    image_sha: str | None = None  # SHA-256 of the image bytes (hex), when there were bytes
 
 
 class Featurizer:
@@ -181,29 +183,33 @@ class Featurizer:
 
     def image(self, offer: Offer, *, base_dir: Path | None = None) -> tuple[np.ndarray, bool, str]:
         """``(image, has_image, status)``; a blank image when it cannot be used, with the reason."""
+        pixels, has_image, status, _ = self._image(offer, base_dir=base_dir)
+        return pixels, has_image, status
+
+    def _image(self, offer: Offer, *, base_dir: Path | None) -> tuple[np.ndarray, bool, str, str | None]:
+        """:meth:`image` and the SHA-256 of the image bytes (None when none could be read)."""
+        sha = None
         try:
-            pixels = load_image(
-                image_url=offer.image_url,
-                image_b64=offer.image_b64,
-                size=self.image_size,
-                policy=self.image_policy,
-                base_dir=base_dir,
+            data = image_bytes(
+                image_url=offer.image_url, image_b64=offer.image_b64, policy=self.image_policy, base_dir=base_dir
             )
-            return pixels, True, IMAGE_USED
+            sha = hashlib.sha256(data).hexdigest()
+            return decode_image(data, self.image_size, policy=self.image_policy), True, IMAGE_USED, sha
         except ImageUnavailableError as error:
             blank = np.zeros((3, self.image_size, self.image_size), dtype=np.uint8)
-            return blank, False, error.status
+            return blank, False, error.status, sha
 
     def featurize(self, offer: Offer, *, base_dir: Path | None = None) -> OfferFeatures:
         """Every input of ``offer`` (:func:`input_fields`); an image that cannot be used leaves a blank
         one, ``has_image`` False and the reason in ``image_status``."""
-        image, has_image, status = self.image(offer, base_dir=base_dir)
+        image, has_image, status, sha = self._image(offer, base_dir=base_dir)
         mall_weight = self.shop_weights(offer.mall_id)
         return OfferFeatures(
             image=image,
             has_image=has_image,
             mall_weight=mall_weight,
             image_status=status,
+            image_sha=sha,
             **self._text_inputs(offer.title, offer.mall_category, mall_weight),
         )
 

@@ -52,6 +52,7 @@ __all__ = [
     "ImageUnavailableError",
     "decode_image",
     "fetch_image_bytes",
+    "image_bytes",
     "load_image",
 ]
 
@@ -325,6 +326,14 @@ def load_image(
     *, image_url: str | None, image_b64: str | None, size: int, policy: ImagePolicy, base_dir: Path | None = None
 ) -> np.ndarray:
     """The offer's image as ``(3, size, size)`` uint8, or :class:`ImageUnavailableError`."""
+    data = image_bytes(image_url=image_url, image_b64=image_b64, policy=policy, base_dir=base_dir)
+    return decode_image(data, size, policy=policy)
+
+
+def image_bytes(
+    *, image_url: str | None, image_b64: str | None, policy: ImagePolicy, base_dir: Path | None = None
+) -> bytes:
+    """The offer's image bytes, inline or fetched under ``policy``, or :class:`ImageUnavailableError`."""
     if image_b64:
         if len(image_b64) > 4 * (policy.max_bytes // 3 + 1):
             raise ImageUnavailableError("too_large", f"more than {policy.max_bytes} bytes")
@@ -338,4 +347,4 @@ def load_image(
         data = fetch_image_bytes(image_url, policy=policy, base_dir=base_dir)
     else:
         raise ImageUnavailableError("absent", "the offer has no image")
-    return decode_image(data, size, policy=policy)
+    return data

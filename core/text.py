@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import re
 import unicodedata
 import zlib
 
 import numpy as np
 
-__all__ = ["CHAR_NGRAM_SIZES", "char_ngram_ids", "forget_remembered_grams", "normalize_text", "words"]
+__all__ = [
+    "CHAR_NGRAM_SIZES",
+    "COLOUR_WORDS",
+    "char_ngram_ids",
+    "forget_remembered_grams",
+    "normalize_text",
+    "product_key",
+    "product_words",
+    "words",
+]
 
 CHAR_NGRAM_SIZES = (2, 5)  # smallest and largest n, as the character baseline's 2-5 grams
 WORD_GRAM_CACHE = 1 << 15  # distinct (word, buckets) whose gram ids are remembered: a few MB at most
@@ -26,6 +36,93 @@ def normalize_text(text: str) -> str:
 def words(text: str) -> list[str]:
     """The normalised words of ``text`` in order."""
     return _WORD.findall(unicodedata.normalize("NFKC", text).lower())
+
+
+# Dropped from titles to name a product: its colour variants are one product. A word missing here
+# only leaves some colour variants apart (a milder split, a duplicate not excluded), it never
+# merges different products.
+COLOUR_WORDS = frozenset(
+    [
+        "aqua",
+        "beige",
+        "black",
+        "blue",
+        "bronze",
+        "brown",
+        "burgundy",
+        "charcoal",
+        "coffee",
+        "copper",
+        "coral",
+        "cream",
+        "fluorescent",
+        "fuchsia",
+        "gold",
+        "golden",
+        "green",
+        "grey",
+        "gray",
+        "indigo",
+        "ivory",
+        "khaki",
+        "lavender",
+        "lemon",
+        "lilac",
+        "lime",
+        "magenta",
+        "maroon",
+        "mauve",
+        "melange",
+        "metallic",
+        "multi",
+        "multicolor",
+        "multicolour",
+        "multicoloured",
+        "mushroom",
+        "mustard",
+        "navy",
+        "neon",
+        "nude",
+        "off",
+        "olive",
+        "orange",
+        "peach",
+        "pink",
+        "plum",
+        "purple",
+        "red",
+        "rose",
+        "rust",
+        "sea",
+        "silver",
+        "skin",
+        "steel",
+        "tan",
+        "taupe",
+        "teal",
+        "turquoise",
+        "violet",
+        "white",
+        "wine",
+        "yellow",
+        "light",
+        "dark",
+    ]
+)
+
+
+def product_words(title: str) -> str:
+    """The normalised words of ``title`` without colour words: what the colour variants and the
+    repeated listings of one product share ("Rocia Women Black Flats" -> "rocia women flats")."""
+    return " ".join(word for word in words(title) if word not in COLOUR_WORDS)
+
+
+def product_key(title: str) -> str | None:
+    """A short stable key of the product a title names (32 hex digits of BLAKE2b over
+    :func:`product_words`), or None when no word is left. Predictions carry it so similar-product
+    search can leave out other listings of the query's own product."""
+    kept = product_words(title)
+    return hashlib.blake2b(kept.encode("utf-8"), digest_size=16).hexdigest() if kept else None
 
 
 def char_ngram_ids(normalized_text: str, buckets: int, length: int) -> np.ndarray:

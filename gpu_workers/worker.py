@@ -158,6 +158,8 @@ class InferenceWorker:
                 excluded_categories=decision.excluded,
                 confident_parent=decision.parent,
                 vectors={space: matrix[row] for space, matrix in half.items()} or None,
+                product=offer.product,
+                image_sha=offer.image_sha,
             )
             self.board.count_inference(self.row, "predicted")
             self.board.count_inference(self.row, "uncertain", int(decision.category == UNCERTAIN))

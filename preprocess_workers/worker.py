@@ -25,11 +25,12 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Produ
 
 from core.bundle import ModelBundle
 from core.feature_queue import DONE, FAILED, FREE, FeatureQueue, OfferMeta
-from core.features import Featurizer
+from core.features import Featurizer, OfferFeatures
 from core.kafka import consumer_config, producer_config
 from core.node_board import NodeBoard, Serving, supervisor_pid
 from core.schemas import Offer, Rejection, dead_letter, parse_offer
 from core.settings import Settings
+from core.text import product_key
 from preprocess_workers.backpressure import BufferGate
 from preprocess_workers.offsets import OffsetTracker
 
@@ -310,7 +311,7 @@ class PreprocessWorker:
         slot = lane.free_slots.popleft()
         try:
             features = lane.featurizer.featurize(parsed)
-            lane.queue.put(slot, features, self._meta(parsed, message, features.image_status, started))
+            lane.queue.put(slot, features, self._meta(parsed, message, features, started))
         except Exception as error:  # a bug or a pathological input: this offer fails, the worker goes on
             lane.free_slots.appendleft(slot)
             log.exception("%s: featurising offer %s failed", self.name, parsed.offer_id)
@@ -322,15 +323,17 @@ class PreprocessWorker:
         self.board.count(self.index, "image_unused", int(not features.has_image))
 
     @staticmethod
-    def _meta(offer: Offer, message: Message, image_status: str, started: float) -> OfferMeta:
+    def _meta(offer: Offer, message: Message, features: OfferFeatures, started: float) -> OfferMeta:
         timestamp_type, timestamp_ms = message.timestamp()
         return OfferMeta(
             offer_id=offer.offer_id,
             partition=message.partition(),
             offset=message.offset(),
-            image_status=image_status,
+            image_status=features.image_status,
             produced_ms=float(timestamp_ms) if timestamp_type else None,
             preprocess_ms=(time.perf_counter() - started) * 1000.0,
+            product=product_key(offer.title),
+            image_sha=features.image_sha,
         )
 
     # --- completion ------------------------------------------------------------------------------

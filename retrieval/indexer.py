@@ -55,6 +55,13 @@ def _category(document: dict[str, Any]) -> str:
     return guess if isinstance(guess, str) and guess else UNCERTAIN
 
 
+def _digest(value: Any) -> str | None:
+    """A product key or image hash from a prediction; anything but a short hex string is ignored."""
+    if isinstance(value, str) and 0 < len(value) <= 64 and all(c in "0123456789abcdef" for c in value):
+        return value
+    return None
+
+
 def candidates_of(index: OfferIndex, offers: list[IndexedOffer], *, k: int) -> list[list[dict[str, Any]]]:
     """For each offer, up to ``k`` indexed offers found by any of its vectors, best first:
     ``{"offer_id", "score", "scores": {space: cosine}}`` (``score`` is the best of ``scores``)."""
@@ -219,7 +226,13 @@ class OfferIndexer:
             self.counts["without_vectors"] += 1
             return None
         try:
-            return IndexedOffer(offer_id=offer_id, category=_category(document), vectors=vectors)
+            return IndexedOffer(
+                offer_id=offer_id,
+                category=_category(document),
+                vectors=vectors,
+                product=_digest(document.get("product")),
+                image_sha=_digest(document.get("image_sha")),
+            )
         except OfferIndexError as error:
             self.counts["unreadable"] += 1
             log.warning("prediction %s: %s", offer_id, error)

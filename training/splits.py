@@ -22,82 +22,11 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import pandas as pd
 
-from core.text import words
+from core.text import COLOUR_WORDS, product_words
 
 __all__ = ["COLOUR_WORDS", "PROTOCOLS", "Split", "SplitSpec", "assign_folds", "split_offers", "title_groups"]
 
 PROTOCOLS = ("random", "time", "group")
-
-# Dropped from titles before grouping. A word missing here only leaves some colour variants in
-# different groups (a milder split), it never merges different products.
-COLOUR_WORDS = frozenset(
-    [
-        "aqua",
-        "beige",
-        "black",
-        "blue",
-        "bronze",
-        "brown",
-        "burgundy",
-        "charcoal",
-        "coffee",
-        "copper",
-        "coral",
-        "cream",
-        "fluorescent",
-        "fuchsia",
-        "gold",
-        "golden",
-        "green",
-        "grey",
-        "gray",
-        "indigo",
-        "ivory",
-        "khaki",
-        "lavender",
-        "lemon",
-        "lilac",
-        "lime",
-        "magenta",
-        "maroon",
-        "mauve",
-        "melange",
-        "metallic",
-        "multi",
-        "multicolor",
-        "multicolour",
-        "multicoloured",
-        "mushroom",
-        "mustard",
-        "navy",
-        "neon",
-        "nude",
-        "off",
-        "olive",
-        "orange",
-        "peach",
-        "pink",
-        "plum",
-        "purple",
-        "red",
-        "rose",
-        "rust",
-        "sea",
-        "silver",
-        "skin",
-        "steel",
-        "tan",
-        "taupe",
-        "teal",
-        "turquoise",
-        "violet",
-        "white",
-        "wine",
-        "yellow",
-        "light",
-        "dark",
-    ]
-)
 
 
 @dataclass(frozen=True)
@@ -133,7 +62,7 @@ def title_groups(titles: Iterable[str]) -> np.ndarray:
 
     A title with no word left (empty, or colours only) is a group of its own.
     """
-    keys = pd.Series([" ".join(w for w in words(title) if w not in COLOUR_WORDS) for title in titles], dtype=object)
+    keys = pd.Series([product_words(title) for title in titles], dtype=object)
     groups = pd.factorize(keys)[0].astype(np.int64)
     alone = (keys == "").to_numpy()
     groups[alone] = groups.max(initial=-1) + 1 + np.arange(alone.sum())

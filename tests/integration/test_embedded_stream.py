@@ -1,18 +1,22 @@
 """A bundle with the embedder attached, served by a real node on the embedded broker: every
 prediction carries the offer's image, text and fused vectors from the same ONNX pass, equal to
-the attached graph's offline output, and the categories are the classifier's own."""
+the attached graph's offline output, and the categories are the classifier's own. Each also
+carries its product key and image hash, which similar-product search uses to leave duplicates out."""
 
 from __future__ import annotations
+
+import hashlib
 
 import numpy as np
 import pytest
 
 from core.bundle import ModelBundle
 from core.features import Featurizer
-from core.images import ImagePolicy
+from core.images import ImagePolicy, image_bytes
 from core.offer_files import offers_from_frame, read_offer_file
 from core.schemas import decode_vectors
 from core.scoring import OnnxClassifier
+from core.text import product_key
 from producers.publish import publish_offers
 from tests.conftest import read_predictions
 
@@ -41,6 +45,16 @@ def test_predictions_carry_the_vectors_of_the_same_pass(marketplace, embedded_bu
         for space, vector in vectors.items():
             np.testing.assert_allclose(vector, expected[space][row], atol=2e-3)  # float16 on the wire
             assert abs(np.linalg.norm(vector) - 1.0) < 5e-3
+        assert predictions[offer.offer_id]["product"] == product_key(offer.title)
+        if offer.image_url or offer.image_b64:
+            data = image_bytes(
+                image_url=offer.image_url, image_b64=offer.image_b64, policy=ImagePolicy.for_offer_files()
+            )
+            assert predictions[offer.offer_id]["image_sha"] == hashlib.sha256(data).hexdigest()
+        else:
+            assert predictions[offer.offer_id]["image_sha"] is None
+    assert len({p["product"] for p in predictions.values()}) > 1
+    assert sum(p["image_sha"] is not None for p in predictions.values()) > len(offers) // 2
 
 
 def test_a_bundle_without_an_embedder_sends_no_vectors(marketplace, bundle, stream_settings, start_node):

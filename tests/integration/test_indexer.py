@@ -22,6 +22,7 @@ from core.index_location import open_index
 from core.kafka import ensure_topics, producer_config, read_topic
 from core.offer_index import OfferIndexError
 from core.schemas import Prediction
+from core.similar import similar_offers
 from retrieval.indexer import OfferIndexer
 
 pytestmark = pytest.mark.integration
@@ -35,7 +36,7 @@ def unit(rng, size):
     return (vector / np.linalg.norm(vector)).astype(np.float16)
 
 
-def prediction(offer_id: str, rng, *, vectors=None, category="Men > Footwear > Shoes") -> bytes:
+def prediction(offer_id: str, rng, *, vectors=None, category="Men > Footwear > Shoes", product=None) -> bytes:
     return Prediction(
         offer_id=offer_id,
         category=category,
@@ -46,6 +47,8 @@ def prediction(offer_id: str, rng, *, vectors=None, category="Men > Footwear > S
         image_status="used",
         timings_ms={},
         vectors=vectors or {space: unit(rng, size) for space, size in SPACES.items()},
+        product=product,
+        image_sha=None if product is None else "5e" * 32,
     ).to_bytes()
 
 
@@ -75,8 +78,8 @@ def test_n_in_n_indexed_duplicates_found_and_a_tombstone_deletes(stream_settings
     messages = [(f"offer-{n}", prediction(f"offer-{n}", rng)) for n in range(300)]
     # Twins in one publish, so usually in one consumed batch: they must still find each other.
     messages += [
-        ("twin-a", prediction("twin-a", rng, vectors=twin)),
-        ("twin-b", prediction("twin-b", rng, vectors=twin)),
+        ("twin-a", prediction("twin-a", rng, vectors=twin, product="ab" * 16)),
+        ("twin-b", prediction("twin-b", rng, vectors=twin, product="ab" * 16)),
     ]
     messages += [("offer-7", prediction("offer-7", rng))]  # redelivered or updated: still one offer
     location = tmp_path / "index"
@@ -107,6 +110,11 @@ def test_n_in_n_indexed_duplicates_found_and_a_tombstone_deletes(stream_settings
         assert best["offer_id"] == other and set(best["scores"]) == set(SPACES)
         assert all(score > 0.99 for score in best["scores"].values())
     assert all(len(d["candidates"]) <= 5 for d in documents.values())
+    # The twins are one product: a duplicate to match, never a "similar product" of each other.
+    twin_a = saved.get("twin-a")
+    assert twin_a is not None and (twin_a.product, twin_a.image_sha) == ("ab" * 16, "5e" * 32)
+    similar = similar_offers(saved, twin_a, k=10)
+    assert len(similar) == 10 and "twin-b" not in {s.hit.offer_id for s in similar}
 
 
 def test_a_sigkilled_indexer_resumes_from_its_saved_index_and_loses_nothing(stream_settings, tmp_path):

@@ -4,7 +4,7 @@ import numpy as np
 from hypothesis import given
 from hypothesis import strategies as st
 
-from core.text import CHAR_NGRAM_SIZES, char_ngram_ids, normalize_text
+from core.text import CHAR_NGRAM_SIZES, char_ngram_ids, normalize_text, product_key, product_words
 
 
 def test_grams_are_the_bounded_words_character_ngrams_hashed_by_crc32():
@@ -62,3 +62,11 @@ def test_ids_are_in_range_and_deterministic(text, buckets, length):
     assert (char_ngram_ids(normalized, buckets, length) == ids).all()
     padding = np.flatnonzero(ids == 0)
     assert len(padding) == 0 or (ids[padding[0] :] == 0).all()  # padding only at the end
+
+
+def test_a_product_key_names_a_product_across_colours_case_and_punctuation():
+    assert product_words("Rocia Women Black Flats") == "rocia women flats"
+    assert product_key("Rocia Women Black Flats") == product_key("ROCIA women, BEIGE flats!")
+    assert product_key("Rocia Women Black Flats") != product_key("Rocia Men Black Flats")
+    assert len(product_key("Rocia Women Flats") or "") == 32
+    assert product_key("Black Navy") is None and product_key("") is None
