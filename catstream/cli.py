@@ -309,6 +309,36 @@ def _build_parser(command: str | None = None) -> argparse.ArgumentParser:
     index.add_argument("--http-port", type=int, help=f"query service port, 0 = off {_env('index_http_port')}")
     _add_kafka(index)
 
+    query = commands.add_parser(
+        "query",
+        help="the query service's operations from the command line, on a saved index: similar products, "
+        "text search, candidate duplicates (JSON on stdout)",
+    )
+    query_commands = query.add_subparsers(dest="query_command", required=True, metavar="OPERATION")
+    similar = query_commands.add_parser(
+        "similar", help="offers like an indexed offer: its leaf first, then sibling leaves, then higher"
+    )
+    similar.add_argument("offer_id", help="an offer in the index")
+    search = query_commands.add_parser("search", help="offers a text finds (needs --model)")
+    search.add_argument("text", help='what a shopper would type, e.g. "women black heels"')
+    search.add_argument("--category", help="only offers under this category path (a leaf or any ancestor)")
+    search.add_argument(
+        "--rank-on",
+        choices=("text", "image"),
+        default="text",
+        help="rank on titles (default) or on pictures only, which finds new offers by what they show",
+    )
+    match = query_commands.add_parser("match", help="candidate duplicates of an offer document (needs --model)")
+    match.add_argument("offer", help="a JSON offer document, as published to the offers topic; - reads stdin")
+    for operation in (similar, search, match):
+        operation.add_argument("-k", "--k", type=int, default=10, help="results wanted, 1..1000 (default 10)")
+        operation.add_argument("--index-location", help=f"index directory or Qdrant location {_env('index_location')}")
+        operation.add_argument("--model", help="bundle with an embedder, to embed the query (search and match)")
+        operation.add_argument(
+            "--tracking-uri",
+            help="MLflow registry for models:/ URIs (env MLFLOW_TRACKING_URI; default sqlite:///mlflow.db)",
+        )
+
     demo = commands.add_parser("demo", help="synth → train → embedded broker → pipeline → summary")
     demo.add_argument("--out", type=Path, default=Path("demo-output"), help="work directory (default ./demo-output)")
     demo.add_argument("--offers", type=int, default=3000, help="offers streamed through the pipeline (default 3000)")
@@ -721,6 +751,37 @@ def _cmd_index(args) -> int:
             service.stop()
 
 
+def _cmd_query(args) -> int:
+
+    from catstream.query_service import QueryService, k_of
+    from core.bundle import ModelBundle
+    from core.index_location import open_index
+    from core.scoring import OfferEmbedder
+
+    location = args.index_location or Settings().index_location
+    k = k_of(args.k)
+    if args.query_command in ("search", "match") and not args.model:
+        raise ValueError(f"query {args.query_command} embeds its query: give --model BUNDLE (one with an embedder)")
+    registry = Registry(args.tracking_uri)
+    embedder = OfferEmbedder(ModelBundle.load(resolve_model_uri(args.model, registry=registry))) if args.model else None
+    index = open_index(location)
+    if index is None:
+        raise FileNotFoundError(f"no offer index at {location}: run catstream index first, or give --index-location")
+    service = QueryService(lambda: index, threading.Lock(), embedder=embedder)
+    try:
+        if args.query_command == "similar":
+            answer = service.similar(args.offer_id, k)
+        elif args.query_command == "search":
+            answer = service.search({"q": args.text, "k": k, "category": args.category, "rank_on": args.rank_on})
+        else:
+            raw = sys.stdin.buffer.read() if args.offer == "-" else Path(args.offer).read_bytes()
+            answer = service.match(raw, k)
+    finally:
+        index.close()
+    print(json.dumps(answer, indent=1, ensure_ascii=False))
+    return 0
+
+
 def _cmd_demo(args) -> int:
     from catstream.demo import run_demo
 
@@ -789,6 +850,7 @@ _COMMANDS = {
     "produce": _cmd_produce,
     "run": _cmd_run,
     "index": _cmd_index,
+    "query": _cmd_query,
     "demo": _cmd_demo,
 }
 

@@ -32,7 +32,7 @@ from core.scoring import OfferEmbedder
 from core.similar import similar_offers
 from retrieval.indexer import candidates_of
 
-__all__ = ["MAX_BODY_BYTES", "MAX_K", "QueryService"]
+__all__ = ["MAX_BODY_BYTES", "MAX_K", "QueryError", "QueryService", "k_of"]
 
 log = logging.getLogger(__name__)
 
@@ -41,19 +41,23 @@ MAX_BODY_BYTES = 1_000_000
 _LATENCY_BUCKETS_MS = (1, 2, 5, 10, 25, 50, 100, 250, 1000)
 
 
-class _RequestError(Exception):
+class QueryError(ValueError):
+    """A query that cannot be answered as asked; ``status`` is its HTTP status (4xx, or 503 while
+    the index or the query model is missing). ``catstream query`` prints it as a readable error."""
+
     def __init__(self, status: int, reason: str):
         super().__init__(reason)
         self.status = status
 
 
-def _k(value: Any) -> int:
+def k_of(value: Any) -> int:
+    """A result count from a request, or the :class:`QueryError` saying why it is not one."""
     try:
         k = int(value)
     except (TypeError, ValueError):
-        raise _RequestError(400, f"k must be an integer, got {value!r}") from None
+        raise QueryError(400, f"k must be an integer, got {value!r}") from None
     if not 1 <= k <= MAX_K:
-        raise _RequestError(400, f"k must be in 1..{MAX_K}, got {k}")
+        raise QueryError(400, f"k must be in 1..{MAX_K}, got {k}")
     return k
 
 
@@ -84,7 +88,7 @@ class QueryService:
             index = self._ready()
             query = index.get(offer_id)
             if query is None:
-                raise _RequestError(404, f"no offer {offer_id!r} in the index")
+                raise QueryError(404, f"no offer {offer_id!r} in the index")
             found = similar_offers(
                 index, query, k=k, space="fused" if "fused" in index.spaces else next(iter(index.spaces))
             )
@@ -105,14 +109,14 @@ class QueryService:
     def search(self, body: dict[str, Any]) -> dict[str, Any]:
         text = body.get("q")
         if not isinstance(text, str) or not text.strip():
-            raise _RequestError(400, "q must be a non-empty string")
-        k = _k(body.get("k", 10))
+            raise QueryError(400, "q must be a non-empty string")
+        k = k_of(body.get("k", 10))
         category = body.get("category")
         if category is not None and not isinstance(category, str):
-            raise _RequestError(400, "category must be a category path string")
+            raise QueryError(400, "category must be a category path string")
         rank_on = body.get("rank_on", "text")
         if rank_on not in ("text", "image"):
-            raise _RequestError(400, f"rank_on must be text or image, got {rank_on!r}")
+            raise QueryError(400, f"rank_on must be text or image, got {rank_on!r}")
         vector = self._embedder().embed_text([text])[0]
         with self.lock:
             hits = self._ready().search(rank_on, vector, k=k, category=category)[0]
@@ -125,7 +129,7 @@ class QueryService:
     def match(self, raw: bytes, k: int) -> dict[str, Any]:
         offer = parse_offer(raw, max_bytes=MAX_BODY_BYTES)
         if isinstance(offer, Rejection):
-            raise _RequestError(400, f"not an offer: {offer.reason}")
+            raise QueryError(400, f"not an offer: {offer.reason}")
         vectors = self._embedder().embed([offer])
         with self.lock:
             index = self._ready()
@@ -136,12 +140,12 @@ class QueryService:
     def _ready(self) -> OfferIndex:
         index = self.index()
         if index is None:
-            raise _RequestError(503, "the index is empty: no prediction with vectors seen yet")
+            raise QueryError(503, "the index is empty: no prediction with vectors seen yet")
         return index
 
     def _embedder(self) -> OfferEmbedder:
         if self.embedder is None:
-            raise _RequestError(503, "no model to embed queries: start catstream index with --model BUNDLE")
+            raise QueryError(503, "no model to embed queries: start catstream index with --model BUNDLE")
         return self.embedder
 
     # -- HTTP ------------------------------------------------------------------------------------
@@ -197,7 +201,7 @@ class QueryService:
                 route = url.path.split("/")[1] if url.path.count("/") >= 1 else ""
                 try:
                     status, body = 200, self._route(method, url)
-                except _RequestError as error:
+                except QueryError as error:
                     status, body = error.status, {"error": str(error)}
                 except Exception as error:
                     log.exception("query failed")
@@ -215,29 +219,29 @@ class QueryService:
                 parts = url.path.strip("/").split("/")
                 query = parse_qs(url.query)
                 if method == "GET" and parts[0] == "similar" and len(parts) == 2:
-                    return service.similar(unquote(parts[1]), _k(query.get("k", ["10"])[0]))
+                    return service.similar(unquote(parts[1]), k_of(query.get("k", ["10"])[0]))
                 if method == "GET" and url.path == "/healthz":
                     return "ok\n"
                 if method == "GET" and url.path == "/readyz":
                     with service.lock:
                         ready = service.index() is not None
                     if not ready:
-                        raise _RequestError(503, "no index yet")
+                        raise QueryError(503, "no index yet")
                     return "ok\n"
                 if method == "GET" and url.path == "/metrics":
                     return service.metrics()
                 if method == "POST" and url.path in ("/search", "/match"):
                     raw = self._body()
                     if url.path == "/match":
-                        return service.match(raw, _k(query.get("k", ["10"])[0]))
+                        return service.match(raw, k_of(query.get("k", ["10"])[0]))
                     try:
                         body = json.loads(raw)
                     except ValueError:
-                        raise _RequestError(400, "the body is not JSON") from None
+                        raise QueryError(400, "the body is not JSON") from None
                     if not isinstance(body, dict):
-                        raise _RequestError(400, "the body must be a JSON object")
+                        raise QueryError(400, "the body must be a JSON object")
                     return service.search(body)
-                raise _RequestError(
+                raise QueryError(
                     404, "not found; try /similar/ID, POST /search, POST /match, /healthz, /readyz, /metrics"
                 )
 
@@ -245,7 +249,7 @@ class QueryService:
                 try:
                     length = int(self.headers.get("Content-Length", "0"))
                 except ValueError:
-                    raise _RequestError(400, "Content-Length is not a number") from None
+                    raise QueryError(400, "Content-Length is not a number") from None
                 if length > MAX_BODY_BYTES:
                     # Read a moderately large body away, so the client sees the 413 rather than a
                     # broken pipe; a huge one is cut off with the connection.
@@ -253,7 +257,7 @@ class QueryService:
                         self.rfile.read(length)
                     else:
                         self.close_connection = True
-                    raise _RequestError(413, f"a body of {length} bytes is over {MAX_BODY_BYTES}")
+                    raise QueryError(413, f"a body of {length} bytes is over {MAX_BODY_BYTES}")
                 return self.rfile.read(length)
 
             def _reply(self, code: int, data: bytes, content_type: str) -> None:

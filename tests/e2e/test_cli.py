@@ -30,6 +30,7 @@ SUBCOMMANDS = (
     "produce",
     "run",
     "index",
+    "query",
     "demo",
 )
 
