@@ -22,6 +22,7 @@ from pydantic import ValidationError
 
 from catstream.options_cli import add_training_options, training_options
 from core.bundle import EMBEDDER_DIR
+from core.offer_index import IndexUnavailableError
 from core.registry import MODEL_NAME, Registry, resolve_model_uri
 from core.settings import ENV_PREFIX, Settings
 
@@ -421,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as error:
         print(f"catstream {args.command}: {error}", file=sys.stderr)
         return 2
-    except (TimeoutError, KafkaException) as error:
+    except (TimeoutError, KafkaException, IndexUnavailableError) as error:
         print(f"catstream {args.command}: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -741,7 +742,11 @@ def _cmd_index(args) -> int:
     service = None
     if settings.index_http_port:
         service = QueryService(
-            lambda: indexer.index, indexer.lock, embedder=embedder, indexer_counts=lambda: dict(indexer.counts)
+            lambda: indexer.index,
+            indexer.lock,
+            embedder=embedder,
+            indexer_counts=lambda: dict(indexer.counts),
+            unavailable=lambda: indexer.unavailable,
         ).start(settings.health_host, settings.index_http_port)
     print(f"indexing {settings.categorized_topic} into {location}", flush=True)
     try:

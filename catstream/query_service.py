@@ -10,7 +10,8 @@
 Bad input is a 4xx with the reason: an unknown ``offer_id`` is 404; an empty query, ``k`` outside
 1..1000, a body that is not a JSON object or an offer that does not parse is 400; a body over
 1 MB is 413. ``/search`` and ``/match`` need a bundle with an embedder (``--model``); without one
-they answer 503. The index is shared with the indexer under one lock.
+they answer 503, as every query and ``/readyz`` do while the index engine cannot be reached.
+The index is shared with the indexer under one lock.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from catstream.health import CONNECTION_TIMEOUT_S, BoundedHTTPServer
-from core.offer_index import IndexedOffer, OfferIndex
+from core.offer_index import IndexedOffer, IndexUnavailableError, OfferIndex
 from core.schemas import Rejection, parse_offer
 from core.scoring import OfferEmbedder
 from core.similar import similar_offers
@@ -71,11 +72,13 @@ class QueryService:
         *,
         embedder: OfferEmbedder | None = None,
         indexer_counts: Callable[[], dict[str, int]] = dict,
+        unavailable: Callable[[], str | None] = lambda: None,
     ):
         self.index = index
         self.lock = lock
         self.embedder = embedder
         self.indexer_counts = indexer_counts
+        self.unavailable = unavailable  # why the index engine cannot be reached now, or None
         self.requests: Counter[tuple[str, int]] = Counter()
         self.latency: Counter[tuple[str, float]] = Counter()  # (route, bucket upper bound) -> count
         self._server: BoundedHTTPServer | None = None
@@ -203,6 +206,8 @@ class QueryService:
                     status, body = 200, self._route(method, url)
                 except QueryError as error:
                     status, body = error.status, {"error": str(error)}
+                except IndexUnavailableError as error:
+                    status, body = 503, {"error": str(error)}
                 except Exception as error:
                     log.exception("query failed")
                     status, body = 500, {"error": f"{type(error).__name__}: {error}"}
@@ -223,6 +228,9 @@ class QueryService:
                 if method == "GET" and url.path == "/healthz":
                     return "ok\n"
                 if method == "GET" and url.path == "/readyz":
+                    reason = service.unavailable()
+                    if reason is not None:
+                        raise QueryError(503, f"the offer index cannot be reached: {reason}")
                     with service.lock:
                         ready = service.index() is not None
                     if not ready:

@@ -20,7 +20,8 @@ def open_index(
     Qdrant's in-process local mode.
 
     Without ``spaces``, an index saved there is opened and ``None`` is returned when there is none
-    yet (the indexer then creates it from the first vectors it sees).
+    yet (the indexer then creates it from the first vectors it sees). A Qdrant server that cannot
+    be reached raises :class:`core.offer_index.IndexUnavailableError`.
     """
     if location.startswith("qdrant"):
         from core.qdrant_index import (
@@ -31,11 +32,15 @@ def open_index(
             location.removeprefix("qdrant+") if location.startswith("qdrant+") else location.removeprefix("qdrant:")
         )
         client = QdrantIndex.client_for(target)
-        spaces = spaces or QdrantIndex.saved_spaces(client, collection)
-        if spaces is None:
+        try:
+            spaces = spaces or QdrantIndex.saved_spaces(client, collection)
+            if spaces is None:
+                client.close()
+                return None
+            return QdrantIndex(client, collection=collection, spaces=spaces)
+        except Exception:
             client.close()
-            return None
-        return QdrantIndex(client, collection=collection, spaces=spaces)
+            raise
     if spaces is None and not (Path(location) / "manifest.json").exists():
         if Path(location).exists() and any(Path(location).iterdir()):
             raise OfferIndexError(f"{location} holds files but no manifest.json: not an offer index, or a damaged one")

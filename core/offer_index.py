@@ -22,6 +22,7 @@ from core.dictionaries import PATH_SEPARATOR
 
 __all__ = [
     "Hit",
+    "IndexUnavailableError",
     "IndexedOffer",
     "OfferIndex",
     "OfferIndexError",
@@ -38,6 +39,12 @@ Offsets = dict[tuple[str, int], int]
 class OfferIndexError(ValueError):
     """The index cannot be opened or used as asked: a corrupt file, a missing space, a bad vector.
     A ``ValueError``: each is bad input (a file, a message, a query), reported as such."""
+
+
+class IndexUnavailableError(RuntimeError):
+    """The engine cannot be reached now (a Qdrant server down, restarting or overloaded). Nothing
+    was wrong with the request: the indexer retries with backoff and the query service answers 503
+    meanwhile, instead of exiting and being restarted in a loop."""
 
 
 @dataclass(frozen=True)

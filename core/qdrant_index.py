@@ -15,15 +15,20 @@ contract tests use here (no Qdrant server installs offline on this machine).
 
 from __future__ import annotations
 
+import functools
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, cast
 
+import httpx
 import numpy as np
 from qdrant_client import QdrantClient, models
+from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
 
 from core.offer_index import (
     Hit,
     IndexedOffer,
+    IndexUnavailableError,
     OfferIndexError,
     Offsets,
     category_prefixes,
@@ -35,6 +40,36 @@ __all__ = ["QdrantIndex"]
 
 _NAMESPACE = uuid.UUID("5b0c4f6e-2a51-4a4f-9a0e-6f3f6c1d2b7a")
 _OFFSETS_POINT = 1
+
+
+# Statuses that say "not now" rather than "not this request".
+_RETRYABLE_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+
+
+class _GuardedClient:
+    """A Qdrant client whose calls raise :class:`IndexUnavailableError` when the server cannot be
+    reached or answers that it cannot serve now; any other error passes through unchanged."""
+
+    def __init__(self, client: QdrantClient):
+        self._inner = client
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self._inner, name)
+        if not callable(attribute):
+            return attribute
+
+        @functools.wraps(attribute)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return attribute(*args, **kwargs)
+            except (ResponseHandlingException, httpx.TransportError, ConnectionError) as error:
+                raise IndexUnavailableError(f"Qdrant cannot be reached ({type(error).__name__}: {error})") from error
+            except UnexpectedResponse as error:
+                if error.status_code in _RETRYABLE_STATUSES:
+                    raise IndexUnavailableError(f"Qdrant answered {error.status_code}: try again later") from error
+                raise
+
+        return cast(Callable[..., Any], call)
 
 
 def _point_id(offer_id: str) -> str:
@@ -53,6 +88,7 @@ class QdrantIndex:
         shards: int | None = None,
         replication_factor: int | None = None,
     ) -> None:
+        client = client if isinstance(client, _GuardedClient) else cast(QdrantClient, _GuardedClient(client))
         self.client = client
         self.collection = collection
         self.spaces = {name: int(dimension) for name, dimension in spaces.items()}
@@ -86,12 +122,17 @@ class QdrantIndex:
 
     @staticmethod
     def client_for(location: str, *, api_key: str | None = None) -> QdrantClient:
-        """A client for an ``http(s)://`` URL, ``":memory:"`` or a local-mode directory."""
+        """A client for an ``http(s)://`` URL, ``":memory:"`` or a local-mode directory, whose
+        calls raise :class:`IndexUnavailableError` while a server cannot be reached."""
         if location.startswith(("http://", "https://")):
-            return QdrantClient(url=location, api_key=api_key, timeout=10)
-        if location == ":memory:":
-            return QdrantClient(location=":memory:")
-        return QdrantClient(path=location)
+            # No version probe at construction: it would be one more request to a server that
+            # may be down, and a warning per retry.
+            client = QdrantClient(url=location, api_key=api_key, timeout=10, check_compatibility=False)
+        elif location == ":memory:":
+            client = QdrantClient(location=":memory:")
+        else:
+            client = QdrantClient(path=location)
+        return cast(QdrantClient, _GuardedClient(client))
 
     @staticmethod
     def saved_spaces(client: QdrantClient, collection: str) -> dict[str, int] | None:
@@ -237,4 +278,5 @@ def _hit(point: models.ScoredPoint) -> Hit:
 
 
 def _is_local(client: QdrantClient) -> bool:
-    return type(client._client).__name__ == "QdrantLocal"
+    inner = client._inner if isinstance(client, _GuardedClient) else client
+    return type(inner._client).__name__ == "QdrantLocal"

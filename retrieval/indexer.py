@@ -13,12 +13,17 @@ candidate duplicates of every new offer to ``offers.matched``.
   offers after the save are upserted again (harmless) and their matches may be published again.
 - One indexer per index: it reads every partition itself (no group rebalancing), since an
   embedded index must see every offer. The consumer group only records its progress (lag).
+- An engine that cannot be reached (a Qdrant server down) is waited for, never a reason to
+  exit: the batch at hand is retried with :class:`Backoff` (0.5 s doubling to 30 s, jittered)
+  and nothing after it is read meanwhile; ``unavailable`` says why, which the query service's
+  readiness reports as 503. Offsets move only past batches the index has taken.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import random
 import signal
 import threading
 import time
@@ -30,16 +35,38 @@ import numpy as np
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, Producer, TopicPartition
 
 from core.kafka import consumer_config, producer_config
-from core.offer_index import IndexedOffer, OfferIndex, OfferIndexError, Offsets
+from core.offer_index import IndexedOffer, IndexUnavailableError, OfferIndex, OfferIndexError, Offsets
 from core.schemas import UNCERTAIN, decode_vectors
 from core.settings import Settings
 
-__all__ = ["OfferIndexer", "candidates_of", "matched_message"]
+__all__ = ["Backoff", "OfferIndexer", "candidates_of", "matched_message"]
 
 log = logging.getLogger(__name__)
 
 _BATCH = 500
 _POLL_S = 0.2
+
+
+class Backoff:
+    """Waits between retries of an unreachable engine: ``first_s`` doubling up to ``max_s``, each
+    jittered by up to ±``jitter`` so indexers that lost the same server do not retry in step."""
+
+    def __init__(self, *, first_s: float = 0.5, max_s: float = 30.0, jitter: float = 0.2, seed: int | None = None):
+        if not 0 < first_s <= max_s or not 0 <= jitter < 1:
+            raise ValueError(f"need 0 < first_s <= max_s and 0 <= jitter < 1, got {first_s}, {max_s}, {jitter}")
+        self.first_s, self.max_s, self.jitter = first_s, max_s, jitter
+        self.failures = 0
+        self._rng = random.Random(seed)
+
+    def next_wait(self) -> float:
+        """Seconds to wait after one more failure."""
+        base = min(self.max_s, self.first_s * 2.0**self.failures)
+        self.failures += 1
+        return base * (1.0 + self.jitter * (2.0 * self._rng.random() - 1.0))
+
+    def reset(self) -> None:
+        """After a success: the next failure waits ``first_s`` again."""
+        self.failures = 0
 
 
 def _category(document: dict[str, Any]) -> str:
@@ -98,9 +125,13 @@ class OfferIndexer:
         self.settings = settings
         self._open_index = open_index
         self.clock = clock
-        self.index: OfferIndex | None = open_index(None)  # None: nothing saved yet
-        self.positions: Offsets = dict(self.index.offsets()) if self.index is not None else {}
         self.counts: Counter[str] = Counter()
+        self.unavailable: str | None = None  # why the engine cannot be reached, while it cannot
+        self.backoff = Backoff()
+        self.index: OfferIndex | None = None  # None: nothing saved yet, or not reached yet
+        self.positions: Offsets = {}
+        # A damaged index is an error here, at start; an unreachable engine is waited for in run().
+        self._opened = self._try(self._open_saved)
         # Milliseconds from a prediction's broker timestamp to its offer being searchable, recent ones.
         self.freshness_ms: deque[float] = deque(maxlen=100_000)
         self.stopping = False
@@ -121,8 +152,11 @@ class OfferIndexer:
 
     def run(self) -> int:
         """Index until asked to stop; returns the exit code."""
-        self._assign()
         try:
+            if not self._opened and not self._retrying(self._open_saved):
+                log.info("stopped before the index could be reached: %s", self.unavailable)
+                return 0
+            self._assign()
             while not self.stopping:
                 messages = self.consumer.consume(_BATCH, timeout=_POLL_S)
                 if messages:
@@ -136,6 +170,45 @@ class OfferIndexer:
             self.consumer.close()
         log.info("indexer stopped: %s", dict(self.counts))
         return 0
+
+    def _open_saved(self) -> None:
+        """Open the saved index, if any, and resume from the offsets saved with it."""
+        self.index = self._open_index(None)
+        self.positions = dict(self.index.offsets()) if self.index is not None else {}
+
+    def _try(self, action: Callable[[], None]) -> bool:
+        """Run ``action`` once; False (and ``unavailable`` set) when the engine cannot be reached."""
+        try:
+            action()
+        except IndexUnavailableError as error:
+            self.counts["index_unavailable"] += 1
+            if self.unavailable is None:
+                log.error("the offer index cannot be reached: %s; retrying with backoff", error)
+            self.unavailable = str(error)
+            return False
+        if self.unavailable is not None:
+            log.info("the offer index is reachable again after %d failed tries", self.backoff.failures)
+        self.unavailable = None
+        self.backoff.reset()
+        return True
+
+    def _retrying(self, action: Callable[[], None]) -> bool:
+        """Run ``action`` until the engine takes it (True) or the indexer is asked to stop (False).
+        Matches already produced keep being delivered while it waits."""
+        while not self._try(action):
+            wait = self.backoff.next_wait()
+            log.warning(
+                "offer index unavailable (try %d): %s; next try in %.1f s",
+                self.backoff.failures,
+                self.unavailable,
+                wait,
+            )
+            until = self.clock() + wait
+            while self.clock() < until:
+                if self.stopping:
+                    return False
+                self.producer.poll(min(0.2, max(0.0, until - self.clock())))
+        return True
 
     def _assign(self) -> None:
         topic = self.settings.categorized_topic
@@ -158,6 +231,7 @@ class OfferIndexer:
         upserts: dict[str, IndexedOffer] = {}
         deletes: list[str] = []
         stamps: dict[str, int] = {}
+        positions: Offsets = {}
         for message in messages:
             error = message.error()
             if error is not None:
@@ -167,8 +241,7 @@ class OfferIndexer:
                 continue
             topic, partition, offset = message.topic(), message.partition(), message.offset()
             assert topic is not None and partition is not None and offset is not None, "a message without a position"
-            self.positions[(topic, partition)] = offset + 1
-            self._dirty = True
+            positions[(topic, partition)] = offset + 1
             key = (message.key() or b"").decode("utf-8", errors="replace")
             value = message.value()
             if not value:  # a tombstone (some brokers hand a null value back as empty bytes)
@@ -181,8 +254,16 @@ class OfferIndexer:
                 stamps[offer.offer_id] = message.timestamp()[1]
                 if offer.offer_id in deletes:
                     deletes.remove(offer.offer_id)
-        with self.lock:
-            self._apply(deletes, upserts, stamps)
+
+        def apply() -> None:
+            with self.lock:
+                self._apply(deletes, upserts, stamps)
+
+        # Offsets move past this batch only once the index has taken it: a stop while the engine
+        # is unreachable saves nothing of it, so the next start reads it again.
+        if positions and self._retrying(apply):
+            self.positions.update(positions)
+            self._dirty = True
 
     def _apply(self, deletes: list[str], upserts: dict[str, IndexedOffer], stamps: dict[str, int]) -> None:
         if deletes and self.index is not None:
@@ -203,11 +284,12 @@ class OfferIndexer:
         if not fitting:
             return
         # Upsert first, then search: offers of one batch find each other too (never themselves).
+        # A retry after an unreachable engine repeats all of it, which upserts make harmless.
         self.index.upsert(fitting)
-        self.counts["upserted"] += len(fitting)
         searchable_ms = time.time() * 1000.0
-        self.freshness_ms.extend(searchable_ms - stamps[offer.offer_id] for offer in fitting)
         found = candidates_of(self.index, fitting, k=self.settings.match_candidates)
+        self.counts["upserted"] += len(fitting)
+        self.freshness_ms.extend(searchable_ms - stamps[offer.offer_id] for offer in fitting)
         for offer, candidates in zip(fitting, found, strict=True):
             self._publish(offer.offer_id, candidates)
 
@@ -266,8 +348,16 @@ class OfferIndexer:
             log.error("%d matched messages undelivered after 30 s; not saving yet", remaining)
             return
         if self.index is not None:
-            with self.lock:
-                self.index.save(dict(self.positions))
+            index = self.index
+
+            def save_index() -> None:
+                with self.lock:
+                    index.save(dict(self.positions))
+
+            if not self._try(save_index):
+                self._last_save = self.clock()  # tried again after another interval
+                log.warning("index not saved (%s): a restart now re-reads from the last save", self.unavailable)
+                return
         if self.positions:
             committed = [TopicPartition(t, p, o) for (t, p), o in self.positions.items()]
             try:

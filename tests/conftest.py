@@ -86,6 +86,7 @@ def stream_settings(broker) -> Settings:
         offers_topic=f"offers-{run}",
         categorized_topic=f"offers.categorized-{run}",
         dead_letter_topic=f"offers.dlq-{run}",
+        matched_topic=f"offers.matched-{run}",
         consumer_group=f"catstream-test-{run}",
         topic_partitions=4,
     )

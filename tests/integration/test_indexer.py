@@ -1,16 +1,21 @@
 """The offer indexer against the embedded broker: N predictions in, N offers in the index and N
 matched messages out; a planted duplicate is found by every vector; a tombstone deletes; a SIGKILL
-mid-stream loses nothing after a restart from the saved index."""
+mid-stream loses nothing after a restart from the saved index; an unreachable engine is waited
+for (readiness 503, no exit) and loses nothing either."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -20,10 +25,10 @@ from confluent_kafka import Producer
 from core.faiss_index import FaissIndex
 from core.index_location import open_index
 from core.kafka import ensure_topics, producer_config, read_topic
-from core.offer_index import OfferIndexError
+from core.offer_index import IndexUnavailableError, OfferIndexError
 from core.schemas import Prediction
 from core.similar import similar_offers
-from retrieval.indexer import OfferIndexer
+from retrieval.indexer import Backoff, OfferIndexer
 
 pytestmark = pytest.mark.integration
 
@@ -150,3 +155,117 @@ def test_a_sigkilled_indexer_resumes_from_its_saved_index_and_loses_nothing(stre
     saved = FaissIndex.open(location)
     assert saved.count() == total
     assert all(saved.get(f"offer-{n}") is not None for n in range(0, total, 97))
+
+
+class FlakyEngine:
+    """An embedded index that cannot be reached while ``down`` is set, as a Qdrant server that
+    is restarting: every call raises IndexUnavailableError."""
+
+    def __init__(self, inner: FaissIndex):
+        self.inner = inner
+        self.down = True
+
+    def __getattr__(self, name):
+        attribute = getattr(self.inner, name)
+        if not callable(attribute):
+            return attribute
+
+        def call(*args, **kwargs):
+            if self.down:
+                raise IndexUnavailableError("connection refused")
+            return attribute(*args, **kwargs)
+
+        return call
+
+
+def test_an_unreachable_engine_is_waited_for_and_nothing_is_lost(stream_settings, tmp_path):
+    settings = stream_settings.model_copy(update={"index_save_interval_s": 0.3, "match_candidates": 3})
+    ensure_topics(settings, extra=(settings.matched_topic,))
+    engine = FlakyEngine(FaissIndex.open(tmp_path / "index", spaces=SPACES))
+    opened = []
+
+    def open_engine(spaces):
+        if engine.down:
+            raise IndexUnavailableError("connection refused")
+        opened.append(spaces)
+        return engine if spaces is not None else None
+
+    indexer = OfferIndexer(settings, open_engine)
+    assert indexer.unavailable == "connection refused" and indexer.index is None  # no crash at start
+    indexer.backoff = Backoff(first_s=0.05, max_s=0.2, seed=0)
+    runner = threading.Thread(target=indexer.run)
+    runner.start()
+    rng = np.random.default_rng(2)
+    try:
+        publish(settings, [(f"flaky-{n}", prediction(f"flaky-{n}", rng)) for n in range(200)])
+        deadline = time.monotonic() + 60
+        while indexer.counts["index_unavailable"] < 5 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert indexer.unavailable and indexer.counts["upserted"] == 0 and indexer.positions == {}
+        engine.down = False  # the server is back
+        while indexer.counts["upserted"] < 200 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert indexer.unavailable is None
+        # Down again mid-stream: the batch at hand waits, then goes in.
+        engine.down = True
+        publish(settings, [(f"late-{n}", prediction(f"late-{n}", rng)) for n in range(50)])
+        failures = indexer.counts["index_unavailable"]
+        while indexer.counts["index_unavailable"] < failures + 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert indexer.counts["upserted"] == 200
+        engine.down = False
+        while indexer.counts["upserted"] < 250 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        indexer.stopping = True
+        runner.join(30)
+    assert not runner.is_alive()
+    saved = FaissIndex.open(tmp_path / "index")
+    assert saved.count() == 250 and sum(saved.offsets().values()) == 250
+    matched = read_topic(settings, settings.matched_topic, timeout_s=30, until=lambda ms: len(ms) >= 250)
+    assert len({m.key() for m in matched}) == 250
+
+
+def test_catstream_index_with_qdrant_unreachable_stays_up_not_ready_and_stops_cleanly(stream_settings):
+    ensure_topics(stream_settings, extra=(stream_settings.matched_topic,))
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        dead_port = probe.getsockname()[1]
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        http_port = probe.getsockname()[1]
+    env = {
+        **os.environ,
+        "CATSTREAM_BOOTSTRAP_SERVERS": stream_settings.bootstrap_servers,
+        "CATSTREAM_CATEGORIZED_TOPIC": stream_settings.categorized_topic,
+        "CATSTREAM_MATCHED_TOPIC": stream_settings.matched_topic,
+        "CATSTREAM_INDEX_GROUP": f"index-{stream_settings.consumer_group}",
+    }
+    command = [
+        sys.executable, "-m", "catstream", "index", "--index-location", f"qdrant+http://127.0.0.1:{dead_port}",
+        "--http-port", str(http_port),
+    ]  # fmt: skip
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    base = f"http://127.0.0.1:{http_port}"
+    try:
+        deadline = time.monotonic() + 60
+        events = ""
+        while 'event="index_unavailable"} 3' not in events and time.monotonic() < deadline:
+            assert process.poll() is None, process.stderr.read().decode()[-3000:]  # no exit, no crash loop
+            time.sleep(0.2)
+            with contextlib.suppress(OSError):
+                events = urllib.request.urlopen(f"{base}/metrics", timeout=5).read().decode()
+        assert 'event="index_unavailable"} 3' in events
+        assert urllib.request.urlopen(f"{base}/healthz", timeout=5).status == 200  # alive: no restart wanted
+        with pytest.raises(urllib.error.HTTPError) as not_ready:
+            urllib.request.urlopen(f"{base}/readyz", timeout=5)
+        assert not_ready.value.code == 503 and b"cannot be reached" in not_ready.value.read()
+        with pytest.raises(urllib.error.HTTPError) as query:
+            urllib.request.urlopen(f"{base}/similar/x", timeout=5)
+        assert query.value.code == 503
+    finally:
+        process.send_signal(signal.SIGTERM)
+        code = process.wait(30)
+    log = process.stderr.read().decode()
+    assert code == 0, log[-3000:]
+    assert "cannot be reached" in log and "next try in" in log and "Traceback" not in log

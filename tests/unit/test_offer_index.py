@@ -13,7 +13,7 @@ import pytest
 
 from core.faiss_index import FaissIndex
 from core.index_location import open_index
-from core.offer_index import IndexedOffer, OfferIndexError, category_prefixes
+from core.offer_index import IndexedOffer, IndexUnavailableError, OfferIndexError, category_prefixes
 from core.qdrant_index import QdrantIndex
 from core.similar import similar_offers
 
@@ -231,3 +231,11 @@ def test_similar_widens_from_the_leaf_to_siblings_and_excludes_duplicates(index)
     assert [s.level for s in found] == [0, 1, 1, 1, 1, 3]
     assert found[-1].scope is None
     assert len(similar_offers(index, query, k=3, space="image")) == 3
+
+
+def test_an_unreachable_qdrant_server_is_index_unavailable_not_a_crash():
+    # Nothing listens on port 1: the refusal is immediate and local.
+    with pytest.raises(IndexUnavailableError, match="Qdrant cannot be reached"):
+        open_index("qdrant+http://127.0.0.1:1")
+    with pytest.raises(IndexUnavailableError):
+        QdrantIndex.connect("http://127.0.0.1:1", collection="offers", spaces=SPACES)
