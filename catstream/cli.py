@@ -747,6 +747,7 @@ def _cmd_index(args) -> int:
             embedder=embedder,
             indexer_counts=lambda: dict(indexer.counts),
             unavailable=lambda: indexer.unavailable,
+            titles=lambda: indexer.titles,
         ).start(settings.health_host, settings.index_http_port)
     print(f"indexing {settings.categorized_topic} into {location}", flush=True)
     try:
@@ -762,6 +763,7 @@ def _cmd_query(args) -> int:
     from core.bundle import ModelBundle
     from core.index_location import open_index
     from core.scoring import OfferEmbedder
+    from core.title_index import TitleIndex
 
     location = args.index_location or Settings().index_location
     k = k_of(args.k)
@@ -772,7 +774,11 @@ def _cmd_query(args) -> int:
     index = open_index(location)
     if index is None:
         raise FileNotFoundError(f"no offer index at {location}: run catstream index first, or give --index-location")
-    service = QueryService(lambda: index, threading.Lock(), embedder=embedder)
+    titles = None
+    if args.query_command == "match":
+        titles = TitleIndex()
+        titles.upsert(index.titles())
+    service = QueryService(lambda: index, threading.Lock(), embedder=embedder, titles=lambda: titles)
     try:
         if args.query_command == "similar":
             answer = service.similar(args.offer_id, k)

@@ -31,6 +31,7 @@ from core.offer_index import IndexedOffer, IndexUnavailableError, OfferIndex
 from core.schemas import Rejection, parse_offer
 from core.scoring import OfferEmbedder
 from core.similar import similar_offers
+from core.title_index import TitleIndex
 from retrieval.indexer import candidates_of
 
 __all__ = ["MAX_BODY_BYTES", "MAX_K", "QueryError", "QueryService", "k_of"]
@@ -73,12 +74,14 @@ class QueryService:
         embedder: OfferEmbedder | None = None,
         indexer_counts: Callable[[], dict[str, int]] = dict,
         unavailable: Callable[[], str | None] = lambda: None,
+        titles: Callable[[], TitleIndex | None] = lambda: None,
     ):
         self.index = index
         self.lock = lock
         self.embedder = embedder
         self.indexer_counts = indexer_counts
         self.unavailable = unavailable  # why the index engine cannot be reached now, or None
+        self.titles = titles  # the lexical candidate source /match uses, when there is one
         self.requests: Counter[tuple[str, int]] = Counter()
         self.latency: Counter[tuple[str, float]] = Counter()  # (route, bucket upper bound) -> count
         self._server: BoundedHTTPServer | None = None
@@ -136,8 +139,10 @@ class QueryService:
         vectors = self._embedder().embed([offer])
         with self.lock:
             index = self._ready()
-            probe = IndexedOffer(offer.offer_id, "", {space: vectors[space][0] for space in index.spaces})
-            candidates = candidates_of(index, [probe], k=k)[0]
+            probe = IndexedOffer(
+                offer.offer_id, "", {space: vectors[space][0] for space in index.spaces}, title=offer.title
+            )
+            candidates = candidates_of(index, [probe], k=k, titles=self.titles())[0]
         return {"offer_id": offer.offer_id, "candidates": candidates}
 
     def _ready(self) -> OfferIndex:

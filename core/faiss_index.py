@@ -24,7 +24,7 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import faiss
@@ -88,6 +88,7 @@ class FaissIndex:
         self._products: list[str | None] = []
         self._image_shas: list[str | None] = []
         self._listed_at: list[str | None] = []
+        self._titles: list[str | None] = []
         self._slot_of: dict[str, int] = {}
         self._under: dict[str, set[int]] = {}  # category prefix -> live slots
         self._under_arrays: dict[str, np.ndarray] = {}  # the same, as sorted arrays, rebuilt on demand
@@ -127,6 +128,7 @@ class FaissIndex:
             self._products.append(offer.product)
             self._image_shas.append(offer.image_sha)
             self._listed_at.append(offer.listed_at)
+            self._titles.append(offer.title)
             self._slot_of[offer.offer_id] = slot
             for prefix in category_prefixes(offer.category):
                 self._under.setdefault(prefix, set()).add(slot)
@@ -168,7 +170,14 @@ class FaissIndex:
             product=self._products[slot],
             image_sha=self._image_shas[slot],
             listed_at=self._listed_at[slot],
+            title=self._titles[slot],
         )
+
+    def titles(self) -> Iterator[tuple[str, str]]:
+        for offer_id, slot in list(self._slot_of.items()):
+            title = self._titles[slot]
+            if title:
+                yield offer_id, title
 
     def count(self, category: str | None = None) -> int:
         if category is None:
@@ -215,9 +224,10 @@ class FaissIndex:
                 "product": [self._products[slot] for slot in live],
                 "image_sha": [self._image_shas[slot] for slot in live],
                 "listed_at": [self._listed_at[slot] for slot in live],
+                "title": [self._titles[slot] for slot in live],
             },
             schema=pa.schema(
-                [(name, pa.string()) for name in ("offer_id", "category", "product", "image_sha", "listed_at")]
+                [(name, pa.string()) for name in ("offer_id", "category", "product", "image_sha", "listed_at", "title")]
             ),
         )
         pq.write_table(table, staging / _OFFERS)
@@ -299,6 +309,8 @@ class FaissIndex:
         index._products = list(table["product"])
         index._image_shas = list(table["image_sha"])
         index._listed_at = list(table["listed_at"])
+        # Saves from before titles were kept have none: those offers have no lexical matches.
+        index._titles = list(table["title"]) if "title" in table else [None] * count
         index._slot_of = {offer_id: slot for slot, offer_id in enumerate(index._offer_ids) if offer_id is not None}
         index._alive = np.ones(count, dtype=bool)
         for slot, category in enumerate(index._categories):
@@ -357,6 +369,7 @@ class FaissIndex:
         self._products = [self._products[slot] for slot in live]
         self._image_shas = [self._image_shas[slot] for slot in live]
         self._listed_at = [self._listed_at[slot] for slot in live]
+        self._titles = [self._titles[slot] for slot in live]
         for name in self.spaces:
             self._vectors[name] = np.ascontiguousarray(self._vectors[name][live])
         self._slot_of = {offer_id: slot for slot, offer_id in enumerate(self._offer_ids) if offer_id is not None}

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from core.images import IMAGE_STATUSES
-from core.schemas import MAX_OFFER_ID_CHARS
+from core.schemas import MAX_OFFER_ID_CHARS, MAX_TITLE_CHARS
 from core.shared_memory import ArraySpec, attach_header, create_mapped_file, map_arrays, mapped_size
 
 __all__ = [
@@ -56,6 +56,7 @@ FREE, READY, CLAIMED, DONE, FAILED = 0, 1, 2, 3, 4
 
 _OFFER_ID_BYTES = 4 * MAX_OFFER_ID_CHARS  # UTF-8 takes at most 4 bytes a character
 _PRODUCT_BYTES = 16
+_TITLE_BYTES = 4 * MAX_TITLE_CHARS
 _IMAGE_SHA_BYTES = 32
 
 
@@ -132,6 +133,7 @@ class OfferMeta:
     produced_ms: float | None  # the Kafka message's create time; None when the broker gave none
     preprocess_ms: float  # time the worker spent on it
     product: str | None = None  # core.text.product_key of the title: 32 hex digits
+    title: str = ""  # the shop's title, as parsed (for the lexical candidate source downstream)
     image_sha: str | None = None  # SHA-256 of the image bytes: 64 hex digits
 
 
@@ -187,6 +189,7 @@ class QueueLayout:
             ("enqueued_ns", np.dtype(np.int64), (n,)),
             ("error_len", np.dtype(np.int32), (n,)),
             ("offer_id_len", np.dtype(np.int32), (n,)),
+            ("title_len", np.dtype(np.int32), (n,)),
             ("partition", np.dtype(np.int32), (n,)),
             ("offset", np.dtype(np.int64), (n,)),
             ("image_status", np.dtype(np.int8), (n,)),
@@ -194,6 +197,7 @@ class QueueLayout:
             ("preprocess_ms", np.dtype(np.float64), (n,)),
             ("offer_id", np.dtype(np.uint8), (n, _OFFER_ID_BYTES)),
             ("product", np.dtype(np.uint8), (n, _PRODUCT_BYTES)),  # all zero: none
+            ("title", np.dtype(np.uint8), (n, _TITLE_BYTES)),
             ("image_sha", np.dtype(np.uint8), (n, _IMAGE_SHA_BYTES)),
             ("error", np.dtype(np.uint8), (n, self.error_bytes)),
             *((f"input_{field.name}", np.dtype(field.dtype), (n, *field.shape)) for field in self.fields),
@@ -263,6 +267,9 @@ class FeatureQueue:
         views["produced_ms"][slot] = math.nan if meta.produced_ms is None else meta.produced_ms
         views["preprocess_ms"][slot] = meta.preprocess_ms
         views["product"][slot] = _digest_bytes(meta.product, _PRODUCT_BYTES)
+        title = meta.title.encode("utf-8")[:_TITLE_BYTES]
+        views["title"][slot, : len(title)] = np.frombuffer(title, dtype=np.uint8)
+        views["title_len"][slot] = len(title)
         views["image_sha"][slot] = _digest_bytes(meta.image_sha, _IMAGE_SHA_BYTES)
         self.retries[slot] = 0
         views["error_len"][slot] = 0
@@ -287,6 +294,7 @@ class FeatureQueue:
             produced_ms=None if math.isnan(produced) else produced,
             preprocess_ms=float(views["preprocess_ms"][slot]),
             product=_digest_hex(views["product"][slot]),
+            title=bytes(views["title"][slot, : views["title_len"][slot]]).decode("utf-8", "replace"),
             image_sha=_digest_hex(views["image_sha"][slot]),
         )
 

@@ -12,7 +12,7 @@ prefix of it (``"Men > Footwear"`` holds ``"Men > Footwear > Shoes > Casual Shoe
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -53,7 +53,7 @@ class IndexedOffer:
 
     ``product`` groups the listings of one product (its duplicates across shops); ``image_sha``
     is the SHA-256 of the image bytes. Both let a search leave out the query's own product and
-    byte-identical images.
+    byte-identical images. ``title`` feeds the lexical candidate source.
     """
 
     offer_id: str
@@ -62,6 +62,7 @@ class IndexedOffer:
     product: str | None = None
     image_sha: str | None = None
     listed_at: str | None = None
+    title: str | None = None  # the shop's title, for the lexical candidate source
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,11 @@ class OfferIndex(Protocol):
 
     def get(self, offer_id: str) -> IndexedOffer | None:
         """The offer held under ``offer_id``, vectors included, or ``None``."""
+        ...
+
+    def titles(self) -> Iterator[tuple[str, str]]:
+        """``(offer_id, title)`` of every held offer that has a title: what the lexical candidate
+        source (:class:`core.title_index.TitleIndex`) is rebuilt from when the index is opened."""
         ...
 
     def count(self, category: str | None = None) -> int:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import functools
 import uuid
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, cast
 
 import httpx
@@ -182,6 +182,7 @@ class QdrantIndex:
                         "product": offer.product,
                         "image_sha": offer.image_sha,
                         "listed_at": offer.listed_at,
+                        "title": offer.title,
                     },
                 )
             )
@@ -211,7 +212,21 @@ class QdrantIndex:
             product=payload.get("product"),
             image_sha=payload.get("image_sha"),
             listed_at=payload.get("listed_at"),
+            title=payload.get("title"),
         )
+
+    def titles(self) -> Iterator[tuple[str, str]]:
+        offset = None
+        while True:
+            points, offset = self.client.scroll(
+                self.collection, limit=1000, offset=offset, with_payload=["offer_id", "title"], with_vectors=False
+            )
+            for point in points:
+                payload = point.payload or {}
+                if payload.get("title"):
+                    yield payload["offer_id"], payload["title"]
+            if offset is None:
+                return
 
     def count(self, category: str | None = None) -> int:
         return self.client.count(self.collection, count_filter=_category_filter(category), exact=True).count

@@ -150,6 +150,7 @@ class Prediction:
     confident_parent: tuple[str, float] | None = None  # only when ``category`` is uncertain
     vectors: dict[str, np.ndarray] | None = None  # space -> (D,) float16, when the model has an embedder
     product: str | None = None  # core.text.product_key of the title: the listings of one product share it
+    title: str | None = None  # the shop's title, for readers that match or search offers
     image_sha: str | None = None  # SHA-256 of the image bytes, when there were any
 
     def to_bytes(self) -> bytes:
@@ -167,6 +168,7 @@ class Prediction:
             if self.confident_parent is None
             else {"category": self.confident_parent[0], "probability": _finite(self.confident_parent[1])},
             "timings_ms": {stage: round(ms, 3) for stage, ms in self.timings_ms.items()},
+            "title": self.title,
             "product": self.product,
             "image_sha": self.image_sha,
         }

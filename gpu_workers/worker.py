@@ -158,6 +158,7 @@ class InferenceWorker:
                 excluded_categories=decision.excluded,
                 confident_parent=decision.parent,
                 vectors={space: matrix[row] for space, matrix in half.items()} or None,
+                title=offer.title or None,
                 product=offer.product,
                 image_sha=offer.image_sha,
             )

@@ -333,6 +333,7 @@ class PreprocessWorker:
             produced_ms=float(timestamp_ms) if timestamp_type else None,
             preprocess_ms=(time.perf_counter() - started) * 1000.0,
             product=product_key(offer.title),
+            title=offer.title,
             image_sha=features.image_sha,
         )
 

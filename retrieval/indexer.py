@@ -5,7 +5,10 @@ candidate duplicates of every new offer to ``offers.matched``.
   by ``offer_id``, so a redelivered one changes nothing; a tombstone (a null value under an
   offer's key) deletes it; a prediction without vectors is skipped and counted.
 - Matching is search: once a new offer is in the index, its image, text and fused vectors each
-  fetch their nearest other offers (offers of the same batch included), and the union goes out
+  fetch their nearest other offers (offers of the same batch included), and so does its title
+  from a character n-gram title index kept beside it (``lexical``). The candidates are ranked
+  by reciprocal rank fusion of the fused and lexical rankings (the pair that found the most true
+  matches in the evaluation), then those only the image or text vectors found; each goes out
   with the score of every way it was found.
 - State: the index is the state, saved every ``index_save_interval_s`` together with the offset
   of the next message of every partition. Before a save, every matched message of what it covers
@@ -38,6 +41,7 @@ from core.kafka import consumer_config, producer_config
 from core.offer_index import IndexedOffer, IndexUnavailableError, OfferIndex, OfferIndexError, Offsets
 from core.schemas import UNCERTAIN, decode_vectors
 from core.settings import Settings
+from core.title_index import TitleIndex, rank_fusion
 
 __all__ = ["Backoff", "OfferIndexer", "candidates_of", "matched_message"]
 
@@ -89,20 +93,45 @@ def _digest(value: Any) -> str | None:
     return None
 
 
-def candidates_of(index: OfferIndex, offers: list[IndexedOffer], *, k: int) -> list[list[dict[str, Any]]]:
-    """For each offer, up to ``k`` indexed offers found by any of its vectors, best first:
-    ``{"offer_id", "score", "scores": {space: cosine}}`` (``score`` is the best of ``scores``)."""
+def candidates_of(
+    index: OfferIndex, offers: list[IndexedOffer], *, k: int, titles: TitleIndex | None = None
+) -> list[list[dict[str, Any]]]:
+    """For each offer, up to ``k`` indexed offers found by any of its vectors or (with ``titles``)
+    by its title, best first: ``{"offer_id", "score", "scores": {way: similarity}}``, ``score``
+    being the best of ``scores`` (cosines, vector or lexical).
+
+    The order: reciprocal rank fusion of the ``fused`` and ``lexical`` rankings (ties to the higher
+    best score), then candidates only the other spaces found, by their best score.
+    """
     found: list[dict[str, dict[str, float]]] = [{} for _ in offers]
+    ranked: list[dict[str, list[str]]] = [{} for _ in offers]
     for space in index.spaces:
         queries = np.stack([offer.vectors[space] for offer in offers])
         for row, hits in enumerate(index.search(space, queries, k=k + 1)):
             for hit in hits:
                 if hit.offer_id != offers[row].offer_id:
                     found[row].setdefault(hit.offer_id, {})[space] = round(hit.score, 5)
+                    ranked[row].setdefault(space, []).append(hit.offer_id)
+    if titles is not None and len(titles):
+        with_title = [row for row, offer in enumerate(offers) if offer.title]
+        lexical = titles.search([offers[row].title or "" for row in with_title], k=k + 1)
+        for row, similar_titles in zip(with_title, lexical, strict=True):
+            for offer_id, score in similar_titles:
+                if offer_id != offers[row].offer_id:
+                    found[row].setdefault(offer_id, {})["lexical"] = round(score, 5)
+                    ranked[row].setdefault("lexical", []).append(offer_id)
     results = []
-    for scores_by_offer in found:
-        ranked = sorted(scores_by_offer.items(), key=lambda item: -max(item[1].values()))[:k]
-        results.append([{"offer_id": o, "score": max(s.values()), "scores": s} for o, s in ranked])
+    for scores_by_offer, rankings in zip(found, ranked, strict=True):
+        fusion = dict(rank_fusion(rankings.get(way, []) for way in ("fused", "lexical")))
+        # Ties (first in one ranking, absent from the other) go to the higher similarity.
+        fused = sorted(fusion, key=lambda o: (-fusion[o], -max(scores_by_offer[o].values())))
+        rest = sorted(set(scores_by_offer) - set(fused), key=lambda o: -max(scores_by_offer[o].values()))
+        results.append(
+            [
+                {"offer_id": o, "score": max(scores_by_offer[o].values()), "scores": scores_by_offer[o]}
+                for o in (fused + rest)[:k]
+            ]
+        )
     return results
 
 
@@ -129,6 +158,7 @@ class OfferIndexer:
         self.unavailable: str | None = None  # why the engine cannot be reached, while it cannot
         self.backoff = Backoff()
         self.index: OfferIndex | None = None  # None: nothing saved yet, or not reached yet
+        self.titles = TitleIndex()  # the lexical candidate source, rebuilt from the index on open
         self.positions: Offsets = {}
         # A damaged index is an error here, at start; an unreachable engine is waited for in run().
         self._opened = self._try(self._open_saved)
@@ -175,6 +205,9 @@ class OfferIndexer:
         """Open the saved index, if any, and resume from the offsets saved with it."""
         self.index = self._open_index(None)
         self.positions = dict(self.index.offsets()) if self.index is not None else {}
+        self.titles = TitleIndex()
+        if self.index is not None:
+            self.titles.upsert(self.index.titles())
 
     def _try(self, action: Callable[[], None]) -> bool:
         """Run ``action`` once; False (and ``unavailable`` set) when the engine cannot be reached."""
@@ -268,6 +301,7 @@ class OfferIndexer:
     def _apply(self, deletes: list[str], upserts: dict[str, IndexedOffer], stamps: dict[str, int]) -> None:
         if deletes and self.index is not None:
             self.counts["deleted"] += self.index.delete(deletes)
+            self.titles.delete(deletes)
         if not upserts:
             return
         offers = list(upserts.values())
@@ -286,8 +320,10 @@ class OfferIndexer:
         # Upsert first, then search: offers of one batch find each other too (never themselves).
         # A retry after an unreachable engine repeats all of it, which upserts make harmless.
         self.index.upsert(fitting)
+        self.titles.delete(offer.offer_id for offer in fitting if not offer.title)  # a title gone
+        self.titles.upsert((offer.offer_id, offer.title) for offer in fitting if offer.title)
         searchable_ms = time.time() * 1000.0
-        found = candidates_of(self.index, fitting, k=self.settings.match_candidates)
+        found = candidates_of(self.index, fitting, k=self.settings.match_candidates, titles=self.titles)
         self.counts["upserted"] += len(fitting)
         self.freshness_ms.extend(searchable_ms - stamps[offer.offer_id] for offer in fitting)
         for offer, candidates in zip(fitting, found, strict=True):
@@ -314,6 +350,7 @@ class OfferIndexer:
                 vectors=vectors,
                 product=_digest(document.get("product")),
                 image_sha=_digest(document.get("image_sha")),
+                title=document["title"] if isinstance(document.get("title"), str) else None,
             )
         except OfferIndexError as error:
             self.counts["unreadable"] += 1

@@ -27,6 +27,7 @@ from core.faiss_index import FaissIndex
 from core.offer_files import LABEL
 from core.offer_index import IndexedOffer
 from core.similar import similar_offers
+from core.title_index import TitleIndex, rank_fusion
 from training.embeddings import EmbeddingData, embed_offers, embed_queries
 
 __all__ = ["BM25", "RetrievalReport", "evaluate_retrieval", "format_report", "rewrite_title"]
@@ -171,6 +172,17 @@ def _top(scores: np.ndarray, k: int, exclude: np.ndarray) -> np.ndarray:
     return np.take_along_axis(top, order, axis=1)
 
 
+_FUSION_DEPTH = 100  # how deep each ranking goes into a rank fusion
+
+
+def _ranked_rows(rankings: list[list[int]], n: int) -> np.ndarray:
+    """``(Q, n)`` scores that order each row's ranked columns first, best first, the rest after."""
+    scores = np.full((len(rankings), n), -1.0, dtype=np.float32)
+    for row, ranking in enumerate(rankings):
+        scores[row, ranking] = np.linspace(1.0, 0.5, num=len(ranking), dtype=np.float32) if ranking else []
+    return scores
+
+
 def _chunked_top(score_rows, queries: int, k: int, exclude: np.ndarray, chunk: int = 256) -> np.ndarray:
     return np.concatenate(
         [
@@ -192,6 +204,16 @@ def _matching(data, vectors, raw, titles, test, group_sizes, rng, *, model, max_
     char_tfidf = TfidfVectorizer(analyzer="char_wb", ngram_range=(3, 5), sublinear_tf=True, min_df=2)
     title_matrix = char_tfidf.fit_transform(titles)
     query_matrix = char_tfidf.transform(rewritten)
+    # What the indexer runs: its streaming title index, and that fused with the embeddings by rank.
+    title_index = TitleIndex()
+    title_index.upsert((str(row), title) for row, title in enumerate(titles))
+    lexical = [[int(i) for i, _ in hits] for hits in title_index.search(rewritten, k=_FUSION_DEPTH)]
+    by_fused = _chunked_top(lambda s: query_fused[s] @ vectors["fused"].T, len(queries), _FUSION_DEPTH, queries)
+    hybrid = [
+        [int(i) for i, _ in rank_fusion([[str(c) for c in f], [str(c) for c in lex]])]
+        for f, lex in zip(by_fused, lexical, strict=True)
+    ]
+    n = len(titles)
     methods = {
         "image (embedding)": lambda s: query_image[s] @ vectors["image"].T,
         "text (embedding, rewritten title)": lambda s: query_text[s] @ vectors["text"].T,
@@ -199,6 +221,8 @@ def _matching(data, vectors, raw, titles, test, group_sizes, rng, *, model, max_
         "BM25 (rewritten title)": lambda s: bm25.scores(rewritten[s]),
         "TF-IDF char 3-5 (rewritten title)": lambda s: np.asarray((query_matrix[s] @ title_matrix.T).todense()),
         "ImageNet MobileNetV2 (image)": lambda s: raw[queries[s]] @ raw.T,
+        "lexical (the indexer's title index)": lambda s: _ranked_rows(lexical[s], n),
+        "fused + lexical (rank fusion, as the indexer)": lambda s: _ranked_rows(hybrid[s], n),
     }
     gold = [set(np.flatnonzero(data.groups == data.groups[q])) - {q} for q in queries]
     results, found = {}, {}
@@ -229,6 +253,8 @@ def _matching(data, vectors, raw, titles, test, group_sizes, rng, *, model, max_
         "bm25": len(bm),
         "union_vs_bm25": len(union) / max(len(bm), 1),
         "fused_vs_bm25": len(found["fused (embedding)"]) / max(len(bm), 1),
+        "hybrid": len(found["fused + lexical (rank fusion, as the indexer)"]),
+        "hybrid_vs_bm25": len(found["fused + lexical (rank fusion, as the indexer)"]) / max(len(bm), 1),
     }
     identical = _identical_images(data, vectors, raw, k)
     return {
@@ -403,7 +429,8 @@ def format_report(report: RetrievalReport) -> str:
         "",
         f"Image and text matches: {c['image']:,} and {c['text']:,}, {c['both']:,} in both "
         f"({c['overlap_share_of_union']:.0%} of their union of {c['union']:,}). Union / BM25: "
-        f"{c['union_vs_bm25']:.2f}x; fused / BM25: {c['fused_vs_bm25']:.2f}x.",
+        f"{c['union_vs_bm25']:.2f}x; fused / BM25: {c['fused_vs_bm25']:.2f}x; "
+        f"fused + lexical / BM25: {c['hybrid_vs_bm25']:.2f}x.",
     ]
     identical = matching["identical_images"]
     if identical.get("pairs"):

@@ -46,6 +46,7 @@ def test_predictions_carry_the_vectors_of_the_same_pass(marketplace, embedded_bu
             np.testing.assert_allclose(vector, expected[space][row], atol=2e-3)  # float16 on the wire
             assert abs(np.linalg.norm(vector) - 1.0) < 5e-3
         assert predictions[offer.offer_id]["product"] == product_key(offer.title)
+        assert predictions[offer.offer_id]["title"] == offer.title
         if offer.image_url or offer.image_b64:
             data = image_bytes(
                 image_url=offer.image_url, image_b64=offer.image_b64, policy=ImagePolicy.for_offer_files()

@@ -51,7 +51,7 @@ def test_slots_start_free_and_are_owned_per_worker(queue):
 def test_put_claim_complete_cycle_across_two_mappings(queue, tmp_path):
     other = FeatureQueue.attach(queue.path)  # what a second process sees
     assert other.layout == LAYOUT
-    keys = {"product": "ab" * 16, "image_sha": "0f" * 32}
+    keys = {"product": "ab" * 16, "image_sha": "0f" * 32, "title": "로시아 Women Black Flats ✓"}
     queue.put(4, features(7), meta("o7", **keys))
     queue.put(0, features(9), meta("오퍼-9", partition=0, offset=2**40, image_status="too_large", produced_ms=None))
     ready = other.ready_slots(10)
@@ -59,7 +59,7 @@ def test_put_claim_complete_cycle_across_two_mappings(queue, tmp_path):
     batch = other.claim(ready)
     assert [offer.offer_id for offer in batch.offers] == ["o7", "오퍼-9"]
     assert batch.offers[0] == meta("o7", **keys)
-    assert batch.offers[1].product is None and batch.offers[1].image_sha is None
+    assert batch.offers[1].product is None and batch.offers[1].image_sha is None and batch.offers[1].title == ""
     assert batch.offers[1] == meta("오퍼-9", partition=0, offset=2**40, image_status="too_large", produced_ms=None)
     inputs = batch.features.inputs
     assert set(inputs) == {field.name for field in FIELDS} and len(batch.features) == 2

@@ -153,6 +153,21 @@ def test_save_and_load_round_trip_with_offsets(engine, index, tmp_path):
         again.close()
 
 
+@pytest.mark.parametrize("engine", ["faiss-exact", "faiss-hnsw", "qdrant-disk"])
+def test_titles_are_listed_kept_across_a_save_and_forgotten_on_delete(engine, index, tmp_path):
+    titled = [offer(f"t{n}", "Men > Footwear > Shoes", seed=n, title=f"Shoe model {n}") for n in range(1500)]
+    index.upsert([*titled, offer("untitled", "Men > Footwear > Shoes", seed=7)])  # past one Qdrant page
+    index.delete(["t3"])
+    index.save({})
+    again = reopen(engine, index, tmp_path)
+    try:
+        held = dict(again.titles())
+        assert len(held) == 1499 and "t3" not in held and "untitled" not in held
+        assert held["t42"] == "Shoe model 42" and again.get("t42").title == "Shoe model 42"
+    finally:
+        again.close()
+
+
 def test_bad_vectors_are_refused_with_the_reason(index):
     with pytest.raises(OfferIndexError, match="dimension 8"):
         index.upsert([IndexedOffer("x", "Men", {"image": np.ones(7), "text": np.ones(4)})])
