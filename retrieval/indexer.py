@@ -48,7 +48,7 @@ __all__ = ["Backoff", "OfferIndexer", "candidates_of", "matched_message"]
 log = logging.getLogger(__name__)
 
 _BATCH = 500
-_POLL_S = 0.2
+_POLL_S = 0.05
 
 
 class Backoff:
@@ -208,6 +208,7 @@ class OfferIndexer:
         self.titles = TitleIndex()
         if self.index is not None:
             self.titles.upsert(self.index.titles())
+            self.titles.seal()
 
     def _try(self, action: Callable[[], None]) -> bool:
         """Run ``action`` once; False (and ``unavailable`` set) when the engine cannot be reached."""

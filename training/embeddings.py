@@ -98,6 +98,7 @@ class EmbeddingData:
     vocab_size: int  # of the tokenizer that made ``title_ids``
     char_buckets: int  # of the hashing that made ``title_grams`` (0 without them)
     featurizer: Featurizer | None = None  # turns free text into the same inputs; None for planted data
+    bundle: ModelBundle | None = None  # the classifier whose tokenizer and backbone these come from
 
     def texts_to_ids(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Free text (queries, rewritten titles) as the text tower reads it."""
@@ -194,6 +195,7 @@ def prepare_embedding_data(
         vocab_size=featurizer.tokenizer.vocab_size,
         char_buckets=model_config.char_buckets if model_config.max_title_grams else 0,
         featurizer=featurizer,
+        bundle=bundle,
     )
 
 

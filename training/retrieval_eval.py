@@ -224,6 +224,12 @@ def _matching(data, vectors, raw, titles, test, group_sizes, rng, *, model, max_
         "lexical (the indexer's title index)": lambda s: _ranked_rows(lexical[s], n),
         "fused + lexical (rank fusion, as the indexer)": lambda s: _ranked_rows(hybrid[s], n),
     }
+    if data.bundle is not None and data.featurizer is not None:  # planted data has no classifier
+        penultimate = _classifier_layer(data, np.arange(n))
+        query_penultimate = _classifier_layer(data, queries, titles=rewritten)
+        methods["classifier's penultimate layer (image + rewritten title)"] = lambda s: (
+            query_penultimate[s] @ penultimate.T
+        )
     gold = [set(np.flatnonzero(data.groups == data.groups[q])) - {q} for q in queries]
     results, found = {}, {}
     for name, score_rows in methods.items():
@@ -264,6 +270,40 @@ def _matching(data, vectors, raw, titles, test, group_sizes, rng, *, model, max_
         "identical_images": identical,
         "examples": [{"title": titles[q], "query": rewritten[i]} for i, q in enumerate(queries[:5])],
     }
+
+
+def _classifier_layer(data: EmbeddingData, rows: np.ndarray, *, titles: list[str] | None = None) -> np.ndarray:
+    """``(len(rows), H)`` unit vectors of the classifier's fusion layer (its head's hidden layer,
+    before the category logits) for the offers at ``rows``, read with ``titles`` instead of their
+    own when given: the baseline of "why not reuse the classifier". The backbone is the frozen
+    ImageNet one (an embedder requires it), so the cached pooled features are the classifier's own.
+    """
+    import torch
+
+    from core.model import FusionModel
+
+    assert data.bundle is not None and data.featurizer is not None, "offers featurised from a bundle"
+    classifier = FusionModel(data.bundle.config.model)
+    state = torch.load(data.bundle.path / "model.pt", map_location="cpu", weights_only=True)
+    classifier.load_state_dict(state)
+    classifier.eval()
+    frame = data.frame.iloc[rows]
+    malls = frame["mall_category"].fillna("").astype(str).tolist() if "mall_category" in frame else [""] * len(rows)
+    shops = [s if isinstance(s, str) else None for s in frame["mall_id"]] if "mall_id" in frame else [None] * len(rows)
+    texts = frame["title"].astype(str).tolist() if titles is None else titles
+    inputs = [data.featurizer.text_ids(title, mall) for title, mall in zip(texts, malls, strict=True)]
+    title_ids = torch.from_numpy(np.stack([ids for ids, _, _ in inputs]))
+    mall_ids = torch.from_numpy(np.stack([ids for _, ids, _ in inputs]))
+    grams = torch.from_numpy(np.stack([g for _, _, g in inputs])) if classifier.title_grams is not None else None
+    weights = torch.tensor([data.featurizer.shop_weights(shop) for shop in shops], dtype=torch.float32)
+    with torch.no_grad():
+        image = classifier.image_proj(data.image_features[rows]) * data.has_image[rows].unsqueeze(1)
+        parts = [classifier.title(title_ids), classifier.mall(mall_ids) * weights.unsqueeze(1), image]
+        if grams is not None:
+            parts.append(classifier.title_grams(grams))
+        hidden = classifier.head[:3](torch.cat(parts, dim=1))  # dropout (off in eval), linear, ReLU
+    hidden = hidden.numpy()
+    return hidden / np.maximum(np.linalg.norm(hidden, axis=1, keepdims=True), 1e-12)
 
 
 def _identical_images(data, vectors, raw, k) -> dict:

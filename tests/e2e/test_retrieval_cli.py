@@ -31,7 +31,13 @@ def test_train_embedder_then_evaluate_retrieval(tmp_path, marketplace, bundle):
     assert config["products"]["train"] > 0 and config["products"]["test"] > 0
     report = json.loads((embedder / "retrieval-evaluation.json").read_text())
     methods = report["matching"]["methods"]
-    assert {"fused (embedding)", "BM25 (rewritten title)", "ImageNet MobileNetV2 (image)"} <= set(methods)
+    assert {
+        "fused (embedding)",
+        "BM25 (rewritten title)",
+        "ImageNet MobileNetV2 (image)",
+        "classifier's penultimate layer (image + rewritten title)",
+        "fused + lexical (rank fusion, as the indexer)",
+    } <= set(methods)
     assert all(0.0 <= figures["recall@10"] <= 1.0 for figures in methods.values())
     assert report["matching"]["queries"] > 0
     similar = report["similar"]

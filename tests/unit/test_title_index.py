@@ -79,3 +79,16 @@ def test_rank_fusion_rewards_agreement_and_keeps_every_candidate():
     assert [item for item, _ in fused] == ["y", "x", "w", "z"]
     assert fused[0][1] == pytest.approx(1 / 62 + 1 / 61)
     assert rank_fusion([]) == []
+
+
+def test_between_seals_new_titles_are_found_and_deleted_ones_are_not():
+    index = TitleIndex(reseal_share=0.5)
+    index.upsert((f"o{n}", f"catalogue item {n} variant v{n}") for n in range(1000))
+    assert index.search(["catalogue item 7 variant v7"], k=1)[0][0][0] == "o7"  # the first search seals
+    index.upsert([("fresh", "hand woven jute basket"), ("o8", "brass table lamp")])  # o8 replaced
+    index.delete(["o7"])
+    assert index.search(["woven jute basket"], k=1)[0][0][0] == "fresh"
+    assert index.search(["brass lamp"], k=1)[0][0][0] == "o8"
+    assert "o7" not in {offer_id for offer_id, _ in index.search(["catalogue item 7 variant v7"], k=5)[0]}
+    assert "o8" not in {offer_id for offer_id, _ in index.search(["catalogue item 8 variant v8"], k=5)[0]}
+    assert len(index) == 1000
