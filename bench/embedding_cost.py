@@ -3,7 +3,10 @@ on a bundle with its embedder attached and on the same bundle without it, altern
 
 The bundle given must have an embedder (``catstream train-embedder``); the baseline is a copy of
 it without ``embedder/``. Each round publishes the same offers to fresh topics; offers/s is
-measured from the first to the last prediction, as in ``bench/throughput.py``.
+measured from the first to the last prediction, as in ``bench/throughput.py``. On two cores the
+rounds of one variant spread by ±10% and more, so the model alone is timed too: both ONNX
+sessions on the same featurised batches, alternated, median of ``--model-reps`` calls per batch
+size. That is the part of the cost the vectors add to the inference stage.
 
     .venv/bin/python bench/embedding_cost.py --model MYNTRA_BUNDLE --data ../shared/datasets/myntra-fashion/offers.csv
 """
@@ -42,6 +45,7 @@ def main() -> int:
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--max-wait-ms", type=float, default=10.0)
     parser.add_argument("--intra-op-threads", type=int, default=1)
+    parser.add_argument("--model-reps", type=int, default=60, help="timed calls per session and batch size")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     args = parser.parse_args()
     if ModelBundle.load(args.model).embedded_onnx_path is None:
@@ -83,13 +87,51 @@ def main() -> int:
     }
     base = summary["classifier only"]["mean_offers_per_second"]
     cost = 1 - summary["classifier + embedder"]["mean_offers_per_second"] / base
-    path = record("embedding_cost", {"offers": len(offers), "runs": runs, "summary": summary, "cost": cost}, args.out)
+    alone = model_alone(args.model, offers, (args.max_batch_size, 2 * args.max_batch_size), args.model_reps)
+    path = record(
+        "embedding_cost",
+        {"offers": len(offers), "runs": runs, "summary": summary, "cost": cost, "model_alone": alone},
+        args.out,
+    )
     for name, figures in summary.items():
         rates = ", ".join(f"{rate:.0f}" for rate in figures["offers_per_second"])
         print(f"{name:<24} {figures['mean_offers_per_second']:>8.1f} offers/s ({rates}); "
               f"inference {figures['mean_inference_ms_per_batch']:.1f} ms per batch")  # fmt: skip
+    for size, figures in alone.items():
+        print(f"model alone, batch {size}: classifier {figures['classifier_ms']:.2f} ms, "
+              f"classifier + embedder {figures['attached_ms']:.2f} ms ({figures['cost']:+.1%})")  # fmt: skip
     print(f"cost of the vectors to categorisation throughput: {cost:+.1%} (JSON: {path})")
     return 0
+
+
+def model_alone(bundle_path: Path, offers, sizes: tuple[int, ...], reps: int) -> dict[int, dict[str, float]]:
+    """Median ms per call of the classifier session and of the attached one on the same batches,
+    the calls alternated so that drift in the machine hits both alike."""
+    import time
+
+    from core.features import Featurizer
+    from core.images import ImagePolicy
+    from core.scoring import OnnxClassifier
+
+    bundle = ModelBundle.load(bundle_path)
+    batch = Featurizer.from_bundle(bundle, image_policy=ImagePolicy.for_offer_files()).batch(offers[: max(sizes)])
+    plain, attached = OnnxClassifier(bundle), OnnxClassifier(bundle, embeddings=True)
+    figures = {}
+    for size in sizes:
+        inputs = {name: array[:size] for name, array in batch.inputs.items()}
+        calls = {
+            "classifier": lambda inputs=inputs: plain.logits(inputs),
+            "attached": lambda inputs=inputs: attached.score(inputs),
+        }
+        times: dict[str, list[float]] = {name: [] for name in calls}
+        for rep in range(reps):
+            for name in list(calls) if rep % 2 == 0 else reversed(list(calls)):
+                started = time.perf_counter()
+                calls[name]()
+                times[name].append(time.perf_counter() - started)
+        plain_ms, attached_ms = (float(np.median(times[name])) * 1000 for name in ("classifier", "attached"))
+        figures[size] = {"classifier_ms": plain_ms, "attached_ms": attached_ms, "cost": attached_ms / plain_ms - 1}
+    return figures
 
 
 if __name__ == "__main__":
