@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 from confluent_kafka import KafkaException
@@ -432,12 +433,15 @@ def main(argv: list[str] | None = None) -> int:
 def _cmd_broker(args) -> int:
     from core.broker import EmbeddedBroker
 
-    stop = threading.Event()
+    # The signals that asked to stop. A list, not a threading.Event: a handler calling Event.set()
+    # while the main thread holds the Event's lock inside wait() would hang for good.
+    requested: list[int] = []
     for signum in (signal.SIGTERM, signal.SIGINT):  # either stops the broker, then this process
-        signal.signal(signum, lambda *_: stop.set())
+        signal.signal(signum, lambda received, _frame: requested.append(received))
     with EmbeddedBroker(args.port or None) as broker:
         print(f"embedded broker on {broker.bootstrap_servers} (Ctrl-C or SIGTERM to stop)", flush=True)
-        while not stop.wait(0.5):
+        while not requested:
+            time.sleep(0.5)
             if (code := broker.poll()) is not None:
                 print(f"embedded broker exited with code {code}", file=sys.stderr)
                 return 1

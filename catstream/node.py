@@ -222,7 +222,10 @@ class Node:
         self.bundle_path = str(bundle_path)
         self.log_level = log_level
         self._context = mp.get_context("spawn")  # librdkafka and ORT threads do not survive fork
-        self._stop = threading.Event()
+        # A plain flag, not a threading.Event: the SIGTERM handler runs on the main thread between
+        # two bytecodes, possibly inside Event.wait() while it holds the Event's lock, and an
+        # Event.set() there waits on that lock forever (the node then ignored SIGTERM until killed).
+        self._stopping = False
         self.restarts = 0
         self.switched = 0
         self.health_port: int | None = None
@@ -241,7 +244,13 @@ class Node:
             )
 
     def stop(self) -> None:
-        self._stop.set()
+        """Ask the node to shut down; safe from a signal handler and from any thread."""
+        self._stopping = True
+
+    def _stopped_after(self, seconds: float) -> bool:
+        """Sleep ``seconds`` (a signal cuts nothing short: PEP 475), then whether stop was asked."""
+        time.sleep(seconds)
+        return self._stopping
 
     def install_signal_handlers(self) -> None:
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -349,7 +358,7 @@ class Node:
             if not generation.inference.is_alive():
                 log.error("inference process exited with code %s during start", generation.inference.exitcode)
                 return False
-            if self._stop.wait(0.1) or time.monotonic() > deadline:
+            if self._stopped_after(0.1) or time.monotonic() > deadline:
                 log.error("inference process did not become ready")
                 return False
         return True
@@ -422,7 +431,7 @@ class Node:
 
     def _supervise(self, board: NodeBoard, probe: _BrokerProbe, watch: _ModelWatch) -> int:
         recent_restarts: list[float] = []
-        while not self._stop.wait(0.2):
+        while not self._stopped_after(0.2):
             current = self._current
             assert current is not None
             if not current.inference.is_alive():

@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -100,3 +101,37 @@ def _alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
     except OSError:
         return False
+
+
+def test_a_stop_signal_landing_at_any_line_of_the_supervisors_wait_is_taken(bundle, stream_settings):
+    """A signal handler runs on the main thread between two bytecodes. One that took a lock the
+    interrupted code held (Event.set() inside Event.wait()) hung the supervisor for good: it
+    ignored SIGTERM until killed. Here the handler runs at every line of the wait, in a thread
+    that must come back."""
+    from catstream.node import Node
+
+    node = Node(stream_settings, str(bundle))
+    saved = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
+    node.install_signal_handlers()
+    handler = signal.getsignal(signal.SIGTERM)
+    for signum, previous in saved.items():
+        signal.signal(signum, previous)
+    answers = []
+
+    def every_line(frame, event, _arg):
+        if event == "line":
+            handler(signal.SIGTERM, frame)
+        return every_line
+
+    def wait_once():
+        sys.settrace(every_line)
+        try:
+            answers.append(node._stopped_after(0.05))
+        finally:
+            sys.settrace(None)
+
+    waiter = threading.Thread(target=wait_once, daemon=True)
+    waiter.start()
+    waiter.join(10)
+    assert not waiter.is_alive(), "the stop handler blocked the supervisor's wait"
+    assert answers == [True]
