@@ -78,6 +78,25 @@ def saved_count(path: Path) -> int:
     raise AssertionError(f"{path} stayed unreadable")
 
 
+def wait_until(condition, deadline: float) -> None:
+    """Poll ``condition`` until it holds or ``deadline`` (monotonic) passes; the asserts that
+    follow say which."""
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def index_env(settings, **extra: str) -> dict[str, str]:
+    """The environment of a ``catstream index`` process on ``settings``' broker, topics and group."""
+    return {
+        **os.environ,
+        "CATSTREAM_BOOTSTRAP_SERVERS": settings.bootstrap_servers,
+        "CATSTREAM_CATEGORIZED_TOPIC": settings.categorized_topic,
+        "CATSTREAM_MATCHED_TOPIC": settings.matched_topic,
+        "CATSTREAM_INDEX_GROUP": f"index-{settings.consumer_group}",
+        **extra,
+    }
+
+
 def test_n_in_n_indexed_duplicates_found_and_a_tombstone_deletes(stream_settings, tmp_path):
     settings = stream_settings.model_copy(update={"index_save_interval_s": 0.5, "match_candidates": 5})
     ensure_topics(settings, extra=(settings.matched_topic,))
@@ -102,11 +121,9 @@ def test_n_in_n_indexed_duplicates_found_and_a_tombstone_deletes(stream_settings
     try:
         publish(settings, messages)
         deadline = time.monotonic() + 60
-        while sum(indexer.positions.values()) < len(messages) and time.monotonic() < deadline:
-            time.sleep(0.1)
+        wait_until(lambda: sum(indexer.positions.values()) >= len(messages), deadline)
         publish(settings, [("offer-3", None)])  # a tombstone
-        while indexer.counts["deleted"] < 1 and time.monotonic() < deadline:
-            time.sleep(0.1)
+        wait_until(lambda: indexer.counts["deleted"] >= 1, deadline)
     finally:
         indexer.stopping = True
         runner.join(30)
@@ -141,14 +158,7 @@ def test_n_in_n_indexed_duplicates_found_and_a_tombstone_deletes(stream_settings
 def test_a_sigkilled_indexer_resumes_from_its_saved_index_and_loses_nothing(stream_settings, tmp_path):
     ensure_topics(stream_settings, extra=(stream_settings.matched_topic,))
     location = tmp_path / "index"
-    env = {
-        **os.environ,
-        "CATSTREAM_BOOTSTRAP_SERVERS": stream_settings.bootstrap_servers,
-        "CATSTREAM_CATEGORIZED_TOPIC": stream_settings.categorized_topic,
-        "CATSTREAM_MATCHED_TOPIC": stream_settings.matched_topic,
-        "CATSTREAM_INDEX_GROUP": f"index-{stream_settings.consumer_group}",
-        "CATSTREAM_INDEX_SAVE_INTERVAL_S": "0.3",
-    }
+    env = index_env(stream_settings, CATSTREAM_INDEX_SAVE_INTERVAL_S="0.3")
     command = [sys.executable, "-m", "catstream", "index", "--index-location", str(location)]
     rng = np.random.default_rng(1)
     total = 3000
@@ -215,23 +225,19 @@ def test_an_unreachable_engine_is_waited_for_and_nothing_is_lost(stream_settings
     try:
         publish(settings, [(f"flaky-{n}", prediction(f"flaky-{n}", rng)) for n in range(200)])
         deadline = time.monotonic() + 60
-        while indexer.counts["index_unavailable"] < 5 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until(lambda: indexer.counts["index_unavailable"] >= 5, deadline)
         assert indexer.unavailable and indexer.counts["upserted"] == 0 and indexer.positions == {}
         engine.down = False  # the server is back
-        while indexer.counts["upserted"] < 200 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until(lambda: indexer.counts["upserted"] >= 200, deadline)
         assert indexer.unavailable is None
         # Down again mid-stream: the batch at hand waits, then goes in.
         engine.down = True
         publish(settings, [(f"late-{n}", prediction(f"late-{n}", rng)) for n in range(50)])
         failures = indexer.counts["index_unavailable"]
-        while indexer.counts["index_unavailable"] < failures + 3 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until(lambda: indexer.counts["index_unavailable"] >= failures + 3, deadline)
         assert indexer.counts["upserted"] == 200
         engine.down = False
-        while indexer.counts["upserted"] < 250 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until(lambda: indexer.counts["upserted"] >= 250, deadline)
     finally:
         indexer.stopping = True
         runner.join(30)
@@ -250,13 +256,7 @@ def test_catstream_index_with_qdrant_unreachable_stays_up_not_ready_and_stops_cl
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         http_port = probe.getsockname()[1]
-    env = {
-        **os.environ,
-        "CATSTREAM_BOOTSTRAP_SERVERS": stream_settings.bootstrap_servers,
-        "CATSTREAM_CATEGORIZED_TOPIC": stream_settings.categorized_topic,
-        "CATSTREAM_MATCHED_TOPIC": stream_settings.matched_topic,
-        "CATSTREAM_INDEX_GROUP": f"index-{stream_settings.consumer_group}",
-    }
+    env = index_env(stream_settings)
     command = [
         sys.executable, "-m", "catstream", "index", "--index-location", f"qdrant+http://127.0.0.1:{dead_port}",
         "--http-port", str(http_port),
