@@ -98,12 +98,17 @@ WORKER_METRICS = {  # board counter → (metric, type, help); one sample per wor
     "consumed": ("catstream_offers_consumed_total", "counter", "Offer messages consumed from Kafka."),
     "enqueued": ("catstream_offers_enqueued_total", "counter", "Offers featurised and put on the queue."),
     "dead_lettered": ("catstream_dead_letters_total", "counter", "Messages sent to the dead-letter topic."),
+    "delivered": (
+        "catstream_predictions_delivered_total",
+        "counter",
+        "Predictions the broker acknowledged (their offers' offsets may move on).",
+    ),
     "image_unused": ("catstream_images_unused_total", "counter", "Offers categorised without their image."),
     "pauses": ("catstream_backpressure_pauses_total", "counter", "Times a worker paused its partitions (queue full)."),
     "lag": ("catstream_consumer_lag", "gauge", "Offers waiting in Kafka on this worker's partitions."),
 }
 INFERENCE_METRICS = {  # board counter → (metric, type, help); one sample per node
-    "predicted": ("catstream_predictions_total", "counter", "Predictions produced (offers/s = rate of this)."),
+    "predicted": ("catstream_predictions_total", "counter", "Offers the model scored (offers/s = rate of this)."),
     "uncertain": ("catstream_uncertain_total", "counter", "Predictions that answered 'uncertain'."),
     "uncertain_with_parent": (
         "catstream_uncertain_with_parent_total",

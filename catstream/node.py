@@ -49,7 +49,7 @@ from core.features import input_fields_of
 from core.kafka import client_config
 from core.node_board import NodeBoard, Serving
 from core.registry import MODELS_SCHEME, Registry, resolve_model_uri
-from core.scoring import check_bundle
+from core.scoring import check_bundle, vector_fields_of
 from core.settings import Settings
 from gpu_workers.worker import run_inference_worker
 from preprocess_workers.worker import run_preprocess_worker
@@ -329,6 +329,7 @@ class Node:
             workers=self.settings.preprocess_workers,
             slots_per_worker=self.settings.slots_per_worker,
             fields=input_fields_of(bundle),
+            vectors=vector_fields_of(bundle),
         )
         queue = FeatureQueue.create(layout, directory=self.settings.queue_dir)
         row = number % 2
@@ -412,7 +413,7 @@ class Node:
 
     def _stop_inference(self, generation: _Generation) -> None:
         if generation.inference.is_alive():
-            generation.inference.terminate()  # SIGTERM: finish the queue, flush, exit
+            generation.inference.terminate()  # SIGTERM: finish the queue, exit
         self._join_all([generation.inference], self.settings.drain_timeout_s + 2.0)
         generation.queue.close()
 

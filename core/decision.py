@@ -14,7 +14,7 @@ import numpy as np
 from core.dictionaries import PATH_SEPARATOR
 from core.schemas import UNCERTAIN
 
-__all__ = ["Decision", "ParentCategories", "apply_exclusions", "decide", "softmax"]
+__all__ = ["BatchDecisions", "Decision", "ParentCategories", "apply_exclusions", "decide", "decide_batch", "softmax"]
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
@@ -120,6 +120,84 @@ class Decision:
     parent: tuple[str, float] | None = None  # where the leaf is uncertain: the deepest parent that is not
 
 
+@dataclass(frozen=True, slots=True)
+class BatchDecisions:
+    """The decisions of N offers as arrays, what the inference process writes back into the queue.
+
+    ``category`` is a label index, -1 for uncertain; ``top`` and ``top_p`` the three most probable
+    labels after the mask; ``parent`` an index into ``ParentCategories.of(labels).names`` (-1:
+    none), set only where the leaf is uncertain.
+    """
+
+    category: np.ndarray  # (N,) int32
+    confidence: np.ndarray  # (N,) float64: the top label's probability, also when uncertain
+    top: np.ndarray  # (N, 3) int32
+    top_p: np.ndarray  # (N, 3) float64
+    excluded: np.ndarray  # (N,) int32: categories the mask ruled out (0 where it was ignored)
+    parent: np.ndarray  # (N,) int32
+    parent_p: np.ndarray  # (N,) float64
+
+    def __len__(self) -> int:
+        return len(self.category)
+
+    def decision(self, row: int, labels: tuple[str, ...]) -> Decision:
+        """Row ``row`` as a :class:`Decision` of ``labels``."""
+        top3 = [(labels[k], float(p)) for k, p in zip(self.top[row], self.top_p[row], strict=True) if k >= 0]
+        parent = int(self.parent[row])
+        fallback = (ParentCategories.of(labels).names[parent], float(self.parent_p[row])) if parent >= 0 else None
+        category = int(self.category[row])
+        return Decision(
+            labels[category] if category >= 0 else UNCERTAIN,
+            float(self.confidence[row]),
+            top3,
+            int(self.excluded[row]),
+            fallback,
+        )
+
+
+def decide_batch(
+    probabilities: np.ndarray,
+    exclusion: np.ndarray,
+    *,
+    labels: tuple[str, ...],
+    threshold: float,
+    parent_threshold: float | None,
+) -> BatchDecisions:
+    """Mask excluded categories, renormalise, and answer uncertain (-1) below ``threshold``.
+
+    ``probabilities`` and ``exclusion`` are ``(N, K)``. If a mask would rule out every category
+    it is ignored for that row (the dictionary cannot leave an offer with no answer). An uncertain
+    offer still gets the deepest parent category whose probability (summed over its leaves)
+    reaches ``parent_threshold``, where one does: "Men > Footwear > Shoes" when Casual and Sports
+    Shoes share the doubt. ``parent_threshold`` None names no parent. A few array operations over
+    the whole batch, whatever its size: no Python per offer.
+    """
+    masked, usable = apply_exclusions(probabilities, exclusion)
+    rows = np.arange(len(masked))
+    width = min(3, masked.shape[1])
+    top = (
+        np.argpartition(-masked, width - 1, axis=1)[:, :width]
+        if width < masked.shape[1]
+        else np.tile(np.arange(width), (len(masked), 1))
+    )
+    # Order the three by probability, first label first on ties (as a stable full sort would).
+    order = np.lexsort((top, -masked[rows[:, None], top]), axis=1) if len(masked) else top
+    top = np.take_along_axis(top, order, axis=1)
+    top_p = masked[rows[:, None], top]
+    confidence = top_p[:, 0] if width else np.zeros(len(masked))
+    certain = confidence >= threshold
+    parent, parent_p = ParentCategories.of(tuple(labels)).confident(masked, parent_threshold)
+    return BatchDecisions(
+        category=np.where(certain, top[:, 0], -1).astype(np.int32),
+        confidence=confidence.astype(np.float64),
+        top=top.astype(np.int32),
+        top_p=top_p.astype(np.float64),
+        excluded=np.where(usable, exclusion.sum(axis=1), 0).astype(np.int32),
+        parent=np.where(certain, -1, parent).astype(np.int32),
+        parent_p=np.where(certain, 0.0, parent_p).astype(np.float64),
+    )
+
+
 def decide(
     probabilities: np.ndarray,
     exclusion: np.ndarray,
@@ -128,26 +206,9 @@ def decide(
     threshold: float,
     parent_threshold: float | None,
 ) -> list[Decision]:
-    """Mask excluded categories, renormalise, and answer ``UNCERTAIN`` below ``threshold``.
-
-    ``probabilities`` and ``exclusion`` are ``(N, K)``. If a mask would rule out every category
-    it is ignored for that row (the dictionary cannot leave an offer with no answer). An uncertain
-    offer still gets the deepest parent category whose probability (summed over its leaves)
-    reaches ``parent_threshold``, where one does: "Men > Footwear > Shoes" when Casual and Sports
-    Shoes share the doubt. ``parent_threshold`` None names no parent.
-    """
-    masked, usable = apply_exclusions(probabilities, exclusion)
-    top = np.argsort(-masked, axis=1)[:, :3]
-    parents = ParentCategories.of(tuple(labels))
-    parent, parent_probability = parents.confident(masked, parent_threshold)
-    decisions = []
-    for row, order in enumerate(top):
-        confidence = float(masked[row, order[0]])
-        top3 = [(labels[k], float(masked[row, k])) for k in order]
-        excluded = int(exclusion[row].sum()) if usable[row] else 0
-        if confidence >= threshold:
-            decisions.append(Decision(labels[order[0]], confidence, top3, excluded))
-        else:
-            fallback = (parents.names[parent[row]], float(parent_probability[row])) if parent[row] >= 0 else None
-            decisions.append(Decision(UNCERTAIN, confidence, top3, excluded, fallback))
-    return decisions
+    """:func:`decide_batch` as one :class:`Decision` per offer."""
+    batch = decide_batch(
+        probabilities, exclusion, labels=labels, threshold=threshold, parent_threshold=parent_threshold
+    )
+    labels = tuple(labels)
+    return [batch.decision(row, labels) for row in range(len(batch))]

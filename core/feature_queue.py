@@ -3,13 +3,22 @@
 One memory-mapped file (in ``/dev/shm`` by default) holds fixed slots. Tensors are written once
 into a slot, never pickled. Each slot belongs to exactly one preprocess worker and moves through
 
-    FREE ──worker writes──▶ READY ──inference copies──▶ CLAIMED ──output acked──▶ DONE ──worker──▶ FREE
-                              ▲                             │
-                              └──── delivery failed, retry ─┤──── gave up ──▶ FAILED ──worker──▶ FREE
+    FREE ──worker writes──▶ READY ──inference copies──▶ CLAIMED ──model + decision──▶ SCORED
+      ▲                                                    │                            │
+      │                                                    └── batch failed ─▶ FAILED   │ worker encodes
+      │                                                                          │      ▼ and produces
+      └────────────── worker: dead-lettered ◀────────────────────────────────────┘   SENDING
+      └────────────── worker: the broker acknowledged the prediction ◀─────────────────┘
 
-Only the worker writes FREE→READY and DONE/FAILED→FREE; only the inference process writes the
-other transitions. There is no lock anywhere, so a worker killed by SIGKILL cannot wedge the
-queue: its READY/CLAIMED slots still finish, and its replacement frees them when they are DONE.
+The inference process does tensor work only: it writes each offer's decision (label indices and
+probabilities) and vectors back into the slot. The worker that owns the slot turns them into the
+prediction message, produces it and frees the slot from its own delivery callback, so the Python
+work per offer is spread over every worker process.
+
+Only the worker writes FREE→READY, SCORED→SENDING and back to FREE; only the inference process
+writes READY→CLAIMED→SCORED/FAILED. There is no lock anywhere, so a worker killed by SIGKILL
+cannot wedge the queue: its READY/CLAIMED slots still finish, and its replacement frees them once
+SCORED or FAILED (their offsets were never committed, so Kafka delivers the offers again).
 x86-64 keeps stores in order, so a slot's data is visible before its state word.
 
 Counters, heartbeats and the serving generation live on the node's board (``core.node_board``),
@@ -34,25 +43,28 @@ from typing import Any
 
 import numpy as np
 
+from core.decision import BatchDecisions, Decision
 from core.images import IMAGE_STATUSES
 from core.schemas import MAX_OFFER_ID_CHARS, MAX_TITLE_CHARS
 from core.shared_memory import ArraySpec, attach_header, create_mapped_file, map_arrays, mapped_size
 
 __all__ = [
     "CLAIMED",
-    "DONE",
     "FAILED",
     "FREE",
     "READY",
+    "SCORED",
+    "SENDING",
     "FeatureBatch",
     "FeatureQueue",
     "InputField",
     "OfferMeta",
     "QueueLayout",
+    "ScoredOffer",
     "SlotBatch",
 ]
 
-FREE, READY, CLAIMED, DONE, FAILED = 0, 1, 2, 3, 4
+FREE, READY, CLAIMED, SCORED, FAILED, SENDING = 0, 1, 2, 3, 4, 5
 
 _OFFER_ID_BYTES = 4 * MAX_OFFER_ID_CHARS  # UTF-8 takes at most 4 bytes a character
 _PRODUCT_BYTES = 16
@@ -137,14 +149,29 @@ class OfferMeta:
     image_sha: str | None = None  # SHA-256 of the image bytes: 64 hex digits
 
 
+@dataclass(frozen=True, slots=True)
+class ScoredOffer:
+    """A SCORED slot as its worker reads it back: what it put in, the decision, the vectors."""
+
+    meta: OfferMeta
+    decision: Decision
+    vectors: dict[str, np.ndarray] | None  # space -> (D,) float16; None for a model without an embedder
+    queue_wait_ms: float  # from the put to the end of the offer's batch
+    inference_ms: float  # the batch's model and decision time
+    batch_size: int
+
+
 @dataclass(frozen=True)
 class QueueLayout:
-    """Shape of the queue: slot count and the input fields every slot holds."""
+    """Shape of the queue: slot count, the input fields every slot holds, and the vectors the
+    model gives back for each offer (``vectors``: one float16 field per space, none without an
+    embedder)."""
 
     workers: int
     slots_per_worker: int
     fields: tuple[InputField, ...]
     error_bytes: int = 512
+    vectors: tuple[InputField, ...] = ()
 
     def __post_init__(self):
         if self.workers < 1 or self.slots_per_worker < 1:
@@ -170,6 +197,7 @@ class QueueLayout:
             "slots_per_worker": self.slots_per_worker,
             "error_bytes": self.error_bytes,
             "fields": [field.to_dict() for field in self.fields],
+            "vectors": [field.to_dict() for field in self.vectors],
         }
 
     @classmethod
@@ -179,6 +207,7 @@ class QueueLayout:
             slots_per_worker=int(value["slots_per_worker"]),
             error_bytes=int(value["error_bytes"]),
             fields=tuple(InputField.from_dict(f) for f in value["fields"]),
+            vectors=tuple(InputField.from_dict(f) for f in value.get("vectors", ())),
         )
 
     def _arrays(self) -> list[ArraySpec]:
@@ -200,7 +229,19 @@ class QueueLayout:
             ("title", np.dtype(np.uint8), (n, _TITLE_BYTES)),
             ("image_sha", np.dtype(np.uint8), (n, _IMAGE_SHA_BYTES)),
             ("error", np.dtype(np.uint8), (n, self.error_bytes)),
+            # What the inference process writes back (core.decision.BatchDecisions, and timings).
+            ("category", np.dtype(np.int32), (n,)),
+            ("confidence", np.dtype(np.float64), (n,)),
+            ("top", np.dtype(np.int32), (n, 3)),
+            ("top_p", np.dtype(np.float64), (n, 3)),
+            ("excluded", np.dtype(np.int32), (n,)),
+            ("parent", np.dtype(np.int32), (n,)),
+            ("parent_p", np.dtype(np.float64), (n,)),
+            ("scored_ns", np.dtype(np.int64), (n,)),
+            ("inference_ms", np.dtype(np.float64), (n,)),
+            ("batch_size", np.dtype(np.int32), (n,)),
             *((f"input_{field.name}", np.dtype(field.dtype), (n, *field.shape)) for field in self.fields),
+            *((f"vector_{field.name}", np.dtype(field.dtype), (n, *field.shape)) for field in self.vectors),
         ]
 
     def nbytes(self) -> int:
@@ -209,12 +250,13 @@ class QueueLayout:
 
 @dataclass(slots=True)
 class SlotBatch:
-    """Copies of several slots' contents: the model's inputs and each offer's metadata, oldest first."""
+    """Copies of several slots' model inputs, oldest first, with when and how fast each was put:
+    all the inference process reads (the offers' metadata stays for their workers)."""
 
     slots: np.ndarray  # (N,) slot indices
     features: FeatureBatch
-    offers: list[OfferMeta]
     enqueued_ns: np.ndarray  # (N,) when each offer was put on the queue
+    preprocess_ms: np.ndarray  # (N,) what its worker spent on it
 
     def __len__(self) -> int:
         return len(self.slots)
@@ -229,6 +271,7 @@ class FeatureQueue:
         self._owner = owner
         self._mmap, self._views = map_arrays(path, layout._arrays())
         self.inputs = {field.name: self._views[f"input_{field.name}"] for field in layout.fields}
+        self.vectors = {field.name: self._views[f"vector_{field.name}"] for field in layout.vectors}
         self.state = self._views["state"]
         self.retries = self._views["retries"]
         self.enqueued_ns = self._views["enqueued_ns"]
@@ -279,6 +322,32 @@ class FeatureQueue:
     def release(self, slot: int) -> None:
         self.state[slot] = FREE
 
+    def sending(self, slot: int) -> None:
+        """Mark a SCORED slot SENDING: its worker produced the prediction and waits for the broker."""
+        self.state[slot] = SENDING
+
+    def scored(self, slot: int, labels: tuple[str, ...]) -> ScoredOffer:
+        """What the inference process wrote back into a SCORED ``slot``, decided over ``labels``
+        (the labels of the bundle this queue serves)."""
+        views = self._views
+        row = BatchDecisions(
+            category=views["category"][slot : slot + 1],
+            confidence=views["confidence"][slot : slot + 1],
+            top=views["top"][slot : slot + 1],
+            top_p=views["top_p"][slot : slot + 1],
+            excluded=views["excluded"][slot : slot + 1],
+            parent=views["parent"][slot : slot + 1],
+            parent_p=views["parent_p"][slot : slot + 1],
+        )
+        return ScoredOffer(
+            meta=self.meta_of(slot),
+            decision=row.decision(0, labels),
+            vectors={space: array[slot].copy() for space, array in self.vectors.items()} or None,
+            queue_wait_ms=(int(views["scored_ns"][slot]) - int(self.enqueued_ns[slot])) / 1e6,
+            inference_ms=float(views["inference_ms"][slot]),
+            batch_size=int(views["batch_size"][slot]),
+        )
+
     def error_of(self, slot: int) -> str:
         return bytes(self._views["error"][slot, : self._views["error_len"][slot]]).decode("utf-8", "replace")
 
@@ -314,24 +383,31 @@ class FeatureQueue:
         self.state[slot] = CLAIMED
 
     def claim(self, slots: np.ndarray) -> SlotBatch:
-        """Mark ``slots`` CLAIMED and copy their contents out (the slot stays intact for retries)."""
+        """Mark ``slots`` CLAIMED and copy their inputs out (array copies, nothing per offer)."""
         slots = np.asarray(slots)
         self.state[slots] = CLAIMED
         return SlotBatch(
             slots=slots,
             features=FeatureBatch({name: array[slots] for name, array in self.inputs.items()}),
-            offers=[self.meta_of(int(slot)) for slot in slots],
             enqueued_ns=self.enqueued_ns[slots],
+            preprocess_ms=self._views["preprocess_ms"][slots],
         )
 
-    def complete(self, slot: int) -> None:
-        self.state[slot] = DONE
-
-    def retry(self, slot: int) -> int:
-        """Put a CLAIMED slot back to READY; returns how many retries it has had."""
-        self.retries[slot] += 1
-        self.state[slot] = READY
-        return int(self.retries[slot])
+    def score(
+        self, slots: np.ndarray, decisions: BatchDecisions, vectors: Mapping[str, np.ndarray], *, inference_ms: float
+    ) -> None:
+        """Write a batch's decisions and vectors (by space, ``(N, D)``) into its CLAIMED ``slots``,
+        then mark them SCORED. A few array writes for the whole batch."""
+        slots = np.asarray(slots)
+        views = self._views
+        for name in ("category", "confidence", "top", "top_p", "excluded", "parent", "parent_p"):
+            views[name][slots] = getattr(decisions, name)
+        for space, array in self.vectors.items():
+            array[slots] = vectors[space]
+        views["inference_ms"][slots] = inference_ms
+        views["batch_size"][slots] = len(slots)
+        views["scored_ns"][slots] = time.time_ns()
+        self.state[slots] = SCORED  # last: hands the slots back to their workers
 
     def fail(self, slot: int, reason: str) -> None:
         encoded = reason.encode("utf-8", "replace")[: self.layout.error_bytes]

@@ -62,6 +62,7 @@ WORKER_COUNTERS = (
     "busy_partition",
     "busy_offset",  # the offer a worker is on now (busy_since_ns 0: none)
     "generation",  # the model generation the worker featurises for
+    "delivered",  # predictions the broker acknowledged
 )
 INFERENCE_COUNTERS = (
     "predicted",

@@ -14,11 +14,24 @@ import onnxruntime as ort
 
 from core.bundle import EMBEDDING_OUTPUTS, PARITY_FILE, BundleError, ModelBundle
 from core.decision import apply_exclusions, softmax
+from core.feature_queue import InputField
 from core.features import Featurizer
 from core.images import ImagePolicy
 from core.schemas import Offer
 
-__all__ = ["OfferEmbedder", "OnnxClassifier", "check_bundle", "choose_providers", "served_probabilities"]
+__all__ = [
+    "SERVED_SPACES",
+    "OfferEmbedder",
+    "OnnxClassifier",
+    "check_bundle",
+    "choose_providers",
+    "served_probabilities",
+    "vector_fields_of",
+]
+
+# The spaces a prediction carries: the fused vector is [image, text] / sqrt(2), so readers rebuild
+# it (core.schemas.decode_vectors) rather than the stream carrying it.
+SERVED_SPACES = ("image", "text")
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +112,26 @@ class OnnxClassifier:
         if lexical is None or lexical.shape[-1] == 0:
             raise ValueError("this model needs the lexical model's scores (lexical)")
         return logits + lexical
+
+
+def vector_fields_of(bundle: ModelBundle) -> tuple[InputField, ...]:
+    """The vectors a served offer carries (:data:`SERVED_SPACES` of the graph with the embedder
+    attached), as float16 fields of the node's queue; none for a bundle without an embedder."""
+    if bundle.embedded_onnx_path is None:
+        return ()
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # shapes only
+    session = ort.InferenceSession(
+        str(bundle.embedded_onnx_path), sess_options=options, providers=["CPUExecutionProvider"]
+    )
+    shapes = {item.name: item.shape for item in session.get_outputs()}
+    fields = []
+    for space in SERVED_SPACES:
+        shape = shapes.get(EMBEDDING_OUTPUTS[space])
+        if shape is None or len(shape) != 2 or not isinstance(shape[1], int):
+            raise BundleError(f"{bundle.embedded_onnx_path}: no {EMBEDDING_OUTPUTS[space]} output of shape (N, D)")
+        fields.append(InputField(space, "float16", (shape[1],)))
+    return tuple(fields)
 
 
 class OfferEmbedder:

@@ -1,7 +1,10 @@
-"""Inference worker: drain the node's queue in dynamic batches, predict, produce, acknowledge.
+"""Inference worker: drain the node's queue in dynamic batches, run the model, decide, write back.
 
-A slot becomes DONE only in the producer's delivery callback, i.e. once the broker holds the
-prediction; the owning preprocess worker then lets its partition's offset move past it.
+Tensor work only: gather a batch of READY slots, run the model, decide for the whole batch in a
+few array operations (``core.decision.decide_batch``), and write the decisions and vectors back
+into the slots as SCORED. The preprocess worker that owns each slot encodes the prediction,
+produces it, and lets its partition's offset move past it once the broker holds it, so no Python
+work per offer is left here.
 
 One inference process serves one model generation: its queue and its bundle. When the model
 changes, the supervisor starts the next generation's process beside it and stops this one once
@@ -16,15 +19,11 @@ import signal
 import time
 
 import numpy as np
-from confluent_kafka import Producer
 
 from core.bundle import ModelBundle
-from core.decision import decide, softmax
+from core.decision import decide_batch, softmax
 from core.feature_queue import FeatureQueue
-from core.images import IMAGE_USED
-from core.kafka import producer_config
 from core.node_board import INFERENCE_COUNTERS, NodeBoard, supervisor_pid
-from core.schemas import UNCERTAIN, Prediction
 from core.scoring import OnnxClassifier
 from core.settings import Settings
 from gpu_workers.batcher import DynamicBatcher
@@ -33,13 +32,12 @@ __all__ = ["InferenceWorker", "run_inference_worker"]
 
 log = logging.getLogger(__name__)
 
-_DELIVERY_RETRIES = 3
 _MAX_CONSECUTIVE_BATCH_FAILURES = 5
 _IDLE_SLEEP_S = 0.0005
 
 
 class InferenceWorker:
-    """Batches READY slots, runs the model, produces predictions."""
+    """Batches READY slots, runs the model, writes the decisions back."""
 
     def __init__(self, settings: Settings, bundle: ModelBundle, queue: FeatureQueue, board: NodeBoard, row: int):
         self.settings = settings
@@ -53,10 +51,12 @@ class InferenceWorker:
         self.classifier = OnnxClassifier(
             self.bundle, providers=settings.providers, intra_op_threads=settings.intra_op_threads, embeddings=True
         )
+        missing = {field.name for field in queue.layout.vectors} - set(self.classifier.spaces)
+        if missing:
+            raise RuntimeError(f"the queue holds vectors {sorted(missing)} that this model does not give")
         self.batcher: DynamicBatcher[int] = DynamicBatcher(
             max_batch_size=settings.max_batch_size, max_wait_s=settings.max_wait_ms / 1000.0
         )
-        self.producer = Producer(producer_config(settings, **{"client.id": "inference"}))
         self.stopping = False
         self.consecutive_failures = 0
 
@@ -77,9 +77,7 @@ class InferenceWorker:
                 self._run_batch(np.asarray(batch))
                 if self.consecutive_failures >= _MAX_CONSECUTIVE_BATCH_FAILURES:
                     log.critical("%d batches failed in a row; exiting so the node restarts", self.consecutive_failures)
-                    self.producer.flush(5)
                     return 3
-            self.producer.poll(0)
             if self.stopping and not len(self.batcher) and not self.queue.depth():
                 break
             if orphaned_at is None and os.getppid() != parent:
@@ -98,9 +96,8 @@ class InferenceWorker:
                 deadline = self.batcher.deadline()
                 wait = _IDLE_SLEEP_S if deadline is None else min(_IDLE_SLEEP_S, max(0.0, deadline - now))
                 time.sleep(wait)
-        remaining = self.producer.flush(self.settings.drain_timeout_s)
         counts = {name: self.board.inference_stat(self.row, name) for name in INFERENCE_COUNTERS}
-        log.info("inference stopped: %s, %d deliveries unconfirmed", counts, remaining)
+        log.info("inference stopped: %s", counts)
         return 0
 
     def _run_batch(self, slots: np.ndarray) -> None:
@@ -111,13 +108,15 @@ class InferenceWorker:
             if logits.shape[0] != len(slots):
                 raise RuntimeError(f"model returned {logits.shape[0]} rows for {len(slots)} inputs")
             probabilities = softmax(logits, self.bundle.temperature)
-            decisions = decide(
+            decisions = decide_batch(
                 probabilities,
                 batch.features.exclusion,
                 labels=self.bundle.labels,
                 threshold=self.threshold,
                 parent_threshold=self.parent_threshold,
             )
+            inference_ms = (time.perf_counter() - started) * 1000.0
+            self.queue.score(slots, decisions, vectors, inference_ms=inference_ms)
         except Exception as error:  # a failed batch fails every item in it; workers dead-letter them
             self.consecutive_failures += 1
             self.board.count_inference(self.row, "failed", len(slots))
@@ -126,65 +125,14 @@ class InferenceWorker:
                 self.queue.fail(int(slot), f"inference failed: {type(error).__name__}: {error}")
             return
         self.consecutive_failures = 0
-        inference_ms = (time.perf_counter() - started) * 1000.0
-        flushed_ns = time.time_ns()
+        scored_ns = time.time_ns()
         self.board.count_inference(self.row, "batches")
         self.board.count_inference(self.row, "inference_ns", int(inference_ms * 1e6))
-        preprocess_ms = np.array([offer.preprocess_ms for offer in batch.offers])
-        self.board.observe_latency(self.row, preprocess_ms + (flushed_ns - batch.enqueued_ns) / 1e6 + inference_ms)
-        # float16 halves the message; a vector's rounding error (~1e-3) is below what ranks differ by.
-        # The fused vector is [image, text] / sqrt(2): readers rebuild it (core.schemas.decode_vectors).
-        half = {space: matrix.astype(np.float16) for space, matrix in vectors.items() if space != "fused"}
-        for row, (slot, offer, decision, enqueued_ns) in enumerate(
-            zip(slots, batch.offers, decisions, batch.enqueued_ns, strict=True)
-        ):
-            timings = {
-                "preprocess": offer.preprocess_ms,
-                "queue_wait": (flushed_ns - int(enqueued_ns)) / 1e6,
-                "inference": inference_ms,
-                "batch_size": float(len(slots)),
-            }
-            if offer.produced_ms:
-                timings["end_to_end"] = time.time() * 1000.0 - offer.produced_ms
-            prediction = Prediction(
-                offer_id=offer.offer_id,
-                category=decision.category,
-                confidence=decision.confidence,
-                top3=decision.top3,
-                model_version=self.bundle.version,
-                image_used=offer.image_status == IMAGE_USED,
-                image_status=offer.image_status,
-                timings_ms=timings,
-                excluded_categories=decision.excluded,
-                confident_parent=decision.parent,
-                vectors={space: matrix[row] for space, matrix in half.items()} or None,
-                title=offer.title or None,
-                product=offer.product,
-                image_sha=offer.image_sha,
-            )
-            self.board.count_inference(self.row, "predicted")
-            self.board.count_inference(self.row, "uncertain", int(decision.category == UNCERTAIN))
-            self.board.count_inference(self.row, "uncertain_with_parent", int(decision.parent is not None))
-            self._produce(int(slot), offer.offer_id, prediction.to_bytes())
-
-    def _produce(self, slot: int, key: str, value: bytes) -> None:
-        def delivered(error, _message):
-            if error is None:
-                self.queue.complete(slot)
-            elif self.queue.retries[slot] < _DELIVERY_RETRIES:
-                log.warning("prediction for slot %d not delivered (%s); retrying", slot, error)
-                self.queue.retry(slot)
-            else:
-                self.queue.fail(slot, f"prediction not delivered: {error}")
-
-        while True:
-            try:
-                self.producer.produce(
-                    self.settings.categorized_topic, key=key.encode(), value=value, on_delivery=delivered
-                )
-                return
-            except BufferError:
-                self.producer.poll(0.05)
+        self.board.observe_latency(self.row, batch.preprocess_ms + (scored_ns - batch.enqueued_ns) / 1e6)
+        uncertain = decisions.category < 0
+        self.board.count_inference(self.row, "predicted", len(slots))
+        self.board.count_inference(self.row, "uncertain", int(uncertain.sum()))
+        self.board.count_inference(self.row, "uncertain_with_parent", int((decisions.parent >= 0).sum()))
 
 
 def _log_thresholds(bundle: ModelBundle) -> None:

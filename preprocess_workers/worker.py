@@ -1,7 +1,11 @@
-"""Preprocess worker: consume offers, featurise them, fill this worker's queue slots.
+"""Preprocess worker: consume offers, featurise them, fill this worker's queue slots; then encode
+and produce the predictions the inference process wrote back into them.
 
-One process per CPU core you give it. Offsets are committed only up to the oldest offer whose
-prediction (or dead letter) the broker has not yet acknowledged, so a crash loses nothing.
+One process per CPU core you give it. The per-offer Python work on both sides of the model
+(parsing, featurising, the prediction's JSON, the produce call) happens here, so it spreads over
+every worker process while the inference process does tensor work only. Offsets are committed
+only up to the oldest offer whose prediction (or dead letter) the broker has not yet
+acknowledged, so a crash loses nothing.
 
 A model change reaches the worker through the node's board: a new generation names a new queue
 and bundle. The worker loads the new featuriser beside the running one, then puts every further
@@ -24,11 +28,12 @@ from dataclasses import dataclass
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from core.bundle import ModelBundle
-from core.feature_queue import DONE, FAILED, FREE, FeatureQueue, OfferMeta
+from core.feature_queue import FAILED, FREE, SCORED, SENDING, FeatureQueue, OfferMeta, ScoredOffer
 from core.features import Featurizer, OfferFeatures
+from core.images import IMAGE_USED
 from core.kafka import consumer_config, producer_config
 from core.node_board import NodeBoard, Serving, supervisor_pid
-from core.schemas import Offer, Rejection, dead_letter, parse_offer
+from core.schemas import Offer, Prediction, Rejection, dead_letter, parse_offer
 from core.settings import Settings
 from core.text import product_key
 from preprocess_workers.backpressure import BufferGate
@@ -39,6 +44,7 @@ __all__ = ["PreprocessWorker", "run_preprocess_worker"]
 log = logging.getLogger(__name__)
 
 _CONSUME_BATCH = 64
+_DELIVERY_RETRIES = 3  # a prediction the broker refused this often is dead-lettered with the reason
 _STRIKES_TO_DEAD_LETTER = 2  # an offer that wedged a worker this often is dead-lettered, not retried
 _SMALLEST_DEAD_LETTER = 4096  # headers and a little of the value always fit
 _DEAD_LETTER_RETRY_S = 1.0
@@ -67,14 +73,16 @@ class _InFlight:
 class _Lane:
     """This worker's slots in one generation's queue, with the featuriser of that generation."""
 
-    def __init__(self, index: int, generation: int, queue: FeatureQueue, featurizer: Featurizer, version: str):
+    def __init__(self, index: int, generation: int, queue: FeatureQueue, featurizer: Featurizer, bundle: ModelBundle):
         self.generation = generation
         self.queue = queue
         self.featurizer = featurizer
-        self.version = version
+        self.version = bundle.version
+        self.labels = tuple(bundle.labels)
         self.slots = queue.layout.worker_slots(index)
-        # Slots left READY/CLAIMED by a previous process of this index finish on their own;
-        # they are freed (without touching offsets) once DONE.
+        # Slots left READY/CLAIMED by a previous process of this index finish on their own; they
+        # are freed once SCORED or FAILED, and SCORED or SENDING ones at once, without a produce
+        # and without touching offsets: those were never committed, so Kafka delivers the offers again.
         self.free_slots = deque(slot for slot in self.slots if queue.state[slot] == FREE)
         self.in_flight: dict[int, _InFlight] = {}
 
@@ -106,7 +114,8 @@ class PreprocessWorker:
         self.consumer = Consumer(
             consumer_config(settings, group_id=settings.consumer_group, **{"client.id": self.name})
         )
-        self.producer = Producer(producer_config(settings, **{"client.id": f"{self.name}-dlq"}))
+        # Predictions and dead letters: both must reach the broker before an offset moves past them.
+        self.producer = Producer(producer_config(settings, **{"client.id": self.name}))
         self._dead_letter_retries: deque[tuple[float, _PendingDeadLetter]] = deque()
         self._log_gate: dict[str, tuple[float, int]] = {}
         self._last_commit = time.monotonic()
@@ -118,7 +127,7 @@ class PreprocessWorker:
         bundle = ModelBundle.load(serving.bundle_path, dictionaries_dir=self.settings.dictionaries_dir)
         featurizer = Featurizer.from_bundle(bundle, image_policy=self.settings.image_policy())
         queue = FeatureQueue.attach(serving.queue_path)
-        return _Lane(self.index, serving.generation, queue, featurizer, bundle.version)
+        return _Lane(self.index, serving.generation, queue, featurizer, bundle)
 
     @property
     def in_flight(self) -> int:
@@ -167,7 +176,8 @@ class PreprocessWorker:
                 self._retry_dead_letters()
                 self._place_backlog()
                 self._apply_backpressure()
-                timeout = 0.02 if self.in_flight or self.backlog else 0.2
+                # Short while offers are in flight: their scored slots wait for this loop to produce them.
+                timeout = 0.005 if self.in_flight or self.backlog else 0.2
                 for message in self.consumer.consume(num_messages=_CONSUME_BATCH, timeout=timeout):
                     self._accept(message)
                 self.producer.poll(0)
@@ -340,8 +350,9 @@ class PreprocessWorker:
     # --- completion ------------------------------------------------------------------------------
 
     def _reap(self) -> None:
-        """Collect slots the inference processes finished: complete their offsets, free them. An
-        earlier generation's lane is closed once none of its slots is in use."""
+        """Collect slots the inference processes finished: produce the scored ones' predictions,
+        dead-letter the failed ones. An earlier generation's lane is closed once none of its slots
+        is in use."""
         for lane in (self.lane, *self.retiring):
             self._reap_lane(lane)
         for lane in [lane for lane in self.retiring if not lane.busy_slots()]:
@@ -352,17 +363,106 @@ class PreprocessWorker:
     def _reap_lane(self, lane: _Lane) -> None:
         first = lane.slots.start
         states = lane.queue.state[first : lane.slots.stop]
-        for relative in (states >= DONE).nonzero()[0]:
+        for relative in ((states == SCORED) | (states == FAILED) | (states == SENDING)).nonzero()[0]:
             slot = first + int(relative)
             state = int(lane.queue.state[slot])
-            item = lane.in_flight.pop(slot, None)
-            if item is not None and state == DONE:
-                self.tracker.finished(item.key, item.offset)
-            elif item is not None and state == FAILED:
+            item = lane.in_flight.get(slot)
+            if item is None:  # a previous process's offer: Kafka delivers it again
+                self._free(lane, slot)
+            elif state == SCORED:
+                self._produce_prediction(lane, slot, item)
+            elif state == FAILED:
+                lane.in_flight.pop(slot)
                 rejection = Rejection(lane.queue.error_of(slot), "InferenceError")
                 self._dead_letter(item.message, rejection, stage="inference")
-            lane.queue.release(slot)
-            lane.free_slots.append(slot)
+                self._free(lane, slot)
+            # SENDING: the delivery callback finishes it
+
+    @staticmethod
+    def _free(lane: _Lane, slot: int) -> None:
+        lane.queue.release(slot)
+        lane.free_slots.append(slot)
+
+    def _produce_prediction(self, lane: _Lane, slot: int, item: _InFlight) -> None:
+        """Encode the prediction the inference process wrote into ``slot`` and produce it; the
+        delivery callback frees the slot and lets the offset pass, or tries again."""
+        try:
+            scored = lane.queue.scored(slot, lane.labels)
+            value = self._encode(scored, lane.version)
+        except Exception as error:  # a bug or a value JSON cannot hold: this offer fails, the worker goes on
+            log.exception("%s: encoding the prediction of slot %d failed", self.name, slot)
+            lane.in_flight.pop(slot, None)
+            rejection = Rejection(f"encoding the prediction failed ({type(error).__name__})", type(error).__name__)
+            self._dead_letter(item.message, rejection, stage="produce")
+            self._free(lane, slot)
+            return
+        self._send_prediction(lane, slot, item, scored.meta.offer_id.encode(), value)
+
+    @staticmethod
+    def _encode(scored: ScoredOffer, version: str) -> bytes:
+        """The prediction message of a scored offer."""
+        meta, decision = scored.meta, scored.decision
+        timings = {
+            "preprocess": meta.preprocess_ms,
+            "queue_wait": scored.queue_wait_ms,
+            "inference": scored.inference_ms,
+            "batch_size": float(scored.batch_size),
+        }
+        if meta.produced_ms:
+            timings["end_to_end"] = time.time() * 1000.0 - meta.produced_ms
+        return Prediction(
+            offer_id=meta.offer_id,
+            category=decision.category,
+            confidence=decision.confidence,
+            top3=decision.top3,
+            model_version=version,
+            image_used=meta.image_status == IMAGE_USED,
+            image_status=meta.image_status,
+            timings_ms=timings,
+            excluded_categories=decision.excluded,
+            confident_parent=decision.parent,
+            vectors=scored.vectors,
+            title=meta.title or None,
+            product=meta.product,
+            image_sha=meta.image_sha,
+        ).to_bytes()
+
+    def _send_prediction(self, lane: _Lane, slot: int, item: _InFlight, key: bytes, value: bytes) -> None:
+        def delivered(error, _record):
+            if error is None:
+                lane.in_flight.pop(slot, None)
+                self.tracker.finished(item.key, item.offset)
+                self.board.count(self.index, "delivered")
+                self._free(lane, slot)
+            else:
+                self._prediction_failed(lane, slot, item, key, value, str(error))
+
+        lane.queue.sending(slot)
+        while True:
+            try:
+                self.producer.produce(self.settings.categorized_topic, key=key, value=value, on_delivery=delivered)
+                return
+            except BufferError:  # local queue full: serve callbacks, then try again
+                self.producer.poll(0.05)
+            except Exception as error:  # refused outright (a client setting): the same as a failed delivery
+                self._prediction_failed(lane, slot, item, key, value, f"{type(error).__name__}: {error}")
+                return
+
+    def _prediction_failed(self, lane: _Lane, slot: int, item: _InFlight, key: bytes, value: bytes, reason: str):
+        """Send a prediction the broker did not take again, up to ``_DELIVERY_RETRIES`` times; then
+        dead-letter its offer with the reason, so that the offset moves on and nothing is lost."""
+        if lane.queue.retries[slot] < _DELIVERY_RETRIES:
+            lane.queue.retries[slot] += 1
+            self._log_limited(
+                "delivery", logging.WARNING, "%s: prediction not delivered (%s); retrying", self.name, reason
+            )
+            self._send_prediction(lane, slot, item, key, value)
+            return
+        lane.in_flight.pop(slot, None)
+        self._dead_letter(
+            item.message, Rejection(f"prediction not delivered: {reason}", "DeliveryError"), stage="produce"
+        )
+        self._free(lane, slot)
 
     def _dead_letter(self, message: Message, rejection: Rejection, *, stage: str) -> None:
         """Send ``message`` to the dead-letter topic; its offset passes once the broker has it."""

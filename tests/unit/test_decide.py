@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from core.decision import ParentCategories, decide, softmax
+from core.decision import ParentCategories, decide, decide_batch, softmax
 from core.schemas import UNCERTAIN
 
 LABELS = ("A", "B", "C", "D")
@@ -211,3 +211,33 @@ def test_evaluation_scores_each_operating_point_with_its_own_parent_threshold():
     assert (high["parents"]["uncertain"], high["parents"]["offers"], high["parents"]["right"]) == (4, 3, 2)
     assert (high["filed"], high["filed_precision"]) == (4 / 5, 2 / 4)
     assert high["calibration"] == points[1]
+
+
+def test_the_batch_decision_equals_a_row_by_row_one_on_random_batches():
+    """decide_batch's array operations against the rule written out one offer at a time."""
+    rng = np.random.default_rng(3)
+    parents = ParentCategories.of(TREE)
+    for _ in range(20):
+        n = int(rng.integers(1, 40))
+        probs = softmax(rng.normal(scale=3.0, size=(n, len(TREE))))
+        mask = rng.random((n, len(TREE))) < 0.2
+        mask[0] = True  # a mask that would rule out everything is ignored
+        threshold, parent_threshold = float(rng.uniform(0.3, 0.95)), float(rng.uniform(0.3, 0.95))
+        batch = decide_batch(probs, mask, labels=TREE, threshold=threshold, parent_threshold=parent_threshold)
+        for row in range(n):
+            usable = not mask[row].all()
+            p = np.where(mask[row], 0.0, probs[row]) if usable else probs[row]
+            p = p / p.sum()
+            order = sorted(range(len(TREE)), key=lambda k: (-p[k], k))[:3]
+            # The three best probabilities, best first; among equal ones (a mask's zeros) any label.
+            np.testing.assert_allclose(batch.top_p[row], p[order])
+            np.testing.assert_allclose(p[batch.top[row]], p[order])
+            assert batch.top[row, 0] == order[0] and len(set(batch.top[row].tolist())) == 3
+            assert batch.excluded[row] == (mask[row].sum() if usable else 0)
+            certain = p[order[0]] >= threshold
+            assert batch.category[row] == (order[0] if certain else -1)
+            expected_parent, _ = parents.confident(p[None, :], parent_threshold)
+            assert batch.parent[row] == (-1 if certain else expected_parent[0])
+            decision = batch.decision(row, TREE)
+            assert decision.category == (TREE[order[0]] if certain else UNCERTAIN)
+            assert (decision.parent is None) == (batch.parent[row] < 0)

@@ -3,13 +3,26 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from core.feature_queue import CLAIMED, DONE, FAILED, FREE, READY, FeatureQueue, InputField, OfferMeta, QueueLayout
+from core.decision import decide_batch
+from core.feature_queue import (
+    CLAIMED,
+    FAILED,
+    FREE,
+    SCORED,
+    SENDING,
+    FeatureQueue,
+    InputField,
+    OfferMeta,
+    QueueLayout,
+)
 from core.features import input_fields
 
 FIELDS = input_fields(
     image_size=8, max_title_tokens=4, max_mall_tokens=2, max_title_grams=6, num_classes=5, lexical=True
 )
-LAYOUT = QueueLayout(workers=2, slots_per_worker=3, fields=FIELDS)
+VECTORS = (InputField("image", "float16", (4,)), InputField("text", "float16", (4,)))
+LAYOUT = QueueLayout(workers=2, slots_per_worker=3, fields=FIELDS, vectors=VECTORS)
+LABELS = ("Men > Shoes > Casual", "Men > Shoes > Sports", "Women > Flats", "Women > Heels", "Men > Watches")
 
 
 @pytest.fixture()
@@ -48,7 +61,7 @@ def test_slots_start_free_and_are_owned_per_worker(queue):
     assert list(LAYOUT.worker_slots(1)) == [3, 4, 5]
 
 
-def test_put_claim_complete_cycle_across_two_mappings(queue, tmp_path):
+def test_put_claim_score_cycle_across_two_mappings(queue, tmp_path):
     other = FeatureQueue.attach(queue.path)  # what a second process sees
     assert other.layout == LAYOUT
     keys = {"product": "ab" * 16, "image_sha": "0f" * 32, "title": "로시아 Women Black Flats ✓"}
@@ -57,10 +70,7 @@ def test_put_claim_complete_cycle_across_two_mappings(queue, tmp_path):
     ready = other.ready_slots(10)
     assert ready.tolist() == [4, 0]  # oldest first
     batch = other.claim(ready)
-    assert [offer.offer_id for offer in batch.offers] == ["o7", "오퍼-9"]
-    assert batch.offers[0] == meta("o7", **keys)
-    assert batch.offers[1].product is None and batch.offers[1].image_sha is None and batch.offers[1].title == ""
-    assert batch.offers[1] == meta("오퍼-9", partition=0, offset=2**40, image_status="too_large", produced_ms=None)
+    assert batch.preprocess_ms.tolist() == [2.25, 2.25] and len(batch) == 2
     inputs = batch.features.inputs
     assert set(inputs) == {field.name for field in FIELDS} and len(batch.features) == 2
     assert inputs["image"].shape == (2, 3, 8, 8) and inputs["image"][0, 0, 0, 0] == 7
@@ -70,18 +80,48 @@ def test_put_claim_complete_cycle_across_two_mappings(queue, tmp_path):
     np.testing.assert_allclose(batch.features.lexical[1], [-9, -4.5, 0, 4.5, 9])
     assert batch.features.exclusion[0].tolist() == [False, False, True, False, False]
     assert (queue.state[[4, 0]] == CLAIMED).all()
-    other.complete(4)
+    # The inference side writes the batch's decisions and vectors back; the owner reads them.
+    probabilities = np.array([[0.05, 0.9, 0.02, 0.02, 0.01], [0.3, 0.3, 0.2, 0.1, 0.1]])
+    decisions = decide_batch(
+        probabilities, batch.features.exclusion, labels=LABELS, threshold=0.8, parent_threshold=0.55
+    )
+    vectors = {"image": np.full((2, 4), 0.5), "text": np.arange(8).reshape(2, 4) / 8}
+    other.score(ready, decisions, vectors, inference_ms=3.5)
+    assert (queue.state[[4, 0]] == SCORED).all()
+    first, second = queue.scored(4, LABELS), queue.scored(0, LABELS)
+    assert first.meta == meta("o7", **keys) and second.meta.offer_id == "오퍼-9" and second.meta.title == ""
+    assert (first.decision.category, first.decision.parent) == ("Men > Shoes > Sports", None)
+    assert [name for name, _ in first.decision.top3] == [
+        "Men > Shoes > Sports",
+        "Men > Shoes > Casual",
+        "Women > Heels",  # label 7 % 5 = 2, Women > Flats, is ruled out
+    ]
+    # Label 9 % 5 = 4 ruled out: Men > Shoes holds 0.6 of the remaining 0.9.
+    assert second.decision.category == "uncertain" and second.decision.excluded == 1
+    assert second.decision.parent[0] == "Men > Shoes" and second.decision.parent[1] == pytest.approx(2 / 3)
+    assert first.vectors["image"].dtype == np.float16 and first.vectors["text"].tolist() == [0, 0.125, 0.25, 0.375]
+    assert (first.inference_ms, first.batch_size) == (3.5, 2) and first.queue_wait_ms >= 0
+    queue.sending(4)
     other.fail(0, "inference failed: boom")
-    assert queue.state[4] == DONE and queue.state[0] == FAILED
+    assert queue.state[4] == SENDING and queue.state[0] == FAILED
     assert queue.error_of(0) == "inference failed: boom"
     other.close()
     assert queue.path.exists()  # only the creator removes the file
 
 
-def test_retry_puts_slot_back_and_counts(queue):
-    queue.put(1, features(1), meta("o1"))
-    queue.claim(queue.ready_slots(1))
-    assert queue.retry(1) == 1 and queue.state[1] == READY
+def test_a_layout_without_vectors_reads_back_none(tmp_path):
+    queue = FeatureQueue.create(QueueLayout(workers=1, slots_per_worker=1, fields=FIELDS), directory=tmp_path)
+    try:
+        queue.put(0, features(1), meta("o1"))
+        batch = queue.claim(queue.ready_slots(1))
+        decisions = decide_batch(
+            np.eye(5)[[1]], batch.features.exclusion, labels=LABELS, threshold=0.5, parent_threshold=None
+        )
+        queue.score(batch.slots, decisions, {}, inference_ms=1.0)
+        scored = queue.scored(0, LABELS)
+        assert scored.vectors is None and scored.decision.category == LABELS[1]
+    finally:
+        queue.close()
 
 
 def test_an_offer_id_that_cannot_fit_leaves_the_slot_free(queue):
