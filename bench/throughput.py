@@ -1,16 +1,25 @@
-"""Throughput: a naive loop vs the catstream pipeline, same model, same offers, one run.
+"""Throughput: a naive loop, the catstream pipeline, the pipeline on a null model, and the model
+alone; same model, same offers, one run.
 
 (a) naive: one process consumes one offer, preprocesses it, runs PyTorch on a batch of one,
-    produces the prediction — the loop a team writes first;
+    produces the prediction: the loop a team writes first (the baseline);
 (b) pipeline: ``catstream run`` (preprocess process(es) → shared-memory queue → batched ONNX
-    Runtime inference).
+    Runtime inference → the workers produce the predictions);
+(c) null: the same node on a copy of the bundle whose graph costs next to nothing
+    (``bench/_null_model.py``): the ceiling of Kafka → preprocess → queue → batch → produce;
+(d) model: the ONNX session alone on the featurised offers at the pipeline's batch size: the
+    denominator of "the pipeline reaches N% of its model".
 
-Both read the same pre-published backlog from the embedded broker; offers/s is measured from
-the first to the last prediction. Prints a table and writes JSON to bench/results/.
+The node variants publish the offers once the node is ready; offers/s is measured from the first
+to the last prediction, and each role's CPU time (process CPU, librdkafka's threads included)
+from ready to the last prediction, per offer. From those the script extrapolates the null-model
+ceiling to a node of ``--cores`` cores (the formula is in bench/README.md). Prints a table and
+writes JSON to bench/results/.
 
     .venv/bin/python bench/throughput.py                      # 224 px model, 600 offers
     .venv/bin/python bench/throughput.py --image-size 128 --offers 1000
-    .venv/bin/python bench/throughput.py --model path/to/bundle --data offers.csv
+    .venv/bin/python bench/throughput.py --model path/to/bundle --data offers.csv --offers 3000
+    .venv/bin/python bench/throughput.py --model BUNDLE --variants null,model --preprocess-workers 2
 """
 
 from __future__ import annotations
@@ -31,7 +40,9 @@ from confluent_kafka import Consumer, Producer
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from _record import record  # noqa: E402  (bench/, the script's own folder)
+from _null_model import null_bundle  # noqa: E402  (bench/, the script's own folder)
+from _record import record  # noqa: E402
+from _stream import cpu_seconds, every_key, node_roles, process_tree, wait_ready  # noqa: E402
 
 from catstream.demo import start_node, stop_node  # noqa: E402
 from core.broker import EmbeddedBroker  # noqa: E402
@@ -44,8 +55,11 @@ from core.kafka import consumer_config, ensure_topics, producer_config, read_top
 from core.model import FusionModel  # noqa: E402
 from core.offer_files import offers_from_frame, read_offer_file  # noqa: E402
 from core.schemas import Offer, Prediction, parse_offer  # noqa: E402
+from core.scoring import OnnxClassifier  # noqa: E402
 from core.settings import Settings  # noqa: E402
 from producers.publish import publish_offers  # noqa: E402
+
+VARIANTS = ("naive", "pipeline", "null", "model")
 
 
 def fresh_settings(bootstrap: str) -> Settings:
@@ -115,16 +129,31 @@ def naive_loop(bundle: ModelBundle, settings: Settings, expected: int, threads: 
     return {"offers": done, "seconds": elapsed, "offers_per_second": (done - 1) / elapsed if elapsed else 0.0}
 
 
+def _role(name: str) -> str:
+    return "preprocess" if name.startswith("preprocess") else "inference" if name.startswith("inference") else name
+
+
+def _cpu_by_role(node_pid: int, log_path: Path) -> dict[str, float]:
+    """CPU seconds so far of the node's processes, summed by role (supervisor, inference, preprocess)."""
+    roles = node_roles(log_path) | {node_pid: "supervisor"}
+    totals: dict[str, float] = {}
+    for pid in process_tree(node_pid):
+        if pid in roles:
+            totals[_role(roles[pid])] = totals.get(_role(roles[pid]), 0.0) + cpu_seconds(pid)
+    return totals
+
+
 def pipeline(
     bundle_path: Path,
     settings: Settings,
-    expected: int,
+    offers: list[Offer],
     workers: int,
     log_path: Path,
     batch: int,
     wait_ms: float,
     threads: int,
 ) -> dict:
+    """``catstream run`` on ``bundle_path``: the offers are published once it is ready."""
     node = start_node(
         bundle_path,
         settings,
@@ -134,17 +163,27 @@ def pipeline(
         extra_args=("--max-batch-size", str(batch), "--max-wait-ms", str(wait_ms)),
     )
     try:
-        messages = read_topic(
-            settings,
-            settings.categorized_topic,
-            timeout_s=1800,
-            until=lambda ms: len({m.key() for m in ms}) >= expected,
-        )
+        wait_ready(log_path)
+        before = _cpu_by_role(node.pid, log_path)
+        ready_ms = time.time() * 1000.0
+        publish_offers(offers, settings, progress=False)
+        after: dict[str, float] = {}
+        last_key = every_key({offer.offer_id for offer in offers})
+
+        def until(messages) -> bool:
+            if last_key(messages):
+                after.update(_cpu_by_role(node.pid, log_path))  # at the last prediction: no idle time
+                return True
+            return False
+
+        messages = read_topic(settings, settings.categorized_topic, timeout_s=1800, until=until)
     finally:
         stop_node(node)
     stamps = sorted(m.timestamp()[1] for m in messages)
     seconds = (stamps[-1] - stamps[0]) / 1000.0
     predictions = [json.loads(m.value()) for m in messages]
+    handled = sum(1 for stamp in stamps if stamp >= ready_ms)
+    cpu_us = {role: 1e6 * (after.get(role, 0.0) - before.get(role, 0.0)) / max(1, handled) for role in after}
     return {
         "offers": len({p["offer_id"] for p in predictions}),
         "seconds": seconds,
@@ -154,8 +193,44 @@ def pipeline(
             stage: float(np.mean([p["timings_ms"][stage] for p in predictions]))
             for stage in ("preprocess", "queue_wait", "inference")
         },
+        "cpu_us_per_offer": cpu_us,
         "preprocess_workers": workers,
         "intra_op_threads": threads,
+    }
+
+
+def model_alone(bundle: ModelBundle, offers: list[Offer], batch: int, threads: int, rounds: int = 3) -> dict:
+    """Items/s of the served ONNX session alone (the graph the node runs) on the featurised offers,
+    in batches of ``batch``: the best of ``rounds`` passes."""
+    featurizer = Featurizer.from_bundle(bundle, image_policy=ImagePolicy.for_offer_files())
+    classifier = OnnxClassifier(bundle, intra_op_threads=threads, embeddings=True)
+    batches = [featurizer.batch(offers[start : start + batch]).inputs for start in range(0, len(offers), batch)]
+    classifier.score(batches[0])  # warm-up
+    best = 0.0
+    for _ in range(rounds):
+        started = time.perf_counter()
+        for inputs in batches:
+            classifier.score(inputs)
+        best = max(best, len(offers) / (time.perf_counter() - started))
+    return {"offers": len(offers), "offers_per_second": best, "batch_size": batch, "intra_op_threads": threads}
+
+
+def extrapolate(null: dict, cores: int) -> dict:
+    """The null-model ceiling of a node with ``cores`` cores, from the per-role CPU cost per offer:
+    one inference process is bounded by its own cost, the preprocess workers share the cores left
+    after it and the supervisor."""
+    cost = null["cpu_us_per_offer"]
+    inference_us, preprocess_us = cost.get("inference", 0.0), cost.get("preprocess", 0.0)
+    supervisor_cores = cost.get("supervisor", 0.0) * 1e-6 * 1.0  # core-seconds per offer
+    inference_bound = 1e6 / inference_us if inference_us else float("inf")
+    # offers/s r such that r * (preprocess + supervisor) = cores - 1 (one core runs inference)
+    preprocess_bound = (cores - 1) / ((preprocess_us * 1e-6) + supervisor_cores) if preprocess_us else float("inf")
+    return {
+        "cores": cores,
+        "inference_bound": inference_bound,
+        "preprocess_bound": preprocess_bound,
+        "offers_per_second": min(inference_bound, preprocess_bound),
+        "preprocess_cores_at_ceiling": min(inference_bound, preprocess_bound) * preprocess_us * 1e-6,
     }
 
 
@@ -175,8 +250,18 @@ def main() -> int:
         default=1,
         help="ONNX Runtime threads of the pipeline's inference process (default 1)",
     )
+    parser.add_argument(
+        "--variants",
+        default=",".join(VARIANTS),
+        help=f"comma-separated subset of {','.join(VARIANTS)} (default: all)",
+    )
+    parser.add_argument("--cores", type=int, default=16, help="node size the null-model ceiling is extrapolated to")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results", help="JSON output directory")
     args = parser.parse_args()
+    variants = [name.strip() for name in args.variants.split(",") if name.strip()]
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown:
+        parser.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
 
     work = Path(tempfile.mkdtemp(prefix="catstream-bench-"))
     if args.data is None:
@@ -198,28 +283,39 @@ def main() -> int:
     bundle = ModelBundle.load(args.model)
     offers = list(offers_from_frame(read_offer_file(args.data).head(args.offers)))
 
-    results = {}
+    results: dict[str, dict] = {}
+    if "model" in variants:
+        print(f"running the model alone on {len(offers)} offers ...", flush=True)
+        results["model"] = model_alone(bundle, offers, args.max_batch_size, args.intra_op_threads)
+    nodes = {"pipeline": args.model}
+    if "null" in variants:
+        nodes["null"] = null_bundle(args.model, work / "null-model", offers)
     with EmbeddedBroker(log_path=work / "broker.log") as broker:
         wait_for_broker(Settings(bootstrap_servers=broker.bootstrap_servers))
-        for name in ("naive", "pipeline"):
+        for name in [v for v in ("naive", "pipeline", "null") if v in variants]:
             settings = fresh_settings(broker.bootstrap_servers)
             ensure_topics(settings)
-            publish_offers(offers, settings, progress=False)  # a backlog: both run at full speed
             print(f"running {name} on {len(offers)} offers ...", flush=True)
             if name == "naive":
+                publish_offers(offers, settings, progress=False)  # a backlog: it runs at full speed
                 results[name] = naive_loop(bundle, settings, len(offers), args.threads)
             else:
                 results[name] = pipeline(
-                    args.model,
+                    nodes[name],
                     settings,
-                    len(offers),
+                    offers,
                     args.preprocess_workers,
-                    work / "node.log",
+                    work / f"node-{name}.log",
                     args.max_batch_size,
                     args.max_wait_ms,
                     args.intra_op_threads,
                 )
-    ratio = results["pipeline"]["offers_per_second"] / max(1e-9, results["naive"]["offers_per_second"])
+    ratios = {}
+    if "pipeline" in results and "naive" in results:
+        ratios["pipeline_over_naive"] = results["pipeline"]["offers_per_second"] / results["naive"]["offers_per_second"]
+    if "pipeline" in results and "model" in results:
+        ratios["pipeline_over_model"] = results["pipeline"]["offers_per_second"] / results["model"]["offers_per_second"]
+    ceiling = extrapolate(results["null"], args.cores) if "null" in results else None
     path = record(
         "throughput",
         {
@@ -231,15 +327,24 @@ def main() -> int:
             },
             "offers": len(offers),
             "results": results,
-            "speedup": ratio,
+            "ratios": ratios,
+            "null_ceiling": ceiling,
         },
         args.out,
     )
     print(f"\nmodel {bundle.config.model.image_size}px, {len(offers)} offers, {os.cpu_count()} CPUs")
-    print(f"{'variant':<10} {'offers/s':>10} {'seconds':>9}")
+    print(f"{'variant':<10} {'offers/s':>10}  CPU µs per offer (from ready to the last prediction)")
     for name, result in results.items():
-        print(f"{name:<10} {result['offers_per_second']:>10.1f} {result['seconds']:>9.1f}")
-    print(f"speed-up   {ratio:>10.1f}x   (JSON: {path})")
+        cost = ", ".join(f"{role} {us:,.0f}" for role, us in sorted(result.get("cpu_us_per_offer", {}).items()))
+        print(f"{name:<10} {result['offers_per_second']:>10.1f}  {cost}")
+    for name, value in ratios.items():
+        print(f"{name.replace('_', ' ')}: {value:.2f}x")
+    if ceiling:
+        print(
+            f"null-model ceiling on {ceiling['cores']} cores: {ceiling['offers_per_second']:,.0f} offers/s "
+            f"(inference bound {ceiling['inference_bound']:,.0f}, preprocess bound {ceiling['preprocess_bound']:,.0f})"
+        )
+    print(f"JSON: {path}")
     return 0
 
 

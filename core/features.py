@@ -186,12 +186,22 @@ class Featurizer:
         pixels, has_image, status, _ = self._image(offer, base_dir=base_dir)
         return pixels, has_image, status
 
-    def _image(self, offer: Offer, *, base_dir: Path | None) -> tuple[np.ndarray, bool, str, str | None]:
-        """:meth:`image` and the SHA-256 of the image bytes (None when none could be read)."""
+    def _image(
+        self, offer: Offer, *, base_dir: Path | None, fetched: bytes | ImageUnavailableError | None = None
+    ) -> tuple[np.ndarray, bool, str, str | None]:
+        """:meth:`image` and the SHA-256 of the image bytes (None when none could be read);
+        ``fetched``: the bytes of the offer's image URL, or why there are none, when they were
+        fetched already (``core.image_fetcher``)."""
         sha = None
         try:
-            data = image_bytes(
-                image_url=offer.image_url, image_b64=offer.image_b64, policy=self.image_policy, base_dir=base_dir
+            if isinstance(fetched, ImageUnavailableError):
+                raise fetched
+            data = (
+                fetched
+                if fetched is not None
+                else image_bytes(
+                    image_url=offer.image_url, image_b64=offer.image_b64, policy=self.image_policy, base_dir=base_dir
+                )
             )
             sha = hashlib.sha256(data).hexdigest()
             return decode_image(data, self.image_size, policy=self.image_policy), True, IMAGE_USED, sha
@@ -199,10 +209,13 @@ class Featurizer:
             blank = np.zeros((3, self.image_size, self.image_size), dtype=np.uint8)
             return blank, False, error.status, sha
 
-    def featurize(self, offer: Offer, *, base_dir: Path | None = None) -> OfferFeatures:
+    def featurize(
+        self, offer: Offer, *, base_dir: Path | None = None, fetched: bytes | ImageUnavailableError | None = None
+    ) -> OfferFeatures:
         """Every input of ``offer`` (:func:`input_fields`); an image that cannot be used leaves a blank
-        one, ``has_image`` False and the reason in ``image_status``."""
-        image, has_image, status, sha = self._image(offer, base_dir=base_dir)
+        one, ``has_image`` False and the reason in ``image_status``. ``fetched``: the image URL's
+        bytes or why there are none, when a worker fetched them ahead (else the image is read here)."""
+        image, has_image, status, sha = self._image(offer, base_dir=base_dir, fetched=fetched)
         mall_weight = self.shop_weights(offer.mall_id)
         return OfferFeatures(
             image=image,

@@ -141,6 +141,15 @@ class Settings(BaseSettings):
         3.0, gt=0, description="Deadline of one image fetch as a whole: DNS, connect, TLS, headers and body."
     )
     image_max_redirects: int = Field(3, ge=0, description="Redirects an image fetch follows (to http(s) only).")
+    image_fetch_threads: int = Field(
+        16,
+        ge=1,
+        description="Image URLs a preprocess worker fetches at once, while it goes on consuming "
+        "(bounded by its slots too).",
+    )
+    image_fetch_per_host: int = Field(
+        4, ge=1, description="Of those, at most this many to one host: a slow host holds up only its own offers."
+    )
     image_allowed_hosts: list[str] = Field(
         default_factory=list,
         description='Image hosts fetched, as a JSON list: "cdn.example.com" or '
@@ -164,7 +173,8 @@ class Settings(BaseSettings):
         30.0,
         gt=0,
         description="A preprocess worker on one offer longer than this is killed and restarted; an "
-        "offer that wedges a worker twice is dead-lettered with reason 'stuck'. Keep it above image_timeout_s.",
+        "offer that wedges a worker twice is dead-lettered with reason 'stuck'. Image fetches run beside "
+        "the worker's loop and do not count.",
     )
     model_poll_s: float = Field(
         30.0,

@@ -30,7 +30,8 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Produ
 from core.bundle import ModelBundle
 from core.feature_queue import FAILED, FREE, SCORED, SENDING, FeatureQueue, OfferMeta, ScoredOffer
 from core.features import Featurizer, OfferFeatures
-from core.images import IMAGE_USED
+from core.image_fetcher import ImageFetcher, is_remote
+from core.images import IMAGE_USED, ImageUnavailableError
 from core.kafka import consumer_config, producer_config
 from core.node_board import NodeBoard, Serving, supervisor_pid
 from core.schemas import Offer, Prediction, Rejection, dead_letter, parse_offer
@@ -61,6 +62,15 @@ class _PendingDeadLetter:
 
     def smaller(self) -> _PendingDeadLetter:
         return dataclasses.replace(self, max_bytes=max(_SMALLEST_DEAD_LETTER, self.max_bytes // 2))
+
+
+@dataclass(slots=True)
+class _Fetching:
+    """An offer whose image URL is being fetched: featurised once the bytes are back."""
+
+    message: Message
+    offer: Offer
+    started: float  # perf_counter when the worker took it
 
 
 @dataclass(slots=True)
@@ -105,6 +115,11 @@ class PreprocessWorker:
         self.retiring: list[_Lane] = []  # earlier generations' lanes, until their offers are done
         self._loading: tuple[Serving, concurrent.futures.Future] | None = None
         self._loader = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-load")
+        self.fetcher = ImageFetcher(
+            settings.image_policy(), threads=settings.image_fetch_threads, per_host=settings.image_fetch_per_host
+        )
+        self.fetching: dict[tuple[str, int, int], _Fetching] = {}  # (topic, partition, offset) -> offer
+        self.fetched: deque[tuple[_Fetching, bytes | ImageUnavailableError]] = deque()  # waiting for a slot
         self.backlog: deque[Message] = deque()
         self.backlog_bytes = 0
         self.gate = BufferGate(settings.max_buffered_messages, settings.max_buffered_bytes)
@@ -131,7 +146,14 @@ class PreprocessWorker:
 
     @property
     def in_flight(self) -> int:
-        return len(self.lane.in_flight) + sum(len(lane.in_flight) for lane in self.retiring)
+        """Offers taken and not yet finished: fetching their image, waiting for a slot, or in a slot."""
+        in_slots = len(self.lane.in_flight) + sum(len(lane.in_flight) for lane in self.retiring)
+        return in_slots + len(self.fetching) + len(self.fetched)
+
+    def _room(self) -> bool:
+        """Whether another offer may be taken now: each offer fetching its image or waiting for a
+        slot will need one of the free slots."""
+        return len(self.lane.free_slots) > len(self.fetching) + len(self.fetched)
 
     # --- rebalance -------------------------------------------------------------------------------
 
@@ -173,6 +195,7 @@ class PreprocessWorker:
                 self.board.set_worker_stat(self.index, "heartbeat_ns", time.time_ns())
                 self._follow_generation()
                 self._reap()
+                self._place_fetched()
                 self._retry_dead_letters()
                 self._place_backlog()
                 self._apply_backpressure()
@@ -266,14 +289,14 @@ class PreprocessWorker:
             return
         self.tracker.started((message.topic(), message.partition()), message.offset())
         self.board.count(self.index, "consumed")
-        if self.lane.free_slots and not self.backlog:
+        if self._room() and not self.backlog:
             self._process(message)
         else:
             self.backlog.append(message)
             self.backlog_bytes += len(message.value() or b"")
 
     def _place_backlog(self) -> None:
-        while self.backlog and self.lane.free_slots:
+        while self.backlog and self._room():
             message = self.backlog.popleft()
             self.backlog_bytes -= len(message.value() or b"")
             self._process(message)
@@ -317,10 +340,35 @@ class PreprocessWorker:
         if isinstance(parsed, Rejection):
             self._dead_letter(message, parsed, stage="parse")
             return
+        if is_remote(parsed.image_url) and not parsed.image_b64:
+            # The fetch runs beside the loop; the offer is featurised when its bytes are back.
+            key = (message.topic(), message.partition(), message.offset())
+            self.fetching[key] = _Fetching(message, parsed, started)
+            self.fetcher.submit(key, str(parsed.image_url))
+            return
+        self._enqueue(message, parsed, started, fetched=None)
+
+    def _place_fetched(self) -> None:
+        """Featurise and enqueue the offers whose images came back, while slots are free."""
+        for key, result in self.fetcher.completed():
+            item = self.fetching.pop(key, None)
+            if item is not None:
+                self.fetched.append((item, result))
+        while self.fetched and self.lane.free_slots:
+            item, result = self.fetched.popleft()
+            self.board.busy(self.index, item.message.partition(), item.message.offset())
+            try:
+                self._enqueue(item.message, item.offer, item.started, fetched=result)
+            finally:
+                self.board.idle(self.index)
+
+    def _enqueue(
+        self, message: Message, parsed: Offer, started: float, *, fetched: bytes | ImageUnavailableError | None
+    ) -> None:
         lane = self.lane
         slot = lane.free_slots.popleft()
         try:
-            features = lane.featurizer.featurize(parsed)
+            features = lane.featurizer.featurize(parsed, fetched=fetched)
             lane.queue.put(slot, features, self._meta(parsed, message, features, started))
         except Exception as error:  # a bug or a pathological input: this offer fails, the worker goes on
             lane.free_slots.appendleft(slot)
@@ -579,6 +627,7 @@ class PreprocessWorker:
         self._drop_backlog()  # consumed but never started: uncommitted, so redelivered later
         while self.in_flight and time.monotonic() < deadline:
             self._reap()
+            self._place_fetched()
             self.producer.poll(0.01)
         self.producer.flush(max(0.1, deadline - time.monotonic()))
         self._reap()
@@ -587,6 +636,7 @@ class PreprocessWorker:
             log.warning("%s: %d offers still in flight at exit; they will be redelivered", self.name, self.in_flight)
         for lane in (self.lane, *self.retiring):
             lane.queue.close()
+        self.fetcher.close()
 
 
 def run_preprocess_worker(index: int, settings: Settings, board_path: str, log_level: str) -> None:

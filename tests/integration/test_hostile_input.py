@@ -4,8 +4,10 @@ hosts, or hold it past its deadlines; every image failure still ends as a predic
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
+import io
 import json
 import re
 import socket
@@ -14,6 +16,7 @@ import time
 
 import pytest
 from confluent_kafka import Producer
+from PIL import Image
 
 from core.kafka import producer_config, read_topic
 from core.schemas import Offer
@@ -167,31 +170,21 @@ def test_an_image_host_that_hangs_or_drips_holds_an_offer_no_longer_than_the_dea
 
 
 def test_an_offer_that_wedges_a_worker_twice_is_dead_lettered_as_stuck(stream_settings, start_node):
-    """An image host that keeps a fetch going longer than the supervisor's bound (the operator set the
-    image deadline above it): the worker is killed and restarted, the offer comes back, wedges the
-    next worker, and the third reads it as stuck instead of trying it again."""
-
-    def drip(connection):
-        connection.recv(65536)
-        with contextlib.suppress(OSError):
-            for byte in b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n" + b"x" * 1000:
-                connection.sendall(bytes([byte]))
-                time.sleep(0.5)
-
-    host = Listener(drip)
-    env = {
-        "CATSTREAM_IMAGE_ALLOW_PRIVATE_HOSTS": "true",
-        "CATSTREAM_IMAGE_TIMEOUT_S": "600",
-        "CATSTREAM_WORKER_STUCK_S": "2",
-    }
+    """An image that takes longer to decode than the supervisor's bound (the operator raised the
+    pixel limit to 200 Mpx: a 12,000 x 12,000 PNG decodes in about 3 s here): the worker is killed
+    and restarted, the offer comes back, wedges the next worker, and the third reads it as stuck
+    instead of trying it again."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (12_000, 12_000), (200, 30, 30)).save(buffer, format="PNG")
+    env = {"CATSTREAM_MAX_IMAGE_FULL_DECODE_PIXELS": "200000000", "CATSTREAM_WORKER_STUCK_S": "1"}
     node = start_node(workers=1, env=env)
     good = [offer(f"good-{i}") for i in range(10)]
-    publish(stream_settings, [offer("wedge", image_url=f"http://127.0.0.1:{host.port}/slow.png"), *good])
+    huge = base64.b64encode(buffer.getvalue()).decode()
+    publish(stream_settings, [offer("wedge", image_b64=huge), *good])
     predictions = read_predictions(stream_settings, {key.decode() for key, _ in good}, timeout_s=180)
     dead = read_topic(stream_settings, stream_settings.dead_letter_topic, until=lambda ms: len(ms) >= 1, timeout_s=120)
     time.sleep(1.5)
     assert node.stop() == 0
-    host.close()
     assert {p["offer_id"] for p in predictions} >= {key.decode() for key, _ in good}
     assert "wedge" not in {p["offer_id"] for p in predictions}
     (letter,) = dead
@@ -250,3 +243,47 @@ def test_a_lost_broker_turns_readiness_off_and_ends_the_node_non_zero(bundle, ma
     # librdkafka tries to reconnect many times a second; the log says so a few times, not hundreds
     kafka_lines = [line for line in log.splitlines()[lines_before:] if "[rdkafka#" in line or " Kafka _" in line]
     assert 0 < len(kafka_lines) < 60, len(kafka_lines)
+
+
+def test_a_slow_image_host_holds_up_only_its_own_offers(stream_settings, start_node):
+    """Offers whose images come from a host that answers after 3 s, then offers from elsewhere: the
+    others are categorised while the slow host's fetches are still running, and the slow host's
+    offers get their images."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (40, 40), (10, 200, 30)).save(buffer, format="PNG")
+    body = buffer.getvalue()
+
+    def slow(connection):
+        connection.recv(65536)
+        time.sleep(3.0)
+        with contextlib.suppress(OSError):
+            connection.sendall(f"HTTP/1.1 200 OK\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+        connection.close()
+
+    host = Listener(slow)
+    env = {"CATSTREAM_IMAGE_ALLOW_PRIVATE_HOSTS": "true", "CATSTREAM_IMAGE_TIMEOUT_S": "10"}
+    node = start_node(workers=1, env=env)
+    slow_offers = [offer(f"slow-{i}", image_url=f"http://127.0.0.1:{host.port}/{i}.png") for i in range(6)]
+    others = [offer(f"other-{i}") for i in range(20)]
+    publish(stream_settings, [*slow_offers, *others])
+    wanted = {key.decode() for key, _ in slow_offers + others}
+    messages = read_topic(
+        stream_settings,
+        stream_settings.categorized_topic,
+        timeout_s=120,
+        until=lambda ms: wanted <= {m.key().decode() for m in ms},
+    )
+    node.stop()
+    host.close()
+    first, produced_ms = {}, {}
+    for message in messages:
+        offer_id = message.key().decode()
+        first.setdefault(offer_id, json.loads(message.value()))
+        produced_ms.setdefault(offer_id, message.timestamp()[1])
+    assert set(first) == wanted
+    assert all(first[f"slow-{i}"]["image_status"] == "used" for i in range(6))
+    assert all(first[f"slow-{i}"]["timings_ms"]["preprocess"] >= 2900 for i in range(6))
+    # Every other offer was answered while the slow host's fetches were still running: taken
+    # after them, answered at least 2 s before the first of them.
+    slowest_other = max(produced_ms[f"other-{i}"] for i in range(20))
+    assert slowest_other < min(produced_ms[f"slow-{i}"] for i in range(6)) - 2000

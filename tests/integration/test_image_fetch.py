@@ -13,6 +13,7 @@ from collections.abc import Callable
 import pytest
 from PIL import Image
 
+from core.image_fetcher import ImageFetcher, is_remote
 from core.images import ImagePolicy, ImageUnavailableError, load_image
 
 pytestmark = pytest.mark.integration
@@ -188,3 +189,48 @@ def test_an_error_status_or_an_oversized_body_is_not_read(serve):
     big = serve(lambda c: c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 99999999\r\n\r\n"))
     status, seconds = fetch(f"{big.url}/x", ImagePolicy(allow_private=True, max_bytes=1000))
     assert status == "too_large" and seconds < 1.0
+
+
+def test_a_slow_host_holds_up_only_its_own_fetches_and_never_more_than_its_share(serve):
+    """The worker's concurrent fetcher: eight fetches to a host that answers after 0.8 s, then
+    eight to a fast one. The fast ones are all back while the slow host still works through its
+    line, at most two at a time; every fetch gives the image's bytes or a status."""
+    image = png()
+    running, most = 0, 0
+    lock = threading.Lock()
+
+    def slow(connection: socket.socket) -> None:
+        nonlocal running, most
+        with lock:
+            running += 1
+            most = max(most, running)
+        time.sleep(0.8)
+        with lock:
+            running -= 1
+        connection.sendall(http_response(image))
+
+    slow_host, fast_host = serve(slow), serve(lambda c: c.sendall(http_response(image)))
+    fetcher = ImageFetcher(LOOPBACK, threads=4, per_host=2)
+    started = time.monotonic()
+    for n in range(8):
+        fetcher.submit(("slow", n), f"{slow_host.url}/{n}.png")
+    for n in range(8):
+        fetcher.submit(("fast", n), f"{fast_host.url}/{n}.png")
+    fetcher.submit(("refused", 0), "ftp://127.0.0.1/x.png")
+    done: dict[tuple[str, int], tuple[object, float]] = {}
+    while len(done) < 17 and time.monotonic() - started < 10:
+        for key, result in fetcher.completed():
+            done[key] = (result, time.monotonic() - started)
+        time.sleep(0.01)
+    fetcher.close()
+    assert len(done) == 17 and fetcher.pending == 0
+    assert all(done[("fast", n)][0] == image for n in range(8)) and all(done[("slow", n)][0] == image for n in range(8))
+    assert max(done[("fast", n)][1] for n in range(8)) < 0.6  # before the first slow answer
+    slowest = max(done[("slow", n)][1] for n in range(8))
+    assert 3.0 < slowest < 6.0  # four rounds of 0.8 s, two at a time
+    assert most == 2 and slow_host.connections == 8
+    assert (
+        isinstance(done[("refused", 0)][0], ImageUnavailableError)
+        and done[("refused", 0)][0].status == "unsupported_url"
+    )
+    assert not is_remote("/etc/passwd") and not is_remote(None) and is_remote("HTTPS://cdn.example.com/a.jpg")
