@@ -20,15 +20,26 @@ writes JSON to bench/results/.
     .venv/bin/python bench/throughput.py --image-size 128 --offers 1000
     .venv/bin/python bench/throughput.py --model path/to/bundle --data offers.csv --offers 3000
     .venv/bin/python bench/throughput.py --model BUNDLE --variants null,model --preprocess-workers 2
+    .venv/bin/python bench/throughput.py --model BUNDLE --data offers.csv --images http  # 30 ms image host
+
+``--images``: ``files`` (the offer file's own images, inlined into the messages as ``catstream
+produce`` does), ``large`` (each re-encoded as a 600 x 800 JPEG, inlined), or ``http`` (served by
+a local HTTP server on 127.0.0.1 that answers each request after ``--http-delay-ms``, 30 ms; the
+messages carry the URLs and the node fetches them).
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
+import dataclasses
+import http.server
+import io
 import json
 import os
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -36,6 +47,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from confluent_kafka import Consumer, Producer
+from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -60,6 +72,8 @@ from core.settings import Settings  # noqa: E402
 from producers.publish import publish_offers  # noqa: E402
 
 VARIANTS = ("naive", "pipeline", "null", "model")
+IMAGE_KINDS = ("files", "large", "http")
+_IDLE_S = 3.0
 
 
 def fresh_settings(bootstrap: str) -> Settings:
@@ -129,6 +143,63 @@ def naive_loop(bundle: ModelBundle, settings: Settings, expected: int, threads: 
     return {"offers": done, "seconds": elapsed, "offers_per_second": (done - 1) / elapsed if elapsed else 0.0}
 
 
+def large_jpeg(path: str) -> str:
+    """The image at ``path`` as a 600 x 800 JPEG (quality 85), base64: a marketplace photo's size."""
+    with Image.open(path) as image:
+        buffer = io.BytesIO()
+        image.convert("RGB").resize((600, 800), Image.Resampling.BILINEAR).save(buffer, format="JPEG", quality=85)
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+class SlowImageHost:
+    """Serves image files on 127.0.0.1, each answer after ``delay_s``: a remote image host."""
+
+    def __init__(self, files: list[str], delay_s: float):
+        bodies = {f"/{n}.jpg": Path(file).read_bytes() for n, file in enumerate(files) if Path(file).is_file()}
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self):
+                time.sleep(delay_s)
+                body = bodies.get(self.path)
+                if body is None:
+                    self.send_error(404)
+                    return
+                self.send_response(200)
+                self.send_header("Content-Type", "image/jpeg")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *_):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.base = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def close(self) -> None:
+        self.server.shutdown()
+
+
+def with_images(offers: list[Offer], kind: str, host: SlowImageHost | None) -> list[Offer]:
+    """The offers with their images as ``kind`` says (see the module's doc)."""
+    if kind == "files":
+        return offers
+    changed = []
+    for number, offer in enumerate(offers):
+        if not offer.image_url:
+            changed.append(offer)
+        elif kind == "large":
+            changed.append(dataclasses.replace(offer, image_url=None, image_b64=large_jpeg(offer.image_url)))
+        else:
+            assert host is not None
+            changed.append(dataclasses.replace(offer, image_url=f"{host.base}/{number}.jpg"))
+    return changed
+
+
 def _role(name: str) -> str:
     return "preprocess" if name.startswith("preprocess") else "inference" if name.startswith("inference") else name
 
@@ -152,6 +223,7 @@ def pipeline(
     batch: int,
     wait_ms: float,
     threads: int,
+    env: dict[str, str] | None = None,
 ) -> dict:
     """``catstream run`` on ``bundle_path``: the offers are published once it is ready."""
     node = start_node(
@@ -159,12 +231,12 @@ def pipeline(
         settings,
         log_path=log_path,
         workers=workers,
-        extra_env={"CATSTREAM_INTRA_OP_THREADS": str(threads)},
+        extra_env={"CATSTREAM_INTRA_OP_THREADS": str(threads), **(env or {})},
         extra_args=("--max-batch-size", str(batch), "--max-wait-ms", str(wait_ms)),
     )
     try:
         wait_ready(log_path)
-        before = _cpu_by_role(node.pid, log_path)
+        before, ready_at = _cpu_by_role(node.pid, log_path), time.monotonic()
         ready_ms = time.time() * 1000.0
         publish_offers(offers, settings, progress=False)
         after: dict[str, float] = {}
@@ -172,18 +244,28 @@ def pipeline(
 
         def until(messages) -> bool:
             if last_key(messages):
-                after.update(_cpu_by_role(node.pid, log_path))  # at the last prediction: no idle time
+                after.update(_cpu_by_role(node.pid, log_path))  # at the last prediction
+                after["_at"] = time.monotonic()
                 return True
             return False
 
         messages = read_topic(settings, settings.categorized_topic, timeout_s=1800, until=until)
+        # What each role spends with nothing to do (polling loops, librdkafka's threads), per second:
+        # subtracted, so that the per-offer cost is what an offer adds.
+        time.sleep(_IDLE_S)
+        idle = {
+            role: (seconds - after.get(role, 0.0)) / _IDLE_S
+            for role, seconds in _cpu_by_role(node.pid, log_path).items()
+        }
     finally:
         stop_node(node)
+    busy_s = after.pop("_at") - ready_at
     stamps = sorted(m.timestamp()[1] for m in messages)
     seconds = (stamps[-1] - stamps[0]) / 1000.0
     predictions = [json.loads(m.value()) for m in messages]
     handled = sum(1 for stamp in stamps if stamp >= ready_ms)
-    cpu_us = {role: 1e6 * (after.get(role, 0.0) - before.get(role, 0.0)) / max(1, handled) for role in after}
+    spent = {role: after[role] - before.get(role, 0.0) for role in after}
+    cpu_us = {role: 1e6 * max(0.0, spent[role] - idle.get(role, 0.0) * busy_s) / max(1, handled) for role in spent}
     return {
         "offers": len({p["offer_id"] for p in predictions}),
         "seconds": seconds,
@@ -194,6 +276,8 @@ def pipeline(
             for stage in ("preprocess", "queue_wait", "inference")
         },
         "cpu_us_per_offer": cpu_us,
+        "cpu_us_per_offer_with_idle": {role: 1e6 * spent[role] / max(1, handled) for role in spent},
+        "idle_cores": idle,
         "preprocess_workers": workers,
         "intra_op_threads": threads,
     }
@@ -216,21 +300,27 @@ def model_alone(bundle: ModelBundle, offers: list[Offer], batch: int, threads: i
 
 
 def extrapolate(null: dict, cores: int) -> dict:
-    """The null-model ceiling of a node with ``cores`` cores, from the per-role CPU cost per offer:
-    one inference process is bounded by its own cost, the preprocess workers share the cores left
-    after it and the supervisor."""
-    cost = null["cpu_us_per_offer"]
+    """The null-model ceiling of a node with ``cores`` cores, from each role's CPU per offer (idle
+    cost subtracted) and idle cores: the one inference process is bounded by its own cost per
+    offer on its one core; the preprocess workers share the cores left after it, the supervisor
+    and what the roles spend idle."""
+    cost, idle = null["cpu_us_per_offer"], null["idle_cores"]
     inference_us, preprocess_us = cost.get("inference", 0.0), cost.get("preprocess", 0.0)
-    supervisor_cores = cost.get("supervisor", 0.0) * 1e-6 * 1.0  # core-seconds per offer
-    inference_bound = 1e6 / inference_us if inference_us else float("inf")
-    # offers/s r such that r * (preprocess + supervisor) = cores - 1 (one core runs inference)
-    preprocess_bound = (cores - 1) / ((preprocess_us * 1e-6) + supervisor_cores) if preprocess_us else float("inf")
+    supervisor_us = cost.get("supervisor", 0.0)
+    inference_bound = (1.0 - idle.get("inference", 0.0)) * 1e6 / inference_us if inference_us else float("inf")
+    # Preprocess idle cost scales with the worker count: one worker's, times the cores they get.
+    spare = cores - 1 - idle.get("supervisor", 0.0)
+    per_worker_idle = idle.get("preprocess", 0.0) / max(1, null["preprocess_workers"])
+    preprocess_bound = (
+        spare * (1.0 - per_worker_idle) * 1e6 / (preprocess_us + supervisor_us) if preprocess_us else float("inf")
+    )
+    ceiling = min(inference_bound, preprocess_bound)
     return {
         "cores": cores,
         "inference_bound": inference_bound,
         "preprocess_bound": preprocess_bound,
-        "offers_per_second": min(inference_bound, preprocess_bound),
-        "preprocess_cores_at_ceiling": min(inference_bound, preprocess_bound) * preprocess_us * 1e-6,
+        "offers_per_second": ceiling,
+        "preprocess_cores_at_ceiling": ceiling * (preprocess_us + supervisor_us) * 1e-6,
     }
 
 
@@ -255,6 +345,8 @@ def main() -> int:
         default=",".join(VARIANTS),
         help=f"comma-separated subset of {','.join(VARIANTS)} (default: all)",
     )
+    parser.add_argument("--images", choices=IMAGE_KINDS, default="files", help="how the images travel (default files)")
+    parser.add_argument("--http-delay-ms", type=float, default=30.0, help="the image host's answer delay (default 30)")
     parser.add_argument("--cores", type=int, default=16, help="node size the null-model ceiling is extrapolated to")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results", help="JSON output directory")
     args = parser.parse_args()
@@ -282,6 +374,11 @@ def main() -> int:
         )
     bundle = ModelBundle.load(args.model)
     offers = list(offers_from_frame(read_offer_file(args.data).head(args.offers)))
+    host = None
+    if args.images == "http":
+        host = SlowImageHost([offer.image_url or "" for offer in offers], args.http_delay_ms / 1000.0)
+    node_env = {"CATSTREAM_IMAGE_ALLOW_PRIVATE_HOSTS": "true"} if host else {}
+    offers = with_images(offers, args.images, host)
 
     results: dict[str, dict] = {}
     if "model" in variants:
@@ -309,6 +406,7 @@ def main() -> int:
                     args.max_batch_size,
                     args.max_wait_ms,
                     args.intra_op_threads,
+                    node_env,
                 )
     ratios = {}
     if "pipeline" in results and "naive" in results:
@@ -326,13 +424,17 @@ def main() -> int:
                 "classes": len(bundle.labels),
             },
             "offers": len(offers),
+            "images": args.images if args.images != "http" else f"http, {args.http_delay_ms:g} ms",
             "results": results,
             "ratios": ratios,
             "null_ceiling": ceiling,
         },
         args.out,
     )
-    print(f"\nmodel {bundle.config.model.image_size}px, {len(offers)} offers, {os.cpu_count()} CPUs")
+    if host:
+        host.close()
+    size = bundle.config.model.image_size
+    print(f"\nmodel {size}px, {len(offers)} offers, images: {args.images}, {os.cpu_count()} CPUs")
     print(f"{'variant':<10} {'offers/s':>10}  CPU µs per offer (from ready to the last prediction)")
     for name, result in results.items():
         cost = ", ".join(f"{role} {us:,.0f}" for role, us in sorted(result.get("cpu_us_per_offer", {}).items()))

@@ -36,7 +36,7 @@ def is_remote(url: str | None) -> bool:
 class ImageFetcher:
     """Fetches by key: :meth:`submit` never blocks, :meth:`completed` hands back what finished."""
 
-    def __init__(self, policy: ImagePolicy, *, threads: int = 16, per_host: int = 4):
+    def __init__(self, policy: ImagePolicy, *, threads: int = 64, per_host: int = 32):
         if threads < 1 or per_host < 1:
             raise ValueError(f"threads and per_host must be at least 1, got {threads} and {per_host}")
         self.policy = policy
