@@ -41,6 +41,8 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.parse
+import urllib.request
 import uuid
 from pathlib import Path
 
@@ -143,7 +145,13 @@ def naive_loop(bundle: ModelBundle, settings: Settings, expected: int, threads: 
     return {"offers": done, "seconds": elapsed, "offers_per_second": (done - 1) / elapsed if elapsed else 0.0}
 
 
-def large_jpeg(path: str) -> str:
+def local_path(url: str) -> Path:
+    """The file an offer file's image URL names (a path or a ``file://`` URL)."""
+    parts = urllib.parse.urlsplit(url)
+    return Path(urllib.request.url2pathname(parts.path)) if parts.scheme == "file" else Path(url)
+
+
+def large_jpeg(path: Path) -> str:
     """The image at ``path`` as a 600 x 800 JPEG (quality 85), base64: a marketplace photo's size."""
     with Image.open(path) as image:
         buffer = io.BytesIO()
@@ -154,8 +162,8 @@ def large_jpeg(path: str) -> str:
 class SlowImageHost:
     """Serves image files on 127.0.0.1, each answer after ``delay_s``: a remote image host."""
 
-    def __init__(self, files: list[str], delay_s: float):
-        bodies = {f"/{n}.jpg": Path(file).read_bytes() for n, file in enumerate(files) if Path(file).is_file()}
+    def __init__(self, files: list[Path], delay_s: float):
+        bodies = {f"/{n}.jpg": file.read_bytes() for n, file in enumerate(files) if file.is_file()}
 
         class Handler(http.server.BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
@@ -193,7 +201,9 @@ def with_images(offers: list[Offer], kind: str, host: SlowImageHost | None) -> l
         if not offer.image_url:
             changed.append(offer)
         elif kind == "large":
-            changed.append(dataclasses.replace(offer, image_url=None, image_b64=large_jpeg(offer.image_url)))
+            changed.append(
+                dataclasses.replace(offer, image_url=None, image_b64=large_jpeg(local_path(offer.image_url)))
+            )
         else:
             assert host is not None
             changed.append(dataclasses.replace(offer, image_url=f"{host.base}/{number}.jpg"))
@@ -275,6 +285,7 @@ def pipeline(
             stage: float(np.mean([p["timings_ms"][stage] for p in predictions]))
             for stage in ("preprocess", "queue_wait", "inference")
         },
+        "images_used": float(np.mean([p["image_status"] == "used" for p in predictions])),
         "cpu_us_per_offer": cpu_us,
         "cpu_us_per_offer_with_idle": {role: 1e6 * spent[role] / max(1, handled) for role in spent},
         "idle_cores": idle,
@@ -376,7 +387,7 @@ def main() -> int:
     offers = list(offers_from_frame(read_offer_file(args.data).head(args.offers)))
     host = None
     if args.images == "http":
-        host = SlowImageHost([offer.image_url or "" for offer in offers], args.http_delay_ms / 1000.0)
+        host = SlowImageHost([local_path(offer.image_url or "") for offer in offers], args.http_delay_ms / 1000.0)
     node_env = {"CATSTREAM_IMAGE_ALLOW_PRIVATE_HOSTS": "true"} if host else {}
     offers = with_images(offers, args.images, host)
 
@@ -438,7 +449,8 @@ def main() -> int:
     print(f"{'variant':<10} {'offers/s':>10}  CPU µs per offer (from ready to the last prediction)")
     for name, result in results.items():
         cost = ", ".join(f"{role} {us:,.0f}" for role, us in sorted(result.get("cpu_us_per_offer", {}).items()))
-        print(f"{name:<10} {result['offers_per_second']:>10.1f}  {cost}")
+        used = f"  ({result['images_used']:.0%} with their image)" if "images_used" in result else ""
+        print(f"{name:<10} {result['offers_per_second']:>10.1f}  {cost}{used}")
     for name, value in ratios.items():
         print(f"{name.replace('_', ' ')}: {value:.2f}x")
     if ceiling:

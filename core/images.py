@@ -28,6 +28,7 @@ import base64
 import binascii
 import concurrent.futures
 import contextlib
+import heapq
 import http.client
 import io
 import ipaddress
@@ -226,30 +227,60 @@ def _is_public(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
     )
 
 
+class _Watchdog:
+    """One thread that shuts sockets down when their deadlines pass, whatever call is blocked on
+    them: a fetch registers its socket instead of starting a timer thread of its own."""
+
+    def __init__(self) -> None:
+        self._condition = threading.Condition()
+        self._deadlines: list[tuple[float, int, _Guard]] = []  # a heap by deadline
+        self._count = 0
+        self._thread: threading.Thread | None = None
+
+    def watch(self, guard: _Guard) -> None:
+        with self._condition:
+            self._count += 1
+            heapq.heappush(self._deadlines, (guard.deadline, self._count, guard))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="image-deadlines", daemon=True)
+                self._thread.start()
+            self._condition.notify()
+
+    def _run(self) -> None:
+        with self._condition:
+            while True:
+                now = time.monotonic()
+                while self._deadlines and (self._deadlines[0][2].done or self._deadlines[0][0] <= now):
+                    _, _, guard = heapq.heappop(self._deadlines)
+                    if not guard.done:
+                        guard.expire()
+                self._condition.wait(self._deadlines[0][0] - now if self._deadlines else None)
+
+
 class _Guard:
     """Shuts a socket down when the deadline passes, whatever call is blocked on it."""
 
     def __init__(self, deadline: float):
-        self._deadline = deadline
+        self.deadline = deadline
         self._socket: socket.socket | None = None
-        self._timer: threading.Timer | None = None
         self.expired = False
+        self.done = False
 
     def watch(self, sock: socket.socket) -> None:
         self._socket = sock
-        self._timer = threading.Timer(max(0.0, self._deadline - time.monotonic()), self._expire)
-        self._timer.daemon = True
-        self._timer.start()
+        _WATCHDOG.watch(self)
 
-    def _expire(self) -> None:
+    def expire(self) -> None:
         self.expired = True
         if self._socket is not None:
             with contextlib.suppress(OSError):  # already closed: nothing left to cut off
                 self._socket.shutdown(socket.SHUT_RDWR)
 
     def cancel(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
+        self.done = True  # the watchdog drops it when it next looks
+
+
+_WATCHDOG = _Watchdog()
 
 
 def _exchange(

@@ -20,14 +20,20 @@ from core.images import ImagePolicy
 from core.schemas import Offer
 
 __all__ = [
+    "ACCELERATORS",
     "SERVED_SPACES",
     "OfferEmbedder",
     "OnnxClassifier",
     "check_bundle",
     "choose_providers",
+    "pad_rows",
+    "padded_sizes",
+    "provider_options",
     "served_probabilities",
     "vector_fields_of",
 ]
+
+ACCELERATORS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 
 # The spaces a prediction carries: the fused vector is [image, text] / sqrt(2), so readers rebuild
 # it (core.schemas.decode_vectors) rather than the stream carrying it.
@@ -48,6 +54,51 @@ def choose_providers(requested: Sequence[str] | None = None) -> list[str]:
     return [*preferred, "CPUExecutionProvider"]
 
 
+def provider_options(
+    providers: Sequence[str], *, cache_dir: str | None = None, cuda_algo_search: str = "EXHAUSTIVE"
+) -> list[tuple[str, dict[str, str]]]:
+    """Each provider with its options.
+
+    - CUDA: cuDNN's convolution algorithm search (``EXHAUSTIVE`` by default: it runs once per
+      input shape, and the node pads batches to a few sizes it warms up before it reports ready),
+      and a memory arena that grows by what is asked rather than doubling.
+    - TensorRT: an engine cache (``cache_dir``), so that a restart does not rebuild the engines;
+      fp32, since fp16 is served only where a bundle's export showed it agrees (not yet recorded).
+    """
+    options = []
+    for name in providers:
+        if name == "CUDAExecutionProvider":
+            options.append(
+                (name, {"cudnn_conv_algo_search": cuda_algo_search, "arena_extend_strategy": "kSameAsRequested"})
+            )
+        elif name == "TensorrtExecutionProvider":
+            trt = {"trt_fp16_enable": "False"}
+            if cache_dir:
+                trt |= {"trt_engine_cache_enable": "True", "trt_engine_cache_path": cache_dir}
+            options.append((name, trt))
+        else:
+            options.append((name, {}))
+    return options
+
+
+def padded_sizes(max_batch_size: int) -> tuple[int, ...]:
+    """The batch sizes an accelerator's batches are padded to: powers of two from 8, and the largest batch."""
+    sizes = {size for size in (8, 16, 32, 64, 128, 256, 512, 1024) if size < max_batch_size}
+    return tuple(sorted(sizes | {max_batch_size}))
+
+
+def pad_rows(inputs: dict[str, np.ndarray], sizes: Sequence[int]) -> tuple[dict[str, np.ndarray], int]:
+    """``inputs`` (``(N, …)`` arrays by name) grown to the smallest of ``sizes`` that holds N rows,
+    with copies of the last row: ``(padded, N)``. Unchanged when N is one of the sizes or beyond them."""
+    rows = len(next(iter(inputs.values())))
+    target = next((size for size in sorted(sizes) if size >= rows), rows)
+    if target == rows or rows == 0:
+        return inputs, rows
+    return {
+        name: np.concatenate([array, np.repeat(array[-1:], target - rows, axis=0)]) for name, array in inputs.items()
+    }, rows
+
+
 class OnnxClassifier:
     """An ONNX Runtime session over the bundle's network; :meth:`logits` adds the lexical model's
     scores (computed by the featuriser) when the bundle has one.
@@ -64,17 +115,24 @@ class OnnxClassifier:
         providers: Sequence[str] | None = None,
         intra_op_threads: int = 1,
         embeddings: bool = False,
+        pad_to: Sequence[int] | None = None,
+        cache_dir: str | None = None,
+        cuda_algo_search: str = "EXHAUSTIVE",
     ):
         options = ort.SessionOptions()
         options.intra_op_num_threads = intra_op_threads
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.providers = choose_providers(providers)
-        if "CUDAExecutionProvider" in self.providers and hasattr(ort, "preload_dlls"):
+        if any(name in ACCELERATORS for name in self.providers) and hasattr(ort, "preload_dlls"):
             # onnxruntime-gpu finds CUDA and cuDNN from the nvidia-* wheels only once they are preloaded
             ort.preload_dlls()
         graph = bundle.embedded_onnx_path if embeddings and bundle.embedded_onnx_path else bundle.onnx_path
-        self.session = ort.InferenceSession(str(graph), sess_options=options, providers=self.providers)
+        self.session = ort.InferenceSession(
+            str(graph),
+            sess_options=options,
+            providers=provider_options(self.providers, cache_dir=cache_dir, cuda_algo_search=cuda_algo_search),
+        )
         if (
             providers
             and "CUDAExecutionProvider" in providers
@@ -89,7 +147,23 @@ class OnnxClassifier:
         self.spaces = tuple(space for space, name in EMBEDDING_OUTPUTS.items() if name in outputs)
         self._outputs = ["logits", *(EMBEDDING_OUTPUTS[space] for space in self.spaces)]
         self.uses_lexical = bundle.has_lexical
+        # Batches padded to a few sizes (on an accelerator): each shape's kernels are chosen once.
+        self.pad_to = tuple(sorted(pad_to)) if pad_to else ()
         log.info("ONNX Runtime session on %s (%s)", self.session.get_providers(), graph.relative_to(bundle.path))
+
+    @property
+    def accelerated(self) -> bool:
+        """Whether the session runs on an accelerator (CUDA or TensorRT), not only the CPU."""
+        return any(name in ACCELERATORS for name in self.session.get_providers())
+
+    def warm_up(self, example: dict[str, np.ndarray]) -> list[int]:
+        """Run each padded batch size once (or the example's own size when there are none) on
+        copies of ``example``'s first row, so that no offer pays for a shape's first run; returns
+        the sizes run."""
+        sizes = list(self.pad_to) or [len(next(iter(example.values())))]
+        for size in sizes:
+            self.score({name: np.repeat(array[:1], size, axis=0) for name, array in example.items()})
+        return sizes
 
     def logits(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
         """``(N, K)`` logits of a batch: ``inputs`` maps each input field's name to its ``(N, …)``
@@ -102,7 +176,8 @@ class OnnxClassifier:
         missing = [name for name in self.input_names if name not in inputs]
         if missing:
             raise ValueError(f"this model needs the input(s) {', '.join(missing)}")
-        logits, *vectors = self.session.run(self._outputs, {name: inputs[name] for name in self.input_names})
+        feeds, rows = pad_rows({name: inputs[name] for name in self.input_names}, self.pad_to)
+        logits, *vectors = (output[:rows] for output in self.session.run(self._outputs, feeds))
         return self._with_lexical(logits, inputs), dict(zip(self.spaces, vectors, strict=True))
 
     def _with_lexical(self, logits: np.ndarray, inputs: dict[str, np.ndarray]) -> np.ndarray:

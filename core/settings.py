@@ -7,6 +7,7 @@ code never reads the environment itself.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -107,7 +108,21 @@ class Settings(BaseSettings):
         "(summed over the categories under it); unset uses the bundle's.",
     )
     providers: list[str] | None = Field(
-        None, description="ONNX Runtime providers in order; unset picks CUDA when available, then CPU."
+        None,
+        description="ONNX Runtime providers in order; unset picks CUDA when available, then CPU. "
+        'TensorRT is opted into here: ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"].',
+    )
+    pad_batches: bool | None = Field(
+        None,
+        description="Pad each batch to one of a few sizes (powers of two from 8, and max_batch_size), each run "
+        "once before the node reports ready; unset: on an accelerator only (on the CPU padding is work for nothing).",
+    )
+    cuda_algo_search: Literal["EXHAUSTIVE", "HEURISTIC", "DEFAULT"] = Field(
+        "EXHAUSTIVE",
+        description="cuDNN's convolution algorithm search on CUDA: it runs once per batch shape, during the warm-up.",
+    )
+    engine_cache_dir: str | None = Field(
+        None, description="Where TensorRT keeps its built engines, so that a restart does not build them again."
     )
 
     dictionaries_dir: str | None = Field(

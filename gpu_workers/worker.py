@@ -24,7 +24,7 @@ from core.bundle import ModelBundle
 from core.decision import decide_batch, softmax
 from core.feature_queue import FeatureQueue
 from core.node_board import INFERENCE_COUNTERS, NodeBoard, supervisor_pid
-from core.scoring import OnnxClassifier
+from core.scoring import OnnxClassifier, padded_sizes
 from core.settings import Settings
 from gpu_workers.batcher import DynamicBatcher
 
@@ -49,8 +49,16 @@ class InferenceWorker:
         self.parent_threshold = self.bundle.parent_threshold
         _log_thresholds(self.bundle)
         self.classifier = OnnxClassifier(
-            self.bundle, providers=settings.providers, intra_op_threads=settings.intra_op_threads, embeddings=True
+            self.bundle,
+            providers=settings.providers,
+            intra_op_threads=settings.intra_op_threads,
+            embeddings=True,
+            cache_dir=settings.engine_cache_dir,
+            cuda_algo_search=settings.cuda_algo_search,
         )
+        pad = settings.pad_batches if settings.pad_batches is not None else self.classifier.accelerated
+        self.classifier.pad_to = padded_sizes(settings.max_batch_size) if pad else ()
+        self._warm_up()  # before run() reports ready
         missing = {field.name for field in queue.layout.vectors} - set(self.classifier.spaces)
         if missing:
             raise RuntimeError(f"the queue holds vectors {sorted(missing)} that this model does not give")
@@ -99,6 +107,19 @@ class InferenceWorker:
         counts = {name: self.board.inference_stat(self.row, name) for name in INFERENCE_COUNTERS}
         log.info("inference stopped: %s", counts)
         return 0
+
+    def _warm_up(self) -> None:
+        """Run the model once per batch shape it will see (each padded size, or one batch on the
+        CPU) before reporting ready: on CUDA the first run of a shape chooses its kernels."""
+        example = {field.name: np.zeros((1, *field.shape), dtype=field.dtype) for field in self.queue.layout.fields}
+        started = time.perf_counter()
+        sizes = self.classifier.warm_up(example)
+        log.info(
+            "warmed up on %s, batch sizes %s, in %.2f s",
+            self.classifier.session.get_providers()[0],
+            sizes,
+            time.perf_counter() - started,
+        )
 
     def _run_batch(self, slots: np.ndarray) -> None:
         batch = self.queue.claim(slots)

@@ -15,7 +15,7 @@ from core.features import Featurizer
 from core.images import ImagePolicy, image_bytes
 from core.offer_files import offers_from_frame, read_offer_file
 from core.schemas import decode_vectors
-from core.scoring import OnnxClassifier
+from core.scoring import OnnxClassifier, padded_sizes
 from core.text import product_key
 from producers.publish import publish_offers
 from tests.conftest import read_predictions
@@ -65,3 +65,23 @@ def test_a_bundle_without_an_embedder_sends_no_vectors(marketplace, bundle, stre
     predictions = read_predictions(stream_settings, {o.offer_id for o in offers})
     assert node.stop() == 0
     assert predictions and all("vectors" not in p and decode_vectors(p) == {} for p in predictions)
+
+
+def test_padded_batches_give_exactly_the_rows_of_unpadded_ones(marketplace, embedded_bundle):
+    """On an accelerator the node pads each batch to a fixed size; the padding rows must never
+    reach an offer: every size from 1 to 20, padded to 8/16/32, gives the unpadded rows."""
+    bundle = ModelBundle.load(embedded_bundle)
+    offers = list(offers_from_frame(read_offer_file(marketplace).head(20)))
+    inputs = Featurizer.from_bundle(bundle, image_policy=ImagePolicy.for_offer_files()).batch(offers).inputs
+    plain = OnnxClassifier(bundle, embeddings=True)
+    padded = OnnxClassifier(bundle, embeddings=True, pad_to=padded_sizes(32))
+    assert padded.pad_to == (8, 16, 32) and not padded.accelerated
+    assert padded.warm_up({name: array[:1] for name, array in inputs.items()}) == [8, 16, 32]
+    for rows in range(1, 21):
+        batch = {name: array[:rows] for name, array in inputs.items()}
+        (logits, vectors), (expected_logits, expected_vectors) = padded.score(batch), plain.score(batch)
+        assert logits.shape == expected_logits.shape == (rows, len(bundle.labels))
+        np.testing.assert_allclose(logits, expected_logits, rtol=1e-5, atol=1e-5)
+        for space, vector in vectors.items():
+            assert vector.shape == expected_vectors[space].shape
+            np.testing.assert_allclose(vector, expected_vectors[space], rtol=1e-5, atol=1e-5)
