@@ -460,4 +460,21 @@ def test_dockerfiles_agree_with_the_project_and_the_chart():
         assert extras <= set(project["optional-dependencies"]), name
         assert 'ENTRYPOINT ["catstream"]' in text, name
     cuda = (REPO / "docker" / "Dockerfile.cuda").read_text()
-    assert f"onnxruntime-gpu[cuda,cudnn]=={pins['onnxruntime']}" in cuda
+    assert "pip install -r requirements-gpu.lock" in cuda and "requirements-gpu.lock ./" in cuda
+    gpu = dict(line.split("==") for line in (REPO / "requirements-gpu.lock").read_text().split() if "==" in line)
+    assert gpu["onnxruntime-gpu"] == pins["onnxruntime"]  # the GPU build of the served release
+
+
+def test_the_gpu_lock_pins_the_cuda_libraries_the_torch_wheels_bring():
+    """One CUDA stack for training and serving: each nvidia-* pin of requirements-gpu.lock is the
+    version installed beside torch here (torch's CUDA wheels bring them)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    gpu = dict(line.split("==") for line in (REPO / "requirements-gpu.lock").read_text().split() if "==" in line)
+    nvidia = {name: pinned for name, pinned in gpu.items() if name.startswith("nvidia-")}
+    assert {"nvidia-cuda-runtime", "nvidia-cudnn-cu13", "nvidia-cublas"} <= set(nvidia)
+    try:
+        installed = {name: version(name) for name in nvidia}
+    except PackageNotFoundError as missing:
+        pytest.skip(f"torch's CUDA wheels are not installed here ({missing})")
+    assert installed == nvidia
