@@ -156,7 +156,7 @@ class ScoredOffer:
     meta: OfferMeta
     decision: Decision
     vectors: dict[str, np.ndarray] | None  # space -> (D,) float16; None for a model without an embedder
-    queue_wait_ms: float  # from the put to the end of the offer's batch
+    queue_wait_ms: float  # from the put to the end of the offer's batch (its inference included)
     inference_ms: float  # the batch's model and decision time
     batch_size: int
 

@@ -452,7 +452,7 @@ class PreprocessWorker:
         meta, decision = scored.meta, scored.decision
         timings = {
             "preprocess": meta.preprocess_ms,
-            "queue_wait": scored.queue_wait_ms,
+            "queue_wait": max(0.0, scored.queue_wait_ms - scored.inference_ms),  # before its batch ran
             "inference": scored.inference_ms,
             "batch_size": float(scored.batch_size),
         }
