@@ -15,6 +15,8 @@ an :class:`ImagePolicy`:
 - redirects go only to ``http(s)`` and only so many times;
 - one deadline bounds the whole fetch (DNS, connect, TLS, headers, body): a host that answers a
   byte at a time is cut off when it passes, whatever each read takes;
+- a connection is kept alive for the next image only per host name, port and checked address,
+  and never reopened by name (http.client's auto-open is off);
 - reasons name what went wrong in the project's words, never bytes a server sent.
 
 Every failure raises :class:`ImageUnavailableError` with a status; the featuriser then categorises
@@ -270,6 +272,12 @@ class _Guard:
         self._socket = sock
         _WATCHDOG.watch(self)
 
+    def rebind(self, sock: socket.socket) -> None:
+        """Cut ``sock`` instead (the TLS socket that took over the watched one's descriptor)."""
+        self._socket = sock
+        if self.expired:
+            self.expire()
+
     def expire(self) -> None:
         self.expired = True
         if self._socket is not None:
@@ -283,24 +291,99 @@ class _Guard:
 _WATCHDOG = _Watchdog()
 
 
+class _Connections:
+    """Idle keep-alive connections, by scheme, host name, port and the address that was checked:
+    a connection is only ever reused for the same checked address, never opened by name."""
+
+    def __init__(self, *, idle_s: float = 20.0, per_key: int = 32):
+        self.idle_s = idle_s
+        self.per_key = per_key
+        self._lock = threading.Lock()
+        self._idle: dict[tuple[str, str, int, str], list[tuple[float, http.client.HTTPConnection]]] = {}
+
+    def take(self, key: tuple[str, str, int, str]) -> http.client.HTTPConnection | None:
+        stale = []
+        found = None
+        with self._lock:
+            held = self._idle.get(key, [])
+            while held and found is None:
+                since, connection = held.pop()
+                if time.monotonic() - since < self.idle_s:
+                    found = connection
+                else:
+                    stale.append(connection)
+        for connection in stale:
+            connection.close()
+        return found
+
+    def give(self, key: tuple[str, str, int, str], connection: http.client.HTTPConnection) -> None:
+        with self._lock:
+            held = self._idle.setdefault(key, [])
+            if len(held) < self.per_key:
+                held.append((time.monotonic(), connection))
+                return
+        connection.close()
+
+
+_CONNECTIONS = _Connections()
+# What a reused connection the host closed meanwhile raises before any answer: sent again, fresh.
+_STALE = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError, ConnectionAbortedError)
+
+
 def _exchange(
     scheme: str, host: str, address: str, port: int, target: str, policy: ImagePolicy, deadline: float
 ) -> tuple[int, str | None, bytes]:
-    """One GET of ``target`` from ``address`` (checked) for ``host``: ``(status, location, body)``."""
+    """One GET of ``target`` from ``address`` (checked) for ``host``: ``(status, location, body)``.
+
+    The connection is kept for the next image of the same host and address when the host allows
+    it and the whole image was read; a kept one the host has closed meanwhile is replaced once."""
+    key = (scheme, host.lower(), port, address)
+    reused = _CONNECTIONS.take(key)
+    try:
+        return _exchange_on(reused, key, target, policy, deadline)
+    except _StaleConnectionError:
+        return _exchange_on(None, key, target, policy, deadline)
+
+
+class _StaleConnectionError(Exception):
+    """A reused connection was found closed before any answer."""
+
+
+def _exchange_on(
+    reused: http.client.HTTPConnection | None,
+    key: tuple[str, str, int, str],
+    target: str,
+    policy: ImagePolicy,
+    deadline: float,
+) -> tuple[int, str | None, bytes]:
+    scheme, host, port, address = key
     remaining = deadline - time.monotonic()
     if remaining <= 0:
+        if reused is not None:
+            reused.close()
         raise ImageUnavailableError("unreachable", f"no image within {policy.timeout_s:g} s")
     guard = _Guard(deadline)
+    connection = reused
     sock = None
+    keep = False
+    answered = False
     try:
-        sock = socket.create_connection((address, port), timeout=remaining)
-        guard.watch(sock)
-        if scheme == "https":
-            sock = ssl.create_default_context().wrap_socket(sock, server_hostname=host)
-        connection = http.client.HTTPConnection(host, port, timeout=max(0.01, deadline - time.monotonic()))
-        connection.sock = sock  # the checked address, with the host name for Host and TLS
+        if connection is None:
+            sock = socket.create_connection((address, port), timeout=remaining)
+            guard.watch(sock)
+            if scheme == "https":
+                sock = ssl.create_default_context().wrap_socket(sock, server_hostname=host)
+                guard.rebind(sock)  # the TLS socket now holds the descriptor
+            connection = http.client.HTTPConnection(host, port, timeout=max(0.01, deadline - time.monotonic()))
+            connection.sock = sock  # the checked address, with the host name for Host and TLS
+        else:
+            guard.watch(connection.sock)
+        connection.auto_open = 0  # never a connection of its own, by name: only the checked address
+        sock = connection.sock
+        sock.settimeout(max(0.01, deadline - time.monotonic()))
         connection.request("GET", target, headers={"User-Agent": _USER_AGENT, "Accept": "image/*"})
         response = connection.getresponse()
+        answered = True
         if response.status != 200:
             return response.status, response.getheader("Location"), b""
         declared = response.getheader("Content-Length")
@@ -321,16 +404,28 @@ def _exchange(
             raise ImageUnavailableError("too_large", f"more than {policy.max_bytes} bytes")
         if declared and declared.isdigit() and len(body) < int(declared):
             raise ImageUnavailableError("unreachable", "the image host closed the connection before the whole image")
+        if response.length == 0:  # all its declared bytes read: the connection is free for the next request
+            response.close()
+        keep = not response.will_close and response.isclosed()
         return 200, None, bytes(body)
     except ImageUnavailableError:
         raise
+    except _STALE:
+        if reused is not None and not answered and not guard.expired and time.monotonic() < deadline:
+            raise _StaleConnectionError() from None
+        raise ImageUnavailableError("unreachable", "the image host closed the connection") from None
     except Exception as error:  # whatever the server sent; its bytes never reach the reason
         if guard.expired or time.monotonic() >= deadline:
             raise ImageUnavailableError("unreachable", f"no whole image within {policy.timeout_s:g} s") from None
         raise ImageUnavailableError("unreachable", f"the image host failed ({type(error).__name__})") from None
     finally:
         guard.cancel()
-        if sock is not None:
+        if connection is not None:
+            if keep and not guard.expired:
+                _CONNECTIONS.give(key, connection)
+            else:
+                connection.close()
+        elif sock is not None:
             sock.close()
 
 

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from core.image_fetcher import ImageFetcher, is_remote
-from core.images import ImagePolicy, ImageUnavailableError, load_image
+from core.images import ImagePolicy, ImageUnavailableError, fetch_image_bytes, load_image
 
 pytestmark = pytest.mark.integration
 
@@ -234,3 +234,27 @@ def test_a_slow_host_holds_up_only_its_own_fetches_and_never_more_than_its_share
         and done[("refused", 0)][0].status == "unsupported_url"
     )
     assert not is_remote("/etc/passwd") and not is_remote(None) and is_remote("HTTPS://cdn.example.com/a.jpg")
+
+
+def test_a_host_that_keeps_connections_alive_serves_many_images_on_one(serve):
+    """Keep-alive: one connection for five images of the same host; a host that drops a kept
+    connection without a word is answered on a fresh one, and one that says close gets a fresh
+    connection each time. Every fetch gives the whole image."""
+    image = png()
+    keep_alive_response = f"HTTP/1.1 200 OK\r\nContent-Length: {len(image)}\r\n\r\n".encode() + image
+
+    def keep_alive(connection: socket.socket) -> None:
+        connection.sendall(keep_alive_response)  # the first request was read by the server
+        while connection.recv(65536):
+            connection.sendall(keep_alive_response)
+
+    def drops_silently(connection: socket.socket) -> None:
+        connection.sendall(keep_alive_response)  # says nothing of closing, then closes
+
+    kept, dropping = serve(keep_alive), serve(drops_silently)
+    closing = serve(lambda c: c.sendall(http_response(image)))
+    for server in (kept, dropping, closing):
+        for n in range(5):
+            assert fetch_image_bytes(f"{server.url}/{n}.png", policy=LOOPBACK) == image
+            time.sleep(0.05)  # the dropping host has closed its side by the next fetch
+    assert (kept.connections, dropping.connections, closing.connections) == (1, 5, 5)
