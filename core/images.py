@@ -26,6 +26,7 @@ at a reduced scale, the other formats in full; the limits are measured, docs/ope
 
 from __future__ import annotations
 
+import atexit
 import base64
 import binascii
 import concurrent.futures
@@ -316,6 +317,14 @@ class _Connections:
             connection.close()
         return found
 
+    def close(self) -> None:
+        """Close every idle connection (at exit)."""
+        with self._lock:
+            held = [connection for pairs in self._idle.values() for _, connection in pairs]
+            self._idle.clear()
+        for connection in held:
+            connection.close()
+
     def give(self, key: tuple[str, str, int, str], connection: http.client.HTTPConnection) -> None:
         with self._lock:
             held = self._idle.setdefault(key, [])
@@ -326,6 +335,7 @@ class _Connections:
 
 
 _CONNECTIONS = _Connections()
+atexit.register(_CONNECTIONS.close)
 # What a reused connection the host closed meanwhile raises before any answer: sent again, fresh.
 _STALE = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError, ConnectionAbortedError)
 

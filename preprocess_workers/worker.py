@@ -90,9 +90,13 @@ class _Lane:
         self.version = bundle.version
         self.labels = tuple(bundle.labels)
         self.slots = queue.layout.worker_slots(index)
-        # Slots left READY/CLAIMED by a previous process of this index finish on their own; they
-        # are freed once SCORED or FAILED, and SCORED or SENDING ones at once, without a produce
-        # and without touching offsets: those were never committed, so Kafka delivers the offers again.
+        # A previous process of this index left its slots: the finished ones (SCORED, SENDING,
+        # FAILED) are freed now, its READY/CLAIMED ones once the inference process finishes them;
+        # never with a produce or an offset: those were never committed, so Kafka delivers the
+        # offers again.
+        for slot in self.slots:
+            if queue.state[slot] in (SCORED, SENDING, FAILED):
+                queue.release(slot)
         self.free_slots = deque(slot for slot in self.slots if queue.state[slot] == FREE)
         self.in_flight: dict[int, _InFlight] = {}
 
@@ -411,7 +415,7 @@ class PreprocessWorker:
     def _reap_lane(self, lane: _Lane) -> None:
         first = lane.slots.start
         states = lane.queue.state[first : lane.slots.stop]
-        for relative in ((states == SCORED) | (states == FAILED) | (states == SENDING)).nonzero()[0]:
+        for relative in ((states == SCORED) | (states == FAILED)).nonzero()[0]:  # SENDING: its callback frees it
             slot = first + int(relative)
             state = int(lane.queue.state[slot])
             item = lane.in_flight.get(slot)
@@ -424,7 +428,6 @@ class PreprocessWorker:
                 rejection = Rejection(lane.queue.error_of(slot), "InferenceError")
                 self._dead_letter(item.message, rejection, stage="inference")
                 self._free(lane, slot)
-            # SENDING: the delivery callback finishes it
 
     @staticmethod
     def _free(lane: _Lane, slot: int) -> None:
