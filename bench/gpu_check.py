@@ -6,8 +6,10 @@ Prints, and writes as JSON:
 2. the providers a session on the served network actually uses: with ``--require-cuda`` (the
    default with ``--device cuda``) the check fails when CUDA was asked for and the CPU runs;
 3. the model alone at 96 and 224 px for batches 64 to 512, fp32 and fp16: ONNX Runtime where its
-   CUDA provider loads, and PyTorch on the same device always (the network is catstream's own,
-   MobileNetV2 image branch and text branches, with random weights: speed does not depend on them);
+   CUDA provider loads (fp16: the graph ``catstream check-fp16`` makes, with the largest logit
+   difference it gives on the device), and PyTorch on the same device always (the network is
+   catstream's own, MobileNetV2 image branch and text branches, with random weights: speed does
+   not depend on them);
 4. JPEG decoding on the GPU (``torchvision.io.decode_jpeg`` on CUDA) against Pillow on one core,
    on 600 x 800 photos;
 5. with ``--bundle`` (a trained bundle; the device machine has none unless one travels): the
@@ -123,6 +125,7 @@ def ort_model_alone(sizes, batches, device: str, seconds: float) -> tuple[list[d
 
     from core.scoring import choose_providers, provider_options
     from training.export import export_onnx, input_names
+    from training.half_precision import to_half_precision
 
     wanted = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
     used: dict = {"asked": wanted}
@@ -138,14 +141,28 @@ def ort_model_alone(sizes, batches, device: str, seconds: float) -> tuple[list[d
             model = network(size)
             path = Path(work) / f"model-{size}.onnx"
             export_onnx(model, path)
-            session = ort.InferenceSession(str(path), providers=provider_options(providers))
-            used[f"{size}px"] = session.get_providers()
+            half = path.with_name(f"model-{size}.fp16.onnx")
+            to_half_precision(path, half)  # as `catstream check-fp16` makes a bundle's fp16 graph
             names = input_names(model)
-            for batch in batches:
-                feeds = {name: t.numpy() for name, t in zip(names, inputs(size, batch, "cpu"), strict=True)}
-                rate = timed(lambda session=session, feeds=feeds: session.run(["logits"], feeds), seconds) * batch
-                rows.append({"engine": "onnxruntime", "px": size, "batch": batch, "precision": "fp32", "items_s": rate})
-                print(f"  onnxruntime {size:>3} px  batch {batch:>4}  fp32: {rate:>10,.0f} items/s", flush=True)
+            outputs = {}
+            for precision, graph in (("fp32", path), ("fp16", half)):
+                options = provider_options(providers, fp16=precision == "fp16")
+                session = ort.InferenceSession(str(graph), providers=options)
+                used[f"{size}px"] = session.get_providers()
+                for batch in batches:
+                    feeds = {name: t.numpy() for name, t in zip(names, inputs(size, batch, "cpu"), strict=True)}
+                    rate = timed(lambda session=session, feeds=feeds: session.run(["logits"], feeds), seconds) * batch
+                    outputs[precision] = session.run(["logits"], feeds)[0]
+                    rows.append(
+                        {"engine": "onnxruntime", "px": size, "batch": batch, "precision": precision, "items_s": rate}
+                    )
+                    print(
+                        f"  onnxruntime {size:>3} px  batch {batch:>4}  {precision}: {rate:>10,.0f} items/s", flush=True
+                    )
+            # on the device itself: how far fp16 moves the logits of the largest batch (random weights)
+            difference = float(np.max(np.abs(outputs["fp16"] - outputs["fp32"])))
+            used[f"{size}px_fp16_max_abs_logit_difference"] = difference
+            print(f"  onnxruntime {size:>3} px  fp16 vs fp32: largest logit difference {difference:.3g}", flush=True)
     return rows, used
 
 

@@ -94,6 +94,11 @@ def _build_parser(command: str | None = None) -> argparse.ArgumentParser:
         "if it beats the current champion on the same held-out data",
     )
     train.add_argument("--no-evaluate", action="store_true", help="skip the held-out evaluation after training")
+    train.add_argument(
+        "--no-fp16-check",
+        action="store_true",
+        help="do not make the fp16 graph accelerators may serve (see check-fp16; it runs after the evaluation)",
+    )
 
     evaluate = commands.add_parser(
         "evaluate", help="score a model on held-out offers next to the TF-IDF baselines (JSON + Markdown)"
@@ -215,6 +220,32 @@ def _build_parser(command: str | None = None) -> argparse.ArgumentParser:
     embedder.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="PyTorch threads")
     embedder.add_argument("--feature-cache", type=Path, help="where frozen image features are cached")
     embedder.add_argument("--no-evaluate", action="store_true", help="skip the retrieval evaluation after training")
+    embedder.add_argument(
+        "--no-fp16-check",
+        action="store_true",
+        help="do not make the fp16 graph of the new served graph (see check-fp16)",
+    )
+
+    half = commands.add_parser(
+        "check-fp16",
+        help="convert the served graph to fp16 and keep it only if it decides as fp32 does on held-out offers",
+    )
+    half.add_argument("--model", required=True, help="bundle directory or models:/NAME@ALIAS")
+    half.add_argument("--data", required=True, type=Path, help="labeled offer file or history store")
+    half.add_argument(
+        "--split",
+        choices=("auto", *PROTOCOLS, "all"),
+        default="auto",
+        help="auto: the model's own held-out split when DATA is its training data, else every offer (default auto)",
+    )
+    half.add_argument(
+        "--required",
+        type=_threshold(0.5),
+        default=0.999,
+        help="share of offers on which both graphs must give the same answer (default 0.999)",
+    )
+    half.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="ONNX Runtime threads")
+    half.add_argument("--tracking-uri", help="MLflow registry for models:/ URIs (env MLFLOW_TRACKING_URI)")
 
     retrieval = commands.add_parser(
         "evaluate-retrieval",
@@ -291,6 +322,12 @@ def _build_parser(command: str | None = None) -> argparse.ArgumentParser:
         "--parent-threshold",
         type=float,
         help=f"an uncertain offer's parent category is named from this probability {_env('parent_threshold')}",
+    )
+    run.add_argument(
+        "--precision",
+        choices=("auto", "fp32", "fp16"),
+        help="auto: the bundle's checked fp16 graph on an accelerator, fp32 otherwise; fp16: refuse a bundle "
+        f"without one {_env('precision')}",
     )
     run.add_argument(
         "--tracking-uri",
@@ -395,6 +432,7 @@ def _settings(args: argparse.Namespace, **overrides) -> Settings:
         "max_wait_ms": getattr(args, "max_wait_ms", None),
         "threshold": getattr(args, "threshold", None),
         "parent_threshold": getattr(args, "parent_threshold", None),
+        "precision": getattr(args, "precision", None),
     } | overrides
     base = Settings()
     return base.model_copy(update={k: v for k, v in cli.items() if v is not None}) if cli else base
@@ -465,10 +503,13 @@ def _cmd_train(args) -> int:
         args.out,
         options,
         evaluate=not args.no_evaluate,
+        fp16_check=not args.no_fp16_check,
         register=args.register,
         tracking=None if args.no_tracking else _tracking(args),
     )
     config = result.config
+    if result.half_precision is not None:
+        print(_half_precision_line(result.half_precision))
     validation, calibration = config.training.validation, config.training.calibration
     held_out = "out-of-fold" if calibration.mode == "crossfit" else "validation"
     print(
@@ -702,7 +743,7 @@ def _cmd_run(args) -> int:
     # bad input fails here, before any connection: a missing or broken bundle, a failed parity check
     bundle_path = resolve_model_uri(args.model, registry=registry)
     bundle = ModelBundle.load(bundle_path, dictionaries_dir=settings.dictionaries_dir)
-    check_bundle(bundle, providers=settings.providers)
+    check_bundle(bundle, providers=settings.providers, precision=settings.precision)
     broker = None
     if not settings.bootstrap_servers:
         broker = EmbeddedBroker().start()
@@ -821,7 +862,43 @@ def _cmd_train_embedder(args) -> int:
         f"embedder: {out} ({history[-1]['seconds']:.0f} s of training, final loss {history[-1]['loss']:.3f}); "
         f"attached to the classifier graph (largest difference from PyTorch {max(parity.values()):.1e})"
     )
+    if not args.no_fp16_check:
+        print(_half_precision_line(_check_fp16(args.model, args.data, split="auto", threads=args.threads)))
     return 0
+
+
+def _check_fp16(model: Path, data: Path, *, split: str, threads: int, required: float = 0.999):
+    from core.bundle import ModelBundle
+    from training.evaluate import held_out
+    from training.half_precision import check_half_precision
+
+    frame, test_rows, _, protocol = held_out(ModelBundle.load(model), data, split=split)
+    return check_half_precision(
+        model, frame.iloc[test_rows], data=str(data), split=protocol, required=required, threads=threads
+    )
+
+
+def _half_precision_line(record) -> str:
+    measured = (
+        f"the same answer as fp32 on {record.agreeing:,} of {record.offers:,} held-out offers "
+        f"({100 * record.agreement:.3f}%, {100 * record.required:.2f}% required)"
+    )
+    if record.accepted:
+        return f"fp16 graph {record.graph} accepted: {measured}; accelerators serve it (precision auto)"
+    return f"fp16 graph refused: {measured}; accelerators serve fp32"
+
+
+def _cmd_check_fp16(args) -> int:
+    model = Path(resolve_model_uri(args.model, registry=Registry(args.tracking_uri)))
+    record = _check_fp16(model, args.data, split=args.split, threads=args.threads, required=args.required)
+    print(_half_precision_line(record))
+    vectors = "" if record.min_vector_cosine is None else f", lowest vector cosine {record.min_vector_cosine:.5f}"
+    print(f"  largest confidence difference {record.max_probability_difference:.2e}{vectors}")
+    from core.bundle import HALF_PRECISION_FILE, ModelBundle
+
+    bundle = ModelBundle.load(model)
+    print(f"  record: {(bundle.embedded_onnx_path or bundle.onnx_path).parent / HALF_PRECISION_FILE}")
+    return 0 if record.accepted else 1
 
 
 def _cmd_evaluate_retrieval(args) -> int:
@@ -851,6 +928,7 @@ def _retrieval_report(model, data, *, queries: int, seed: int, out: Path) -> dic
 
 _COMMANDS = {
     "broker": _cmd_broker,
+    "check-fp16": _cmd_check_fp16,
     "synth": _cmd_synth,
     "train": _cmd_train,
     "evaluate": _cmd_evaluate,

@@ -176,7 +176,7 @@ class _ModelWatch:
             return
         self._seen.add(key)
         try:
-            check_bundle(bundle, providers=self.settings.providers)
+            check_bundle(bundle, providers=self.settings.providers, precision=self.settings.precision)
         except BundleError as error:
             self.refused += 1
             log.error("refused model %s: %s; the current model keeps serving", bundle.version, error)

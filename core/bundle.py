@@ -14,6 +14,9 @@
     embedder/          the offer embedder (``catstream train-embedder``), optional: ``model.onnx`` is
                        the classifier's graph with the embedder attached to its pooled image
                        features, so one pass gives the logits and the image, text and fused vectors
+    fp16.json          beside the served graph (the bundle's or the embedder's ``model.onnx``): what
+                       the fp16 check measured (``training.half_precision``), optional; with
+    model.fp16.onnx    the graph in float16, written only where its decisions agreed with fp32's
     training_offers.tsv  offer_id and content fingerprint of every offer its training or calibration
                        saw, so a later model is compared with it only on offers neither has seen,
                        even where the same offers come back under new ids
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +44,7 @@ __all__ = [
     "BUNDLE_FORMAT",
     "EMBEDDER_DIR",
     "EMBEDDING_OUTPUTS",
+    "HALF_PRECISION_FILE",
     "PARITY_FILE",
     "SHOPS_FILE",
     "TRAINING_OFFERS_FILE",
@@ -47,6 +52,7 @@ __all__ = [
     "BundleError",
     "CalibrationRecord",
     "FusionConfig",
+    "HalfPrecisionRecord",
     "LabelRule",
     "ModelBundle",
     "OperatingPoint",
@@ -57,6 +63,8 @@ __all__ = [
     "TrainingOffers",
     "TrainingRecord",
     "ValidationRecord",
+    "file_sha256",
+    "half_precision_graph",
 ]
 
 BUNDLE_FORMAT: Final = 3  # 3: typed config.json (BundleConfig)
@@ -66,6 +74,7 @@ EMBEDDER_DIR = "embedder"
 EMBEDDING_OUTPUTS: Final = {"image": "embedding_image", "text": "embedding_text", "fused": "embedding_fused"}
 PARITY_FILE = "parity.npz"  # inputs and PyTorch's logits on them, from the export's parity check
 TRAINING_OFFERS_FILE = "training_offers.tsv"
+HALF_PRECISION_FILE = "fp16.json"  # beside the fp32 graph it was checked for
 CONFIG_FILE = "config.json"
 _REQUIRED = (CONFIG_FILE, "labels.json", "model.onnx", "tokenizer.model", PARITY_FILE)
 
@@ -223,6 +232,69 @@ class BundleConfig(_Record):
             return cls.model_validate(document)
         except ValidationError as error:
             raise BundleError(f"{path}: not a valid format-{BUNDLE_FORMAT} config: {error}") from error
+
+
+class HalfPrecisionRecord(_Record):
+    """What the fp16 check (``training.half_precision``) measured for one fp32 graph, kept beside it
+    as ``fp16.json``: the fp16 graph is served only while the record accepts it and both digests
+    still match the files."""
+
+    source: str  # the fp32 graph's file name, in the record's directory
+    source_sha256: str  # its digest when checked: a record of another graph is stale
+    graph: str | None  # the fp16 graph's file name; None when it was refused (and not written)
+    graph_sha256: str | None
+    offers: int  # held-out offers both graphs decided
+    agreeing: int  # of them, those given the same answer (category or uncertain, and parent)
+    agreement: float
+    required: float
+    accepted: bool
+    max_probability_difference: float  # largest |fp16 - fp32| of the served confidence
+    min_vector_cosine: float | None  # lowest cosine between the two graphs' vectors; None without an embedder
+    data: str
+    split: str
+    provider: str  # the ONNX Runtime provider the check ran on
+    checked_at: str
+
+    def write(self, directory: str | Path) -> Path:
+        path = Path(directory) / HALF_PRECISION_FILE
+        path.write_text(json.dumps(self.model_dump(mode="json"), indent=2))
+        return path
+
+    @classmethod
+    def read(cls, directory: str | Path) -> HalfPrecisionRecord | None:
+        """The record in ``directory``; None where there is none. :class:`BundleError` if unreadable."""
+        path = Path(directory) / HALF_PRECISION_FILE
+        if not path.is_file():
+            return None
+        try:
+            return cls.model_validate_json(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValidationError) as error:
+            raise BundleError(f"{path}: not a valid fp16 record: {error}") from error
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def half_precision_graph(graph: Path) -> tuple[Path | None, str]:
+    """``(fp16 graph, why)`` for the fp32 ``graph``: the fp16 graph its record accepts, or None and
+    the reason it may not be served (no check, refused, or files changed since), in words."""
+    record = HalfPrecisionRecord.read(graph.parent)
+    if record is None:
+        return None, f"no fp16 check was run for {graph.name} (catstream check-fp16)"
+    measured = f"{100 * record.agreement:.2f}% of {record.offers:,} held-out decisions"
+    if not record.accepted or record.graph is None:
+        return None, f"the fp16 graph agreed with fp32 on {measured}, under the {100 * record.required:.2f}% required"
+    if record.source != graph.name or file_sha256(graph) != record.source_sha256:
+        return None, f"the fp16 check was made for another {record.source} (run catstream check-fp16 again)"
+    half = graph.parent / record.graph
+    if not half.is_file() or file_sha256(half) != record.graph_sha256:
+        return None, f"{half} is missing or not the graph that was checked"
+    return half, f"fp16 agreed with fp32 on {measured}"
 
 
 @dataclass(frozen=True)

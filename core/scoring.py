@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import onnxruntime as ort
 
-from core.bundle import EMBEDDING_OUTPUTS, PARITY_FILE, BundleError, ModelBundle
+from core.bundle import EMBEDDING_OUTPUTS, PARITY_FILE, BundleError, ModelBundle, half_precision_graph
 from core.decision import apply_exclusions, softmax
 from core.feature_queue import InputField
 from core.features import Featurizer
@@ -24,6 +26,7 @@ __all__ = [
     "SERVED_SPACES",
     "OfferEmbedder",
     "OnnxClassifier",
+    "Precision",
     "check_bundle",
     "choose_providers",
     "pad_rows",
@@ -41,6 +44,10 @@ SERVED_SPACES = ("image", "text")
 
 log = logging.getLogger(__name__)
 
+# fp32: the exported graph. fp16: the bundle's checked fp16 graph, refused where it has none.
+# auto: fp16 on an accelerator where the bundle's check accepted it, fp32 otherwise.
+Precision = Literal["auto", "fp32", "fp16"]
+
 
 def choose_providers(requested: Sequence[str] | None = None) -> list[str]:
     """``requested`` if given (each must be available), else CUDA when present, CPU last."""
@@ -55,7 +62,11 @@ def choose_providers(requested: Sequence[str] | None = None) -> list[str]:
 
 
 def provider_options(
-    providers: Sequence[str], *, cache_dir: str | None = None, cuda_algo_search: str = "EXHAUSTIVE"
+    providers: Sequence[str],
+    *,
+    cache_dir: str | None = None,
+    cuda_algo_search: str = "EXHAUSTIVE",
+    fp16: bool = False,
 ) -> list[tuple[str, dict[str, str]]]:
     """Each provider with its options.
 
@@ -63,7 +74,8 @@ def provider_options(
       input shape, and the node pads batches to a few sizes it warms up before it reports ready),
       and a memory arena that grows by what is asked rather than doubling.
     - TensorRT: an engine cache (``cache_dir``), so that a restart does not rebuild the engines;
-      fp32, since fp16 is served only where a bundle's export showed it agrees (not yet recorded).
+      fp16 kernels only with ``fp16``, i.e. when the graph served is the bundle's checked fp16 graph
+      (``training.half_precision``): TensorRT never lowers an fp32 graph's precision on its own.
     """
     options = []
     for name in providers:
@@ -72,7 +84,7 @@ def provider_options(
                 (name, {"cudnn_conv_algo_search": cuda_algo_search, "arena_extend_strategy": "kSameAsRequested"})
             )
         elif name == "TensorrtExecutionProvider":
-            trt = {"trt_fp16_enable": "False"}
+            trt = {"trt_fp16_enable": str(fp16)}
             if cache_dir:
                 trt |= {"trt_engine_cache_enable": "True", "trt_engine_cache_path": cache_dir}
             options.append((name, trt))
@@ -106,6 +118,10 @@ class OnnxClassifier:
     With ``embeddings`` and a bundle that has an embedder, the session runs the graph with the
     embedder attached (``embedder/model.onnx``) and :meth:`score` also returns the offer vectors
     from the same pass; :attr:`spaces` names them (empty otherwise).
+
+    ``precision`` (see :data:`Precision`) picks the fp32 graph or its checked fp16 twin;
+    :attr:`precision` says which one runs. ``graph`` runs another file of the same inputs and
+    outputs instead, at the precision ``precision`` names (the fp16 check compares two graphs so).
     """
 
     def __init__(
@@ -118,20 +134,30 @@ class OnnxClassifier:
         pad_to: Sequence[int] | None = None,
         cache_dir: str | None = None,
         cuda_algo_search: str = "EXHAUSTIVE",
+        precision: Precision = "fp32",
+        graph: Path | None = None,
     ):
         options = ort.SessionOptions()
         options.intra_op_num_threads = intra_op_threads
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.providers = choose_providers(providers)
-        if any(name in ACCELERATORS for name in self.providers) and hasattr(ort, "preload_dlls"):
+        accelerated = any(name in ACCELERATORS for name in self.providers)
+        if accelerated and hasattr(ort, "preload_dlls"):
             # onnxruntime-gpu finds CUDA and cuDNN from the nvidia-* wheels only once they are preloaded
             ort.preload_dlls()
-        graph = bundle.embedded_onnx_path if embeddings and bundle.embedded_onnx_path else bundle.onnx_path
+        self.precision: Literal["fp32", "fp16"]
+        if graph is None:
+            graph = bundle.embedded_onnx_path if embeddings and bundle.embedded_onnx_path else bundle.onnx_path
+            graph, self.precision = _graph_at(graph, precision, accelerated=accelerated)
+        else:  # a file named by the caller, whose precision the caller names
+            self.precision = "fp16" if precision == "fp16" else "fp32"
         self.session = ort.InferenceSession(
             str(graph),
             sess_options=options,
-            providers=provider_options(self.providers, cache_dir=cache_dir, cuda_algo_search=cuda_algo_search),
+            providers=provider_options(
+                self.providers, cache_dir=cache_dir, cuda_algo_search=cuda_algo_search, fp16=self.precision == "fp16"
+            ),
         )
         if (
             providers
@@ -149,7 +175,8 @@ class OnnxClassifier:
         self.uses_lexical = bundle.has_lexical
         # Batches padded to a few sizes (on an accelerator): each shape's kernels are chosen once.
         self.pad_to = tuple(sorted(pad_to)) if pad_to else ()
-        log.info("ONNX Runtime session on %s (%s)", self.session.get_providers(), graph.relative_to(bundle.path))
+        shown = graph.relative_to(bundle.path) if graph.is_relative_to(bundle.path) else graph
+        log.info("ONNX Runtime session on %s (%s, %s)", self.session.get_providers(), shown, self.precision)
 
     @property
     def accelerated(self) -> bool:
@@ -187,6 +214,25 @@ class OnnxClassifier:
         if lexical is None or lexical.shape[-1] == 0:
             raise ValueError("this model needs the lexical model's scores (lexical)")
         return logits + lexical
+
+
+def _graph_at(graph: Path, precision: Precision, *, accelerated: bool) -> tuple[Path, Literal["fp32", "fp16"]]:
+    """The file to serve for ``graph`` at ``precision``, and the precision it runs at."""
+    if precision == "fp32":
+        return graph, "fp32"
+    half, why = half_precision_graph(graph)
+    if precision == "fp16":
+        if half is None:
+            raise BundleError(f"fp16 was asked for, but {why}")
+        log.info("serving fp16: %s", why)
+        return half, "fp16"
+    if not accelerated:
+        return graph, "fp32"  # auto: the CPU gains nothing from fp16
+    if half is None:
+        log.info("serving fp32 on the accelerator: %s", why)
+        return graph, "fp32"
+    log.info("serving fp16 on the accelerator: %s", why)
+    return half, "fp16"
 
 
 def vector_fields_of(bundle: ModelBundle) -> tuple[InputField, ...]:
@@ -259,11 +305,18 @@ def served_probabilities(
 
 
 def check_bundle(
-    bundle: ModelBundle, *, providers: Sequence[str] | None = None, rtol: float = 1e-3, atol: float = 1e-4
+    bundle: ModelBundle,
+    *,
+    providers: Sequence[str] | None = None,
+    precision: Precision = "fp32",
+    rtol: float = 1e-3,
+    atol: float = 1e-4,
 ) -> None:
     """Check a bundle before it serves: its featuriser loads, its ONNX model gives the logits PyTorch
     gave at export on the same inputs (``parity.npz``; the same tolerances as the export's check),
-    and the labels match the outputs. :class:`BundleError` says what failed."""
+    and the labels match the outputs. Where ``precision`` picks the fp16 graph, that graph must be
+    the one its check accepted (same digests) and run on the same inputs; fp16 asked for and not
+    available is refused. :class:`BundleError` says what failed."""
     try:
         Featurizer.from_bundle(bundle)
         # The graph the node will serve: with the embedder attached when the bundle has one.
@@ -272,6 +325,11 @@ def check_bundle(
             feeds = {item.name: probe[item.name] for item in session.get_inputs()}
             expected = probe["expected_logits"]
         (actual,) = session.run(["logits"], feeds)
+        half = None
+        if precision != "fp32":
+            served = OnnxClassifier(bundle, providers=providers, embeddings=True, precision=precision)
+            if served.precision == "fp16":
+                (half,) = served.session.run(["logits"], feeds)
     except BundleError:
         raise
     except Exception as error:  # a bundle that cannot even be loaded or run is refused with the reason
@@ -287,3 +345,5 @@ def check_bundle(
             f"{bundle.path}: model.onnx does not reproduce the logits of its export (max |diff| "
             f"{difference:.2e}): the file is not the model this bundle was trained with"
         )
+    if half is not None and half.shape != actual.shape:
+        raise BundleError(f"{bundle.path}: the fp16 graph gives {half.shape} logits, the fp32 graph {actual.shape}")

@@ -124,6 +124,12 @@ class Settings(BaseSettings):
     engine_cache_dir: str | None = Field(
         None, description="Where TensorRT keeps its built engines, so that a restart does not build them again."
     )
+    precision: Literal["auto", "fp32", "fp16"] = Field(
+        "auto",
+        description="auto: the bundle's fp16 graph on an accelerator where its fp16 check accepted it "
+        "(catstream check-fp16), fp32 otherwise; fp32: always the exported graph; fp16: the checked fp16 graph, "
+        "and the node refuses a bundle without one.",
+    )
 
     dictionaries_dir: str | None = Field(
         None,

@@ -55,6 +55,7 @@ class InferenceWorker:
             embeddings=True,
             cache_dir=settings.engine_cache_dir,
             cuda_algo_search=settings.cuda_algo_search,
+            precision=settings.precision,
         )
         pad = settings.pad_batches if settings.pad_batches is not None else self.classifier.accelerated
         self.classifier.pad_to = padded_sizes(settings.max_batch_size) if pad else ()

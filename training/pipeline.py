@@ -1,4 +1,4 @@
-"""train → evaluate on held-out offers → log to MLflow → register → promote if better.
+"""train → evaluate on held-out offers → fp16 check → log to MLflow → register → promote if better.
 
 This is what ``catstream train`` and the retraining CronJob run. Promotion compares the new
 version with the current ``champion`` on the *same* evaluation offers — the new model's held-out
@@ -19,9 +19,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from core.bundle import BundleConfig, ModelBundle
+from core.bundle import BundleConfig, HalfPrecisionRecord, ModelBundle
 from core.offer_files import LABEL, offer_fingerprints
 from training.evaluate import Served, evaluate_bundle, serve, serve_held_out, write_report
+from training.half_precision import check_half_precision
 from training.options import TrainOptions
 from training.significance import paired_comparison
 from training.tracking import CHAMPION, MODEL_NAME, Tracking
@@ -52,6 +53,7 @@ class TrainResult:
     report: dict | None
     run_id: str | None
     registered: Promotion | None
+    half_precision: HalfPrecisionRecord | None = None  # the fp16 check, where it ran
 
     @property
     def report_summary(self) -> str:
@@ -92,6 +94,7 @@ def train_evaluate_register(
     options: TrainOptions,
     *,
     evaluate: bool = True,
+    fp16_check: bool = True,
     register: bool = False,
     tracking: Tracking | None = Tracking(),
     progress: bool = True,
@@ -105,6 +108,12 @@ def train_evaluate_register(
         written = write_report(report, out_dir / "evaluation")
         files = written.all()
         log.info("evaluation written to %s", written.markdown)
+    half = None
+    if served is not None and fp16_check:
+        # before tracking, so that the registered bundle carries the fp16 graph and its record
+        half = check_half_precision(
+            out_dir, served.test, data=str(data), split=served.protocol, threads=options.threads, progress=progress
+        )
     run_id = None
     if tracking is not None:
         run_id = tracking.log_training(
@@ -118,7 +127,7 @@ def train_evaluate_register(
             raise ValueError("registering needs the held-out evaluation (drop --no-evaluate, keep --test-share > 0)")
         version = tracking.register(run_id, tags={"model_version": config.model_version})
         promotion = compare_with_champion(tracking, version, out_dir, data, served=served)
-    return TrainResult(config=config, report=report, run_id=run_id, registered=promotion)
+    return TrainResult(config=config, report=report, run_id=run_id, registered=promotion, half_precision=half)
 
 
 def compare_with_champion(

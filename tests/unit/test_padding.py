@@ -36,5 +36,7 @@ def test_provider_options_set_the_cuda_search_and_the_tensorrt_cache():
     )
     assert options["CUDAExecutionProvider"]["cudnn_conv_algo_search"] == "EXHAUSTIVE"
     assert options["TensorrtExecutionProvider"]["trt_engine_cache_path"] == "/cache"
-    assert options["TensorrtExecutionProvider"]["trt_fp16_enable"] == "False"
+    assert options["TensorrtExecutionProvider"]["trt_fp16_enable"] == "False"  # never on an fp32 graph
     assert options["CPUExecutionProvider"] == {}
+    half = dict(provider_options(["TensorrtExecutionProvider"], fp16=True))
+    assert half["TensorrtExecutionProvider"]["trt_fp16_enable"] == "True"  # the checked fp16 graph
