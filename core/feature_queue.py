@@ -157,7 +157,7 @@ class ScoredOffer:
     decision: Decision
     vectors: dict[str, np.ndarray] | None  # space -> (D,) float16; None for a model without an embedder
     queue_wait_ms: float  # from the put to the end of the offer's batch (its inference included)
-    inference_ms: float  # the batch's model and decision time
+    inference_ms: float  # the model's time on the offer's batch (deciding after it counts as queue wait)
     batch_size: int
 
 
@@ -251,7 +251,8 @@ class QueueLayout:
 @dataclass(slots=True)
 class SlotBatch:
     """Copies of several slots' model inputs, oldest first, with when and how fast each was put:
-    all the inference process reads (the offers' metadata stays for their workers)."""
+    all the inference process reads (the offers' metadata stays for their workers). The features
+    may hold more rows than slots: padding, copies of the last offer's."""
 
     slots: np.ndarray  # (N,) slot indices
     features: FeatureBatch
@@ -382,13 +383,34 @@ class FeatureQueue:
         """Mark a READY slot CLAIMED: it belongs to a forming batch."""
         self.state[slot] = CLAIMED
 
-    def claim(self, slots: np.ndarray) -> SlotBatch:
-        """Mark ``slots`` CLAIMED and copy their inputs out (array copies, nothing per offer)."""
+    def gather_buffers(self, rows: int) -> dict[str, np.ndarray]:
+        """Arrays of ``rows`` rows for every input field, for :meth:`claim` to gather into."""
+        return {name: np.empty((rows, *array.shape[1:]), dtype=array.dtype) for name, array in self.inputs.items()}
+
+    def claim(self, slots: np.ndarray, *, into: dict[str, np.ndarray] | None = None, rows: int = 0) -> SlotBatch:
+        """Mark ``slots`` CLAIMED and copy their inputs out (array copies, nothing per offer).
+
+        ``into`` (from :meth:`gather_buffers`): gather into those arrays instead of new ones, and
+        fill them up to ``rows`` rows (a padded batch size) with copies of the last offer's inputs;
+        the batch's features are views of the first ``max(rows, N)`` rows.
+        """
         slots = np.asarray(slots)
         self.state[slots] = CLAIMED
+        if into is None:
+            features = {name: array[slots] for name, array in self.inputs.items()}
+        else:
+            count = len(slots)
+            filled = max(rows, count)
+            features = {}
+            for name, array in self.inputs.items():
+                out = into[name][:filled]
+                np.take(array, slots, axis=0, out=out[:count], mode="clip")  # "raise" would buffer
+                if filled > count and count:
+                    out[count:] = out[count - 1]
+                features[name] = out
         return SlotBatch(
             slots=slots,
-            features=FeatureBatch({name: array[slots] for name, array in self.inputs.items()}),
+            features=FeatureBatch(features),
             enqueued_ns=self.enqueued_ns[slots],
             preprocess_ms=self._views["preprocess_ms"][slots],
         )

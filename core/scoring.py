@@ -30,6 +30,7 @@ __all__ = [
     "check_bundle",
     "choose_providers",
     "pad_rows",
+    "padded_size",
     "padded_sizes",
     "provider_options",
     "served_probabilities",
@@ -99,11 +100,16 @@ def padded_sizes(max_batch_size: int) -> tuple[int, ...]:
     return tuple(sorted(sizes | {max_batch_size}))
 
 
+def padded_size(rows: int, sizes: Sequence[int]) -> int:
+    """The smallest of ``sizes`` that holds ``rows`` rows; ``rows`` itself beyond them all."""
+    return next((size for size in sorted(sizes) if size >= rows), rows)
+
+
 def pad_rows(inputs: dict[str, np.ndarray], sizes: Sequence[int]) -> tuple[dict[str, np.ndarray], int]:
     """``inputs`` (``(N, …)`` arrays by name) grown to the smallest of ``sizes`` that holds N rows,
     with copies of the last row: ``(padded, N)``. Unchanged when N is one of the sizes or beyond them."""
     rows = len(next(iter(inputs.values())))
-    target = next((size for size in sorted(sizes) if size >= rows), rows)
+    target = padded_size(rows, sizes)
     if target == rows or rows == 0:
         return inputs, rows
     return {

@@ -124,6 +124,12 @@ class Settings(BaseSettings):
     engine_cache_dir: str | None = Field(
         None, description="Where TensorRT keeps its built engines, so that a restart does not build them again."
     )
+    inference_overlap: bool | None = Field(
+        None,
+        description="Run the model in a thread of its own, so that deciding for one batch and gathering the next "
+        "overlap with its run (measured in bench/inference_loop.py); off: gather, run and decide one after another. "
+        "Unset: on an accelerator only (on the CPU the model's own thread is busy with all of it anyway).",
+    )
     precision: Literal["auto", "fp32", "fp16"] = Field(
         "auto",
         description="auto: the bundle's fp16 graph on an accelerator where its fp16 check accepted it "

@@ -134,12 +134,18 @@ def test_the_node_serves_the_checked_fp16_graph(marketplace, embedded_bundle, st
     assert record.accepted and (path / "embedder" / HALF_GRAPH).is_file()  # the graph the node serves
     assert (path / "embedder" / HALF_PRECISION_FILE).is_file() and record.min_vector_cosine > 0.99
     offers = list(offers_from_frame(read_offer_file(marketplace).head(60)))
-    node = start_node(model=path, env={"CATSTREAM_PRECISION": "fp16"})
+    # as on an accelerator: fp16, batches padded in the gather buffers, the model in its own thread
+    accelerator = {
+        "CATSTREAM_PRECISION": "fp16",
+        "CATSTREAM_PAD_BATCHES": "true",
+        "CATSTREAM_INFERENCE_OVERLAP": "true",
+    }
+    node = start_node(model=path, env=accelerator)
     publish_offers(offers, stream_settings, progress=False)
     predictions = {p["offer_id"]: p for p in read_predictions(stream_settings, {o.offer_id for o in offers})}
     assert node.stop() == 0
     assert len(predictions) == len(offers)
-    assert "model.fp16.onnx, fp16" in node.log()
+    assert "model.fp16.onnx, fp16" in node.log() and "in its own thread, overlapped" in node.log()
 
     served = ModelBundle.load(path)
     batch = Featurizer.from_bundle(served, image_policy=ImagePolicy.for_offer_files()).batch(offers)

@@ -1,13 +1,19 @@
-"""Failure handling of the inference worker: a real worker, queue and broker, a failing model call."""
+"""The inference worker's loop, in turn and overlapped with the model's thread: a real worker,
+queue and model; failing and hanging model calls."""
 
 from __future__ import annotations
 
+import threading
+import time
+
+import numpy as np
 import pytest
 
 from core.bundle import ModelBundle
-from core.feature_queue import FAILED, FeatureQueue, OfferMeta, QueueLayout
+from core.feature_queue import FAILED, SCORED, FeatureQueue, OfferMeta, QueueLayout
 from core.features import Featurizer
 from core.node_board import NodeBoard
+from core.offer_files import read_offer_file
 from core.schemas import Offer
 from gpu_workers.worker import InferenceWorker
 
@@ -18,14 +24,16 @@ class _LostDevice:
     """Stands in for a GPU that went away: every model call raises."""
 
     spaces = ()
+    pad_to = ()
 
     def score(self, inputs):
         raise RuntimeError("CUDA error: device lost")
 
 
-def _fill(queue: FeatureQueue, featurizer: Featurizer, slots) -> None:
+def _fill(queue: FeatureQueue, featurizer: Featurizer, slots, titles=None) -> None:
     for slot in slots:
-        features = featurizer.featurize(Offer(offer_id=f"o{slot}", title=f"offer {slot}"))
+        title = titles[slot % len(titles)] if titles else f"offer {slot}"
+        features = featurizer.featurize(Offer(offer_id=f"o{slot}", title=title))
         queue.put(
             slot,
             features,
@@ -40,9 +48,12 @@ def _fill(queue: FeatureQueue, featurizer: Featurizer, slots) -> None:
         )
 
 
-def test_failed_batch_fails_every_item_and_repeated_failures_exit_non_zero(bundle, stream_settings, tmp_path):
+@pytest.mark.parametrize("overlap", [False, True])
+def test_failed_batch_fails_every_item_and_repeated_failures_exit_non_zero(bundle, stream_settings, tmp_path, overlap):
     model = ModelBundle.load(bundle)
-    settings = stream_settings.model_copy(update={"max_batch_size": 4, "max_wait_ms": 0.0})
+    settings = stream_settings.model_copy(
+        update={"max_batch_size": 4, "max_wait_ms": 0.0, "inference_overlap": overlap}
+    )
     featurizer = Featurizer.from_bundle(model)
     layout = QueueLayout(workers=1, slots_per_worker=24, fields=featurizer.fields)
     queue = FeatureQueue.create(layout, directory=tmp_path)
@@ -61,6 +72,88 @@ def test_failed_batch_fails_every_item_and_repeated_failures_exit_non_zero(bundl
         assert worker.run() == 3
         assert worker.consecutive_failures == 5
         assert board.inference_total("failed") == 3 + 20  # every offer of every failed batch
+    finally:
+        queue.close()
+        board.close()
+
+
+def _drain(bundle, marketplace, stream_settings, tmp_path, *, overlap: bool, offers: int = 45, model=None):
+    """A queue of ``offers`` ready offers drained by a worker; ``(queue, board, worker)``, open."""
+    served = ModelBundle.load(bundle)
+    settings = stream_settings.model_copy(
+        update={"max_batch_size": 8, "max_wait_ms": 0.0, "inference_overlap": overlap}
+    )
+    featurizer = Featurizer.from_bundle(served)
+    tmp_path.mkdir(exist_ok=True)
+    layout = QueueLayout(workers=1, slots_per_worker=offers, fields=featurizer.fields)
+    queue = FeatureQueue.create(layout, directory=tmp_path)
+    board = NodeBoard.create(1, directory=tmp_path)
+    worker = InferenceWorker(settings, served, queue, board, row=0)
+    if model is not None:
+        worker.classifier = model(worker.classifier)
+    _fill(queue, featurizer, range(offers), titles=list(read_offer_file(marketplace)["title"].head(offers)))
+    worker.stopping = True
+    return queue, board, worker
+
+
+def test_the_overlapped_loop_decides_every_offer_as_the_loop_in_turn_does(
+    bundle, marketplace, stream_settings, tmp_path
+):
+    answers = []
+    for overlap in (False, True):
+        queue, board, worker = _drain(bundle, marketplace, stream_settings, tmp_path / str(overlap), overlap=overlap)
+        try:
+            assert worker.overlap is overlap
+            assert worker.run() == 0
+            labels = ModelBundle.load(bundle).labels
+            scored = [queue.scored(slot, labels) for slot in range(45)]
+            answers.append([(s.meta.offer_id, s.decision.top3, s.decision.category) for s in scored])
+            assert board.inference_total("predicted") == 45 and board.inference_total("batches") >= 6
+        finally:
+            queue.close()
+            board.close()
+    assert answers[0] == answers[1]
+    assert len({top3[0] for _, top3, _ in answers[0]}) > 5  # not one answer for all
+
+
+class _Stalling:
+    """The real model, whose second run waits until released (a device that stopped answering)."""
+
+    def __init__(self, classifier):
+        self._classifier = classifier
+        self.spaces, self.pad_to = classifier.spaces, classifier.pad_to
+        self.runs = 0
+        self.stalled, self.release = threading.Event(), threading.Event()
+
+    def score(self, inputs):
+        self.runs += 1
+        if self.runs == 2:
+            self.stalled.set()
+            self.release.wait(30)
+        return self._classifier.score(inputs)
+
+
+def test_a_run_that_hangs_in_the_model_thread_stops_the_heartbeat(bundle, marketplace, stream_settings, tmp_path):
+    """Liveness reads the loop's heartbeat; the overlapped loop keeps turning while the model thread
+    hangs, so the heartbeat must stay at the hung run's start, as when the loop ran the model."""
+    queue, board, worker = _drain(bundle, marketplace, stream_settings, tmp_path, overlap=True, model=_Stalling)
+    device = worker.classifier
+    result = {}
+    runner = threading.Thread(target=lambda: result.setdefault("code", worker.run()))
+    runner.start()
+    try:
+        assert device.stalled.wait(30)
+        time.sleep(1.5)
+        age_s = (time.time_ns() - board.inference_stat(0, "heartbeat_ns")) / 1e9
+        assert age_s >= 1.4, f"the heartbeat moved on while the model hung ({age_s:.2f} s old)"
+    finally:
+        device.release.set()
+        runner.join(60)
+    try:
+        assert result == {"code": 0}
+        assert board.inference_total("predicted") == 45
+        assert (time.time_ns() - board.inference_stat(0, "heartbeat_ns")) / 1e9 < 1.0
+        assert np.count_nonzero(queue.state == SCORED) == 45
     finally:
         queue.close()
         board.close()

@@ -109,6 +109,29 @@ def test_put_claim_score_cycle_across_two_mappings(queue, tmp_path):
     assert queue.path.exists()  # only the creator removes the file
 
 
+def test_claim_into_buffers_gathers_the_same_rows_and_pads_with_the_last(queue):
+    """The inference loop gathers into two preallocated buffer sets: the rows are those a plain
+    claim copies, padding rows copy the last offer, and nothing outside the batch's rows moves."""
+    for slot, value in ((1, 3), (5, 6), (2, 8)):
+        queue.put(slot, features(value), meta(f"o{value}"))
+    ready = queue.ready_slots(10)
+    plain = {name: array[ready] for name, array in queue.inputs.items()}
+    buffers = queue.gather_buffers(8)
+    assert {name: array.shape[0] for name, array in buffers.items()} == dict.fromkeys(plain, 8)
+    marker = {name: array.copy() for name, array in buffers.items()}
+    batch = queue.claim(ready, into=buffers, rows=4)
+    assert len(batch) == 3 and len(batch.features) == 4
+    for name, array in batch.features.inputs.items():
+        assert np.shares_memory(array, buffers[name])  # gathered in place, not a new array
+        np.testing.assert_array_equal(array[:3], plain[name])
+        np.testing.assert_array_equal(array[3], plain[name][-1])
+        np.testing.assert_array_equal(buffers[name][4:], marker[name][4:])
+    assert (queue.state[ready] == CLAIMED).all()
+    queue.put(0, features(9), meta("o9"))
+    unpadded = queue.claim(queue.ready_slots(10), into=buffers)
+    assert len(unpadded.features) == 1 and unpadded.features.inputs["title_ids"][0].tolist() == [9, 10, 11, 12]
+
+
 def test_a_layout_without_vectors_reads_back_none(tmp_path):
     queue = FeatureQueue.create(QueueLayout(workers=1, slots_per_worker=1, fields=FIELDS), directory=tmp_path)
     try:
