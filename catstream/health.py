@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from core.node_board import LATENCY_BUCKETS_MS, WORKER_COUNTERS, NodeBoard
+from core.node_board import LATENCY_BUCKETS_MS, WORKER_COUNTERS, NodeBoard, starved_for_s
 
 __all__ = [
     "CONNECTION_TIMEOUT_S",
@@ -90,6 +90,12 @@ def readiness(board: NodeBoard, status: NodeStatus, now_ns: int) -> tuple[bool, 
         heartbeat = board.worker_stat(index, "heartbeat_ns")
         if not worker_alive or _age_s(heartbeat, now_ns) > HEARTBEAT_TIMEOUT_S:
             return False, f"preprocess-{index} is not running"
+        starved = starved_for_s(board, index, now_ns)
+        if starved is not None:
+            return False, (
+                f"preprocess-{index} has consumed nothing for {starved:.0f} s while "
+                f"{board.worker_stat(index, 'lag'):,} offers wait on its partitions"
+            )
     return True, "ok"
 
 

@@ -94,26 +94,25 @@ def producer_config(settings: Settings, **overrides: Any) -> ClientConfig:
 def consumer_config(settings: Settings, *, group_id: str, **overrides: Any) -> ClientConfig:
     """A consumer that commits only what the application says is done.
 
-    ``fetch.wait.max.ms`` 25 (librdkafka's default is 500; ``CATSTREAM_KAFKA_CONFIG`` may set it):
-    the embedded broker answers a fetch only when that wait is over, so 500 ms put a quarter of a
-    second on each hop (end-to-end p50 263 ms at 350 offers/s, 56 ms with 25; bench/README.md).
-    Against Kafka, which answers as soon as there is data, it costs idle fetches only.
+    ``fetch.wait.max.ms`` stays librdkafka's 500 ms. The embedded broker (Tansu 0.6.0) answers a
+    fetch when that wait is over, and answers it empty when gathering the data takes longer than
+    the wait; gathering grows with the messages it holds in memory. At 25 ms, after about 100,000
+    offers (six minutes at 280 offers/s) every fetch came back empty: the node consumed nothing
+    more while 470,000 offers waited (a bare consumer from the same offsets: 0 messages in 20 s at
+    25 ms, 1 at 100 ms, 100 in 1.4 s at 500 ms). Kafka answers as soon as there is data, so the
+    wait costs it nothing; on the embedded broker it costs each hop up to the wait.
     """
-    config = (
-        {"fetch.wait.max.ms": 25}
-        | client_config(settings)
-        | {
-            "group.id": group_id,
-            "enable.auto.commit": False,
-            "enable.auto.offset.store": False,
-            "auto.offset.reset": "earliest",
-            "max.poll.interval.ms": settings.max_poll_interval_ms,
-            # Joins and failover in seconds rather than the default ~45 s.
-            "session.timeout.ms": 6000,
-            "heartbeat.interval.ms": 500,
-            "partition.assignment.strategy": "cooperative-sticky",
-        }
-    )
+    config = client_config(settings) | {
+        "group.id": group_id,
+        "enable.auto.commit": False,
+        "enable.auto.offset.store": False,
+        "auto.offset.reset": "earliest",
+        "max.poll.interval.ms": settings.max_poll_interval_ms,
+        # Joins and failover in seconds rather than the default ~45 s.
+        "session.timeout.ms": 6000,
+        "heartbeat.interval.ms": 500,
+        "partition.assignment.strategy": "cooperative-sticky",
+    }
     return config | overrides
 
 

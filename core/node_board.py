@@ -31,10 +31,12 @@ from core.shared_memory import ArraySpec, attach_header, create_mapped_file, map
 __all__ = [
     "INFERENCE_COUNTERS",
     "LATENCY_BUCKETS_MS",
+    "STARVED_S",
     "STUCK_TABLE_ROWS",
     "WORKER_COUNTERS",
     "NodeBoard",
     "Serving",
+    "starved_for_s",
     "supervisor_pid",
 ]
 
@@ -63,6 +65,8 @@ WORKER_COUNTERS = (
     "busy_offset",  # the offer a worker is on now (busy_since_ns 0: none)
     "generation",  # the model generation the worker featurises for
     "delivered",  # predictions the broker acknowledged
+    "progress_ns",  # when the worker last consumed an offer or was given partitions
+    "held",  # offers it held at its last lag update: in flight or buffered (paused partitions)
 )
 INFERENCE_COUNTERS = (
     "predicted",
@@ -74,6 +78,10 @@ INFERENCE_COUNTERS = (
     "heartbeat_ns",
     "uncertain_with_parent",
 )
+# A worker that has consumed nothing for this long while offers wait on its partitions is starved:
+# the broker answers its fetches empty or not at all (as the embedded broker did with a short
+# fetch.wait.max.ms once it held enough data; see core.kafka.consumer_config).
+STARVED_S = 30.0
 LATENCY_BUCKETS_MS = (5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000)
 STUCK_TABLE_ROWS = 64  # offers that wedged a worker (oldest overwritten)
 INFERENCE_ROWS = 2  # by generation parity
@@ -172,7 +180,7 @@ class NodeBoard:
         return {
             name: int(value)
             for name, value in zip(WORKER_COUNTERS, self.worker_stats[worker], strict=True)
-            if name not in ("heartbeat_ns", "generation") and not name.startswith("busy_")
+            if name not in ("heartbeat_ns", "generation", "progress_ns", "held") and not name.startswith("busy_")
         }
 
     def busy(self, worker: int, partition: int, offset: int) -> None:
@@ -245,3 +253,14 @@ class NodeBoard:
             self._mmap.close()
         if self._owner:
             self.path.unlink(missing_ok=True)
+
+
+def starved_for_s(board: NodeBoard, worker: int, now_ns: int) -> float | None:
+    """How long ``worker`` has consumed nothing although offers wait on its partitions (its lag),
+    when that is over :data:`STARVED_S`; None otherwise. A worker that holds offers or paused its
+    partitions to work through them is busy, not starved."""
+    progress = board.worker_stat(worker, "progress_ns")
+    if not progress or board.worker_stat(worker, "lag") <= 0 or board.worker_stat(worker, "held"):
+        return None
+    idle = (now_ns - progress) / 1e9
+    return idle if idle > STARVED_S else None

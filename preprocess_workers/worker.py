@@ -33,7 +33,7 @@ from core.features import Featurizer, OfferFeatures
 from core.image_fetcher import ImageFetcher, is_remote
 from core.images import IMAGE_USED, ImageUnavailableError
 from core.kafka import consumer_config, producer_config
-from core.node_board import NodeBoard, Serving, supervisor_pid
+from core.node_board import NodeBoard, Serving, starved_for_s, supervisor_pid
 from core.schemas import Offer, Prediction, Rejection, dead_letter, parse_offer
 from core.settings import Settings
 from core.text import product_key
@@ -166,6 +166,7 @@ class PreprocessWorker:
             self.tracker.assign((tp.topic, tp.partition))
         if self.paused:  # newly assigned partitions obey the current backpressure state
             consumer.pause(partitions)
+        self.board.set_worker_stat(self.index, "progress_ns", time.time_ns())
         log.info("%s assigned %s", self.name, [tp.partition for tp in partitions])
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
@@ -205,7 +206,10 @@ class PreprocessWorker:
                 self._apply_backpressure()
                 # Short while offers are in flight: their scored slots wait for this loop to produce them.
                 timeout = 0.005 if self.in_flight or self.backlog else 0.2
-                for message in self.consumer.consume(num_messages=_CONSUME_BATCH, timeout=timeout):
+                messages = self.consumer.consume(num_messages=_CONSUME_BATCH, timeout=timeout)
+                if messages:
+                    self.board.set_worker_stat(self.index, "progress_ns", time.time_ns())
+                for message in messages:
                     self._accept(message)
                 self.producer.poll(0)
                 if time.monotonic() - self._last_commit >= self.settings.commit_interval_s:
@@ -244,6 +248,18 @@ class PreprocessWorker:
             if high >= 0:
                 lag += max(0, high - tp.offset)
         self.board.set_worker_stat(self.index, "lag", lag)
+        self.board.set_worker_stat(self.index, "held", self.in_flight + len(self.backlog))
+        starved = starved_for_s(self.board, self.index, time.time_ns())
+        if starved is not None:
+            self._log_limited(
+                "starved",
+                logging.WARNING,
+                "%s has consumed nothing for %.0f s while %d offers wait on its partitions: the broker answers "
+                "its fetches empty or not at all (the node reports not ready)",
+                self.name,
+                starved,
+                lag,
+            )
 
     # --- model changes ------------------------------------------------------------------------------
 

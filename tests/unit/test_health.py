@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from catstream.health import NodeStatus, liveness, readiness, render_metrics
-from core.node_board import NodeBoard, Serving
+from core.node_board import STARVED_S, NodeBoard, Serving, starved_for_s
 
 
 @pytest.fixture()
@@ -81,6 +81,32 @@ def test_readiness_turns_503_while_no_broker_answers(board):
     cut_off = status(broker_unreachable_s=12.4)
     assert readiness(board, cut_off, now) == (False, "no Kafka broker reachable for 12 s")
     assert liveness(board, cut_off, now) == (True, "ok")  # the node is alive; restarting it is the bound's job
+
+
+def test_readiness_turns_503_while_a_worker_consumes_nothing_with_offers_waiting(board):
+    """The embedded broker once answered every fetch empty while 470,000 offers waited: heartbeats
+    fine, nothing consumed. Waiting offers and nothing consumed for 30 s is not ready; a worker
+    busy with offers it holds, or with nothing to consume, is."""
+    now = time.time_ns()
+    beat(board, now)
+    board.set_worker_stat(1, "progress_ns", now - int(40e9))
+    board.set_worker_stat(1, "lag", 470_000)
+    assert starved_for_s(board, 1, now) == pytest.approx(40.0)
+    assert readiness(board, status(), now) == (
+        False,
+        "preprocess-1 has consumed nothing for 40 s while 470,000 offers wait on its partitions",
+    )
+    assert liveness(board, status(), now)[0]  # a restart would not help: the broker is the cause
+    board.set_worker_stat(1, "held", 64)  # paused, working through what it holds
+    assert readiness(board, status(), now) == (True, "ok")
+    board.set_worker_stat(1, "held", 0)
+    board.set_worker_stat(1, "lag", 0)  # nothing to consume
+    assert readiness(board, status(), now) == (True, "ok")
+    board.set_worker_stat(1, "lag", 470_000)
+    board.set_worker_stat(1, "progress_ns", now - int(STARVED_S * 1e9) + int(1e9))  # consumed 29 s ago
+    assert readiness(board, status(), now) == (True, "ok")
+    board.set_worker_stat(1, "progress_ns", 0)  # never assigned partitions yet
+    assert starved_for_s(board, 1, now) is None
 
 
 def test_liveness_fails_when_a_worker_is_wedged_past_the_supervisors_bound(board):
