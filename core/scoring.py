@@ -326,16 +326,13 @@ def check_bundle(
     try:
         Featurizer.from_bundle(bundle)
         # The graph the node will serve: with the embedder attached when the bundle has one.
-        session = OnnxClassifier(bundle, providers=providers, embeddings=True).session
+        served = OnnxClassifier(bundle, providers=providers, embeddings=True, precision=precision)
+        full = served if served.precision == "fp32" else OnnxClassifier(bundle, providers=providers, embeddings=True)
         with np.load(bundle.path / PARITY_FILE) as probe:
-            feeds = {item.name: probe[item.name] for item in session.get_inputs()}
+            feeds = {item.name: probe[item.name] for item in full.session.get_inputs()}
             expected = probe["expected_logits"]
-        (actual,) = session.run(["logits"], feeds)
-        half = None
-        if precision != "fp32":
-            served = OnnxClassifier(bundle, providers=providers, embeddings=True, precision=precision)
-            if served.precision == "fp16":
-                (half,) = served.session.run(["logits"], feeds)
+        (actual,) = full.session.run(["logits"], feeds)
+        half = served.session.run(["logits"], feeds)[0] if served is not full else None
     except BundleError:
         raise
     except Exception as error:  # a bundle that cannot even be loaded or run is refused with the reason
