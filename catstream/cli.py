@@ -105,12 +105,7 @@ def _build_parser(command: str | None = None) -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--model", required=True, help="bundle directory or models:/NAME@ALIAS")
     evaluate.add_argument("--data", required=True, type=Path, help="labeled offer file or history store")
-    evaluate.add_argument(
-        "--split",
-        choices=("auto", *PROTOCOLS, "all"),
-        default="auto",
-        help="auto: the model's own held-out split when DATA is its training data, else every offer (default auto)",
-    )
+    _add_split(evaluate)
     evaluate.add_argument("--out", type=Path, help="report directory (default: <model>/evaluation)")
     evaluate.add_argument("--no-baselines", action="store_true", help="skip the TF-IDF + LinearSVC baselines")
     evaluate.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="ONNX Runtime threads")
@@ -232,12 +227,7 @@ def _build_parser(command: str | None = None) -> argparse.ArgumentParser:
     )
     half.add_argument("--model", required=True, help="bundle directory or models:/NAME@ALIAS")
     half.add_argument("--data", required=True, type=Path, help="labeled offer file or history store")
-    half.add_argument(
-        "--split",
-        choices=("auto", *PROTOCOLS, "all"),
-        default="auto",
-        help="auto: the model's own held-out split when DATA is its training data, else every offer (default auto)",
-    )
+    _add_split(half)
     half.add_argument(
         "--required",
         type=_threshold(0.5),
@@ -408,6 +398,15 @@ def _add_labels(parser: argparse.ArgumentParser) -> None:
         default="category",
         help="the column holding the category, or columns joined with ' > ' into a category path, "
         "e.g. gender,master_category,sub_category,article_type (default category)",
+    )
+
+
+def _add_split(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--split",
+        choices=("auto", *PROTOCOLS, "all"),
+        default="auto",
+        help="auto: the model's own held-out split when DATA is its training data, else every offer (default auto)",
     )
 
 
