@@ -51,8 +51,8 @@ class _Device:
         self.spaces = classifier.spaces
         self.pad_to = classifier.pad_to
 
-    def score(self, inputs):
-        result = self._classifier.score(inputs)
+    def score(self, inputs, bound=None):
+        result = self._classifier.score(inputs, bound=bound)
         time.sleep(self._seconds * len(next(iter(inputs.values()))))
         return result
 

@@ -7,7 +7,7 @@ The inference process, ``catstream evaluate`` and ``catstream audit`` all score 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -24,6 +24,7 @@ from core.schemas import Offer
 __all__ = [
     "ACCELERATORS",
     "SERVED_SPACES",
+    "BoundBatch",
     "OfferEmbedder",
     "OnnxClassifier",
     "Precision",
@@ -92,6 +93,82 @@ def provider_options(
         else:
             options.append((name, {}))
     return options
+
+
+# ONNX element types of the outputs a binding preallocates, as numpy dtypes.
+_OUTPUT_DTYPES = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+    "tensor(int64)": np.int64,
+}
+
+
+class BoundBatch:
+    """One batch shape's I/O binding (ONNX Runtime's IOBinding): the graph's outputs go straight
+    into arrays preallocated once, and its inputs come from fixed memory.
+
+    On an accelerator (``device="cuda"``) each input has its own device buffer, allocated once
+    and refilled in place before each run (one host-to-device copy, no allocation); on the CPU the
+    inputs are bound to the caller's arrays themselves (the inference loop's gather buffers, which
+    never move), so nothing is copied at all. Either way the outputs land in host arrays this
+    binding owns: :meth:`run` returns them, and the next run overwrites them.
+
+    ``own_inputs`` gives the inputs buffers of their own on the CPU too (what the accelerator path
+    does, on host memory: its tests run it so).
+    """
+
+    def __init__(
+        self,
+        session: ort.InferenceSession,
+        inputs: dict[str, np.ndarray],
+        outputs: Sequence[str],
+        *,
+        device: str,
+        own_inputs: bool | None = None,
+    ):
+        self.rows = len(next(iter(inputs.values())))
+        self._session = session
+        self._binding = session.io_binding()
+        self._held: dict[str, np.ndarray] = {}  # what each input bound in place is bound to, kept alive
+        self._owned: dict[str, ort.OrtValue] = {}  # each input's own buffer, refilled before each run
+        for name, array in inputs.items():
+            if own_inputs or (own_inputs is None and device != "cpu"):
+                value = ort.OrtValue.ortvalue_from_shape_and_type(array.shape, array.dtype, device, 0)
+                self._binding.bind_ortvalue_input(name, value)
+                self._owned[name] = value
+            else:
+                self._bind_host(name, array)
+        declared = {item.name: item for item in session.get_outputs()}
+        self.outputs: list[np.ndarray] = []
+        for name in outputs:
+            output = declared[name]
+            dims = output.shape[1:]
+            if output.type not in _OUTPUT_DTYPES or not all(isinstance(dim, int) for dim in dims):
+                raise BundleError(f"output {name} ({output.type}, shape {output.shape}) cannot be preallocated")
+            array = np.empty((self.rows, *dims), dtype=_OUTPUT_DTYPES[output.type])
+            self._binding.bind_output(name, "cpu", 0, array.dtype, array.shape, array.ctypes.data)
+            self.outputs.append(array)
+
+    def run(self, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """The outputs for ``inputs`` (``(rows, …)`` arrays by input name, the shapes bound)."""
+        for name, array in inputs.items():
+            if array.shape[0] != self.rows:
+                raise ValueError(f"input {name} has {array.shape[0]} rows; this binding takes {self.rows}")
+            if name in self._owned:
+                self._owned[name].update_inplace(np.ascontiguousarray(array))
+            # the gather buffers never move, so this rebinds only when the caller's memory did
+            elif array.ctypes.data != self._held[name].ctypes.data or not array.flags.c_contiguous:
+                self._bind_host(name, array)
+        self._binding.synchronize_inputs()
+        self._session.run_with_iobinding(self._binding)
+        self._binding.synchronize_outputs()
+        return self.outputs
+
+    def _bind_host(self, name: str, array: np.ndarray) -> None:
+        array = np.ascontiguousarray(array)
+        self._binding.bind_input(name, "cpu", 0, array.dtype, array.shape, array.ctypes.data)
+        self._held[name] = array
 
 
 def padded_sizes(max_batch_size: int) -> tuple[int, ...]:
@@ -181,6 +258,9 @@ class OnnxClassifier:
         self.uses_lexical = bundle.has_lexical
         # Batches padded to a few sizes (on an accelerator): each shape's kernels are chosen once.
         self.pad_to = tuple(sorted(pad_to)) if pad_to else ()
+        # With padding: score(bound=key) runs through one BoundBatch per key and padded size.
+        self.io_binding = False
+        self._bound: dict[tuple[Hashable, int], BoundBatch] = {}
         shown = graph.relative_to(bundle.path) if graph.is_relative_to(bundle.path) else graph
         log.info("ONNX Runtime session on %s (%s, %s)", self.session.get_providers(), shown, self.precision)
 
@@ -189,13 +269,16 @@ class OnnxClassifier:
         """Whether the session runs on an accelerator (CUDA or TensorRT), not only the CPU."""
         return any(name in ACCELERATORS for name in self.session.get_providers())
 
-    def warm_up(self, example: dict[str, np.ndarray]) -> list[int]:
+    def warm_up(self, example: dict[str, np.ndarray], *, bound: Sequence[Hashable] = ()) -> list[int]:
         """Run each padded batch size once (or the example's own size when there are none) on
         copies of ``example``'s first row, so that no offer pays for a shape's first run; returns
-        the sizes run."""
+        the sizes run. With :attr:`io_binding`, once under each of the ``bound`` keys, which sets
+        up their bindings."""
         sizes = list(self.pad_to) or [len(next(iter(example.values())))]
         for size in sizes:
-            self.score({name: np.repeat(array[:1], size, axis=0) for name, array in example.items()})
+            rows = {name: np.repeat(array[:1], size, axis=0) for name, array in example.items()}
+            for key in bound if self.io_binding and self.pad_to else [None]:
+                self.score(rows, bound=key)
         return sizes
 
     def logits(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
@@ -203,15 +286,35 @@ class OnnxClassifier:
         array (``core.features.FeatureBatch.inputs``); the graph takes the ones it declares."""
         return self.score(inputs)[0]
 
-    def score(self, inputs: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    def score(
+        self, inputs: dict[str, np.ndarray], *, bound: Hashable | None = None
+    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """``(logits, vectors)``: :meth:`logits` and, by space, the ``(N, D)`` unit vectors of the
-        batch (an empty dict without an embedder)."""
+        batch (an empty dict without an embedder).
+
+        ``bound``: with :attr:`io_binding` on and batches padded, run through the I/O binding kept
+        under this key for the padded size (:class:`BoundBatch`; the inference loop keys one per
+        set of gather buffers). The arrays returned are then views of the binding's own, which
+        the key's next run overwrites.
+        """
         missing = [name for name in self.input_names if name not in inputs]
         if missing:
             raise ValueError(f"this model needs the input(s) {', '.join(missing)}")
         feeds, rows = pad_rows({name: inputs[name] for name in self.input_names}, self.pad_to)
-        logits, *vectors = (output[:rows] for output in self.session.run(self._outputs, feeds))
+        if bound is not None and self.io_binding and self.pad_to:
+            outputs = self._binding(bound, feeds).run(feeds)
+        else:
+            outputs = self.session.run(self._outputs, feeds)
+        logits, *vectors = (output[:rows] for output in outputs)
         return self._with_lexical(logits, inputs), dict(zip(self.spaces, vectors, strict=True))
+
+    def _binding(self, key: Hashable, feeds: dict[str, np.ndarray]) -> BoundBatch:
+        rows = len(next(iter(feeds.values())))
+        binding = self._bound.get((key, rows))
+        if binding is None:
+            device = "cuda" if self.accelerated else "cpu"  # TensorRT's memory is CUDA's
+            binding = self._bound[key, rows] = BoundBatch(self.session, feeds, self._outputs, device=device)
+        return binding
 
     def _with_lexical(self, logits: np.ndarray, inputs: dict[str, np.ndarray]) -> np.ndarray:
         if not self.uses_lexical:

@@ -130,6 +130,12 @@ class Settings(BaseSettings):
         "overlap with its run (measured in bench/inference_loop.py); off: gather, run and decide one after another. "
         "Unset: on an accelerator only (on the CPU the model's own thread is busy with all of it anyway).",
     )
+    io_binding: bool | None = Field(
+        None,
+        description="Bind the model's inputs and outputs to memory allocated once (ONNX Runtime's IOBinding): on an "
+        "accelerator a device buffer per input, per padded batch size and per gather buffer set, refilled in place, "
+        "and host arrays the outputs land in. Needs padded batches. Unset: on an accelerator only.",
+    )
     precision: Literal["auto", "fp32", "fp16"] = Field(
         "auto",
         description="auto: the bundle's fp16 graph on an accelerator where its fp16 check accepted it "

@@ -8,9 +8,10 @@ work per offer is left here.
 
 On an accelerator the stages overlap (``inference_overlap``): one model thread runs a batch (ONNX
 Runtime lets go of the GIL while it runs) while the loop decides for the batch before it and
-gathers the next one. Batches are gathered
-into two preallocated sets of buffers, one per batch in hand, already padded to their fixed size
-on an accelerator, so a turn of the loop allocates no input arrays.
+gathers the next one. Batches are gathered into two preallocated sets of buffers, one per batch
+in hand, already padded to their fixed size on an accelerator, so a turn of the loop allocates no
+input arrays. There (``io_binding``) each set and padded size also has its own I/O binding: device
+buffers for the inputs, refilled in place, and preallocated arrays the outputs land in.
 
 One inference process serves one model generation: its queue and its bundle. When the model
 changes, the supervisor starts the next generation's process beside it and stops this one once
@@ -19,6 +20,7 @@ its queue is empty; each writes its counters to its own row of the node's board.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
@@ -71,6 +73,10 @@ class InferenceWorker:
         self.classifier.pad_to = padded_sizes(settings.max_batch_size) if pad else ()
         overlap = settings.inference_overlap
         self.overlap = overlap if overlap is not None else self.classifier.accelerated
+        binding = settings.io_binding if settings.io_binding is not None else self.classifier.accelerated
+        if binding and not pad:
+            log.warning("I/O binding needs padded batches (CATSTREAM_PAD_BATCHES); running without it")
+        self.classifier.io_binding = binding and pad
         self._warm_up()  # before run() reports ready
         missing = {field.name for field in queue.layout.vectors} - set(self.classifier.spaces)
         if missing:
@@ -162,12 +168,14 @@ class InferenceWorker:
     def _submit(self, model: ThreadPoolExecutor, gathered: tuple[SlotBatch, int]) -> _Run:
         batch, buffers = gathered
         submitted_ns = time.time_ns()
+        # bound to its buffer set: on an accelerator, each set has its own device memory
+        score = functools.partial(self.classifier.score, bound=buffers)
         if self.overlap:
-            future = model.submit(_timed, self.classifier.score, batch.features.inputs)
+            future = model.submit(_timed, score, batch.features.inputs)
             return _Run(batch, buffers, future, submitted_ns)
         done: Future = Future()  # overlap off: run here, and the next turn decides for it
         try:
-            done.set_result(_timed(self.classifier.score, batch.features.inputs))
+            done.set_result(_timed(score, batch.features.inputs))
         except Exception as error:
             done.set_exception(error)
         return _Run(batch, buffers, done, submitted_ns)
@@ -188,13 +196,14 @@ class InferenceWorker:
         CPU) before reporting ready: on CUDA the first run of a shape chooses its kernels."""
         example = {field.name: np.zeros((1, *field.shape), dtype=field.dtype) for field in self.queue.layout.fields}
         started = time.perf_counter()
-        sizes = self.classifier.warm_up(example)
+        sizes = self.classifier.warm_up(example, bound=(0, 1))
         log.info(
-            "warmed up on %s, batch sizes %s, in %.2f s; the model runs %s",
+            "warmed up on %s, batch sizes %s, in %.2f s; the model runs %s%s",
             self.classifier.session.get_providers()[0],
             sizes,
             time.perf_counter() - started,
             "in its own thread, overlapped" if self.overlap else "in the loop, in turn",
+            ", its inputs and outputs bound to preallocated memory" if self.classifier.io_binding else "",
         )
 
     def _finish(self, run: _Run) -> None:

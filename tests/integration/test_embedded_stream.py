@@ -15,7 +15,7 @@ from core.features import Featurizer
 from core.images import ImagePolicy, image_bytes
 from core.offer_files import offers_from_frame, read_offer_file
 from core.schemas import decode_vectors
-from core.scoring import OnnxClassifier, padded_sizes
+from core.scoring import BoundBatch, OnnxClassifier, padded_sizes
 from core.text import product_key
 from producers.publish import publish_offers
 from tests.conftest import read_predictions
@@ -85,3 +85,63 @@ def test_padded_batches_give_exactly_the_rows_of_unpadded_ones(marketplace, embe
         for space, vector in vectors.items():
             assert vector.shape == expected_vectors[space].shape
             np.testing.assert_allclose(vector, expected_vectors[space], rtol=1e-5, atol=1e-5)
+
+
+def test_bound_batches_see_each_new_batch_and_give_what_plain_runs_give(marketplace, embedded_bundle):
+    """I/O binding on the CPU binds the inputs to the caller's memory and the outputs to arrays of
+    its own: a run must read the batch now in that memory (refilled in place, or moved), never the
+    one that was there when it was bound, and give what a plain run of the same shape gives."""
+    bundle = ModelBundle.load(embedded_bundle)
+    offers = list(offers_from_frame(read_offer_file(marketplace).head(48)))
+    inputs = Featurizer.from_bundle(bundle, image_policy=ImagePolicy.for_offer_files()).batch(offers).inputs
+    plain = OnnxClassifier(bundle, embeddings=True, pad_to=(8, 16))
+    bound = OnnxClassifier(bundle, embeddings=True, pad_to=(8, 16))
+    bound.io_binding = True
+    buffers = {name: np.empty((16, *array.shape[1:]), dtype=array.dtype) for name, array in inputs.items()}
+
+    def expect(batch, logits, vectors):
+        expected_logits, expected_vectors = plain.score(batch)
+        np.testing.assert_allclose(logits, expected_logits, rtol=1e-6, atol=1e-6)
+        for space, vector in vectors.items():
+            np.testing.assert_allclose(vector, expected_vectors[space], rtol=1e-6, atol=1e-6)
+
+    seen = []
+    for start in (0, 16, 32):  # three batches refilled into the same memory, as the gather buffers are
+        for name, array in inputs.items():
+            buffers[name][:] = array[start : start + 16]
+        logits, vectors = bound.score(buffers, bound=0)
+        expect({name: array[start : start + 16] for name, array in inputs.items()}, logits, vectors)
+        seen.append(logits.copy())
+    assert not np.allclose(seen[0], seen[1]) and not np.allclose(seen[1], seen[2])
+    moved = {name: array[:16].copy() for name, array in inputs.items()}  # the same key, other memory
+    expect(moved, *bound.score(moved, bound=0))
+    short = {name: array[20:25] for name, array in inputs.items()}  # 5 rows, padded to 8, a second key
+    logits, vectors = bound.score(short, bound=1)
+    assert logits.shape == (5, len(bundle.labels))
+    expect(short, logits, vectors)
+    # each key's outputs are its own: the loop decides for one buffer set's batch while the other's runs
+    first = {name: array[:16] for name, array in inputs.items()}
+    kept = bound.score(first, bound=0)
+    bound.score({name: array[16:32] for name, array in inputs.items()}, bound=1)
+    expect(first, *kept)
+
+
+def test_a_binding_with_input_buffers_of_its_own_refills_them_before_each_run(marketplace, embedded_bundle):
+    """The accelerator's way (each input copied into a buffer the binding owns, then run), on host
+    memory: every run must give what a plain run of the same batch gives, whether the batch comes
+    in the same arrays refilled or in new ones."""
+    bundle = ModelBundle.load(embedded_bundle)
+    offers = list(offers_from_frame(read_offer_file(marketplace).head(24)))
+    inputs = Featurizer.from_bundle(bundle, image_policy=ImagePolicy.for_offer_files()).batch(offers).inputs
+    session = OnnxClassifier(bundle, embeddings=True).session
+    names = [item.name for item in session.get_inputs()]
+    outputs = [item.name for item in session.get_outputs()]
+    batches = [{name: inputs[name][start : start + 8] for name in names} for start in (0, 8, 16)]
+    binding = BoundBatch(session, batches[0], outputs, device="cpu", own_inputs=True)
+    refilled = {name: array.copy() for name, array in batches[0].items()}
+    for batch in [*batches, *batches[::-1]]:
+        for name in names:
+            refilled[name][:] = batch[name]
+        for given in (batch, refilled):
+            for got, expected in zip(binding.run(given), session.run(outputs, batch), strict=True):
+                np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)

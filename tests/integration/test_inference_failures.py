@@ -15,6 +15,7 @@ from core.features import Featurizer
 from core.node_board import NodeBoard
 from core.offer_files import read_offer_file
 from core.schemas import Offer
+from core.scoring import vector_fields_of
 from gpu_workers.worker import InferenceWorker
 
 pytestmark = pytest.mark.integration
@@ -26,7 +27,7 @@ class _LostDevice:
     spaces = ()
     pad_to = ()
 
-    def score(self, inputs):
+    def score(self, inputs, bound=None):
         raise RuntimeError("CUDA error: device lost")
 
 
@@ -77,15 +78,16 @@ def test_failed_batch_fails_every_item_and_repeated_failures_exit_non_zero(bundl
         board.close()
 
 
-def _drain(bundle, marketplace, stream_settings, tmp_path, *, overlap: bool, offers: int = 45, model=None):
-    """A queue of ``offers`` ready offers drained by a worker; ``(queue, board, worker)``, open."""
+def _drain(bundle, marketplace, stream_settings, tmp_path, *, overlap: bool, offers: int = 45, model=None, **more):
+    """A queue of ``offers`` ready offers drained by a worker; ``(queue, board, worker)``, open.
+    ``more``: further settings."""
     served = ModelBundle.load(bundle)
     settings = stream_settings.model_copy(
-        update={"max_batch_size": 8, "max_wait_ms": 0.0, "inference_overlap": overlap}
+        update={"max_batch_size": 8, "max_wait_ms": 0.0, "inference_overlap": overlap, **more}
     )
     featurizer = Featurizer.from_bundle(served)
     tmp_path.mkdir(exist_ok=True)
-    layout = QueueLayout(workers=1, slots_per_worker=offers, fields=featurizer.fields)
+    layout = QueueLayout(workers=1, slots_per_worker=offers, fields=featurizer.fields, vectors=vector_fields_of(served))
     queue = FeatureQueue.create(layout, directory=tmp_path)
     board = NodeBoard.create(1, directory=tmp_path)
     worker = InferenceWorker(settings, served, queue, board, row=0)
@@ -116,6 +118,37 @@ def test_the_overlapped_loop_decides_every_offer_as_the_loop_in_turn_does(
     assert len({top3[0] for _, top3, _ in answers[0]}) > 5  # not one answer for all
 
 
+def test_bound_inputs_and_outputs_decide_as_plain_runs(embedded_bundle, marketplace, stream_settings, tmp_path):
+    """I/O binding (on the CPU: the model reads the gather buffers in place and writes into arrays
+    of its own) must give every offer the answer a plain run gives: a binding that read a stale
+    batch, or outputs overwritten before they were decided on, would repeat answers."""
+    answers = []
+    for binding in (False, True):
+        queue, board, worker = _drain(
+            embedded_bundle,
+            marketplace,
+            stream_settings,
+            tmp_path / str(binding),
+            overlap=True,
+            pad_batches=True,
+            io_binding=binding,
+        )
+        try:
+            assert worker.classifier.io_binding is binding and worker.classifier.pad_to == (8,)
+            assert worker.run() == 0
+            labels = ModelBundle.load(embedded_bundle).labels
+            scored = [queue.scored(slot, labels) for slot in range(45)]
+            vectors = [{space: v.tobytes() for space, v in s.vectors.items()} for s in scored]
+            answers.append([(s.meta.offer_id, s.decision.top3, s.decision.category) for s in scored] + vectors)
+            assert board.inference_total("predicted") == 45 and board.inference_total("batches") == 6
+        finally:
+            queue.close()
+            board.close()
+    assert answers[0] == answers[1]
+    assert len({top3[0] for _, top3, _ in answers[1][:45]}) > 5
+    assert len({vectors["image"] for vectors in answers[1][45:]}) > 5
+
+
 class _Stalling:
     """The real model, whose second run waits until released (a device that stopped answering)."""
 
@@ -125,12 +158,12 @@ class _Stalling:
         self.runs = 0
         self.stalled, self.release = threading.Event(), threading.Event()
 
-    def score(self, inputs):
+    def score(self, inputs, bound=None):
         self.runs += 1
         if self.runs == 2:
             self.stalled.set()
             self.release.wait(30)
-        return self._classifier.score(inputs)
+        return self._classifier.score(inputs, bound=bound)
 
 
 def test_a_run_that_hangs_in_the_model_thread_stops_the_heartbeat(bundle, marketplace, stream_settings, tmp_path):
