@@ -7,9 +7,13 @@ Prints, and writes as JSON:
    default with ``--device cuda``) the check fails when CUDA was asked for and the CPU runs;
 3. the model alone at 96 and 224 px for batches 64 to 512, fp32 and fp16: ONNX Runtime where its
    CUDA provider loads (fp16: the graph ``catstream check-fp16`` makes, with the largest logit
-   difference it gives on the device), and PyTorch on the same device always (the network is
-   catstream's own, MobileNetV2 image branch and text branches, with random weights: speed does
-   not depend on them);
+   difference it gives on the device), each by plain runs and through the serving loop's I/O
+   binding (``core.scoring.BoundBatch``: device buffers refilled in place, outputs into
+   preallocated arrays; the check fails where the two disagree), and PyTorch on the same device
+   always (the network is catstream's own, MobileNetV2 image branch and text branches, with random
+   weights: speed does not depend on them). Where the CUDA provider runs, its options are measured
+   too: cuDNN's algorithm search (EXHAUSTIVE, HEURISTIC, DEFAULT: the first run of a batch shape
+   against the items/s after it) and the memory arena's growth (the device memory a session holds);
 4. JPEG decoding on the GPU (``torchvision.io.decode_jpeg`` on CUDA) against Pillow on one core,
    on 600 x 800 photos;
 5. with ``--bundle`` (a trained bundle; the device machine has none unless one travels): the
@@ -123,7 +127,7 @@ def ort_model_alone(sizes, batches, device: str, seconds: float) -> tuple[list[d
     """The exported network in ONNX Runtime; ``(rows, providers)``: which providers each session used."""
     import onnxruntime as ort
 
-    from core.scoring import choose_providers, provider_options
+    from core.scoring import ACCELERATORS, BoundBatch, choose_providers, provider_options
     from training.export import export_onnx, input_names
     from training.half_precision import to_half_precision
 
@@ -149,21 +153,74 @@ def ort_model_alone(sizes, batches, device: str, seconds: float) -> tuple[list[d
                 options = provider_options(providers, fp16=precision == "fp16")
                 session = ort.InferenceSession(str(graph), providers=options)
                 used[f"{size}px"] = session.get_providers()
+                memory = "cuda" if session.get_providers()[0] in ACCELERATORS else "cpu"
                 for batch in batches:
                     feeds = {name: t.numpy() for name, t in zip(names, inputs(size, batch, "cpu"), strict=True)}
-                    rate = timed(lambda session=session, feeds=feeds: session.run(["logits"], feeds), seconds) * batch
+                    # plain runs against the serving loop's I/O binding (device buffers refilled in place)
+                    binding = BoundBatch(session, feeds, ["logits"], device=memory)
+                    for io, run in (
+                        ("plain", lambda session=session, feeds=feeds: session.run(["logits"], feeds)),
+                        ("bound", lambda binding=binding, feeds=feeds: binding.run(feeds)),
+                    ):
+                        rate = timed(run, seconds) * batch
+                        row = {"px": size, "batch": batch, "precision": precision, "io": io, "items_s": rate}
+                        rows.append({"engine": "onnxruntime", **row})
+                        print(
+                            f"  onnxruntime {size:>3} px  batch {batch:>4}  {precision}  {io}: {rate:>10,.0f} items/s",
+                            flush=True,
+                        )
                     outputs[precision] = session.run(["logits"], feeds)[0]
-                    rows.append(
-                        {"engine": "onnxruntime", "px": size, "batch": batch, "precision": precision, "items_s": rate}
-                    )
-                    print(
-                        f"  onnxruntime {size:>3} px  batch {batch:>4}  {precision}: {rate:>10,.0f} items/s", flush=True
-                    )
+                    key = f"{size}px_{precision}_bound_vs_plain_max_abs_logit_difference"
+                    used[key] = max(used.get(key, 0.0), float(np.abs(binding.run(feeds)[0] - outputs[precision]).max()))
             # on the device itself: how far fp16 moves the logits of the largest batch (random weights)
             difference = float(np.max(np.abs(outputs["fp16"] - outputs["fp32"])))
             used[f"{size}px_fp16_max_abs_logit_difference"] = difference
             print(f"  onnxruntime {size:>3} px  fp16 vs fp32: largest logit difference {difference:.3g}", flush=True)
     return rows, used
+
+
+def cuda_provider_options(size: int, batches: list[int], seconds: float) -> list[dict]:
+    """The CUDA provider's options, measured to choose the node's: cuDNN's convolution algorithm
+    search (what the first run of each batch shape costs, during the warm-up, against the items/s
+    after it) and the memory arena's growth (the device memory the session holds after running
+    every batch size), on the fp32 graph at ``size`` px."""
+    import onnxruntime as ort
+
+    from training.export import export_onnx, input_names
+
+    rows = []
+    with tempfile.TemporaryDirectory() as work:
+        model = network(size)
+        path = Path(work) / "model.onnx"
+        export_onnx(model, path)
+        names = input_names(model)
+        for search in ("EXHAUSTIVE", "HEURISTIC", "DEFAULT"):
+            for arena in ("kNextPowerOfTwo", "kSameAsRequested"):
+                options = {"cudnn_conv_algo_search": search, "arena_extend_strategy": arena}
+                free_before = torch.cuda.mem_get_info()[0]
+                started = time.perf_counter()
+                session = ort.InferenceSession(str(path), providers=[("CUDAExecutionProvider", options)])
+                row: dict = {"px": size, **options, "session_s": time.perf_counter() - started}
+                for batch in batches:
+                    feeds = {name: t.numpy() for name, t in zip(names, inputs(size, batch, "cpu"), strict=True)}
+                    started = time.perf_counter()
+                    session.run(["logits"], feeds)
+                    row[f"first_run_s_batch_{batch}"] = time.perf_counter() - started
+                    row[f"items_s_batch_{batch}"] = (
+                        timed(lambda s=session, f=feeds: s.run(["logits"], f), seconds) * batch
+                    )
+                row["device_memory_mib"] = (free_before - torch.cuda.mem_get_info()[0]) / 2**20
+                del session
+                rows.append(row)
+                print(
+                    f"  {search:<10} {arena:<16} first runs "
+                    + ", ".join(f"{row[f'first_run_s_batch_{b}']:.2f}" for b in batches)
+                    + " s; items/s "
+                    + ", ".join(f"{row[f'items_s_batch_{b}']:,.0f}" for b in batches)
+                    + f"; device memory {row['device_memory_mib']:,.0f} MiB",
+                    flush=True,
+                )
+    return rows
 
 
 def jpeg_decode(device: str, seconds: float) -> dict:
@@ -250,6 +307,18 @@ def main() -> int:
         used = [p for key, p in report["ort_providers"].items() if key.endswith("px")]
         if require_cuda and (not used or any(providers[0] != "CUDAExecutionProvider" for providers in used)):
             failures.append(f"ONNX Runtime did not run on CUDA: {report['ort_providers']}")
+        for key, difference in report["ort_providers"].items():
+            if key.endswith("bound_vs_plain_max_abs_logit_difference") and difference > 1e-3:
+                failures.append(f"bound runs differ from plain runs: {key} = {difference:.3g}")
+        if "CUDAExecutionProvider" in report["ort_providers"].get(f"{sizes[-1]}px", []):
+            print(f"CUDA provider options, {sizes[-1]} px, batches {batches[0]} and {batches[-1]}:", flush=True)
+            try:  # a measurement that fails is reported, and the rest of the check still runs
+                report["cuda_provider_options"] = cuda_provider_options(
+                    sizes[-1], [batches[0], batches[-1]], args.seconds / 2
+                )
+            except Exception as error:
+                report["cuda_provider_options"] = f"failed: {type(error).__name__}: {error}"
+                failures.append(f"measuring the CUDA provider's options failed: {error}")
         print("JPEG decoding:", flush=True)
         report["jpeg_decode"] = jpeg_decode(args.device, args.seconds)
     if args.bundle:
