@@ -247,7 +247,11 @@ class _Watchdog:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="image-deadlines", daemon=True)
                 self._thread.start()
-            self._condition.notify()
+            # Woken only for a new earliest deadline: fetches share one timeout, so nearly every
+            # guard goes behind the others, and the thread sleeps through them instead of waking
+            # (for the GIL) once per fetch. Guards that finished are dropped when it next wakes.
+            if self._deadlines[0][2] is guard:
+                self._condition.notify()
 
     def _run(self) -> None:
         with self._condition:
@@ -281,12 +285,14 @@ class _Guard:
 
     def expire(self) -> None:
         self.expired = True
-        if self._socket is not None:
+        sock = self._socket  # once: the fetch may cancel meanwhile
+        if sock is not None:
             with contextlib.suppress(OSError):  # already closed: nothing left to cut off
-                self._socket.shutdown(socket.SHUT_RDWR)
+                sock.shutdown(socket.SHUT_RDWR)
 
     def cancel(self) -> None:
-        self.done = True  # the watchdog drops it when it next looks
+        self.done = True  # the watchdog drops it when it next wakes
+        self._socket = None
 
 
 _WATCHDOG = _Watchdog()
