@@ -31,15 +31,14 @@ messages carry the URLs and the node fetches them).
 from __future__ import annotations
 
 import argparse
+import atexit
 import base64
 import dataclasses
-import http.server
 import io
 import json
 import os
 import sys
 import tempfile
-import threading
 import time
 import urllib.parse
 import urllib.request
@@ -54,7 +53,8 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from _null_model import null_bundle  # noqa: E402  (bench/, the script's own folder)
+from _image_host import SlowImageHost  # noqa: E402  (bench/, the script's own folder)
+from _null_model import null_bundle  # noqa: E402
 from _record import record  # noqa: E402
 from _stream import cpu_seconds, every_key, node_roles, process_tree, wait_ready  # noqa: E402
 
@@ -159,39 +159,6 @@ def large_jpeg(path: Path) -> str:
     return base64.b64encode(buffer.getvalue()).decode()
 
 
-class SlowImageHost:
-    """Serves image files on 127.0.0.1, each answer after ``delay_s``: a remote image host."""
-
-    def __init__(self, files: list[Path], delay_s: float):
-        bodies = {f"/{n}.jpg": file.read_bytes() for n, file in enumerate(files) if file.is_file()}
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def do_GET(self):
-                time.sleep(delay_s)
-                body = bodies.get(self.path)
-                if body is None:
-                    self.send_error(404)
-                    return
-                self.send_response(200)
-                self.send_header("Content-Type", "image/jpeg")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *_):
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.base = f"http://127.0.0.1:{self.server.server_address[1]}"
-
-    def close(self) -> None:
-        self.server.shutdown()
-
-
 def with_images(offers: list[Offer], kind: str, host: SlowImageHost | None) -> list[Offer]:
     """The offers with their images as ``kind`` says (see the module's doc)."""
     if kind == "files":
@@ -234,8 +201,14 @@ def pipeline(
     wait_ms: float,
     threads: int,
     env: dict[str, str] | None = None,
+    host: SlowImageHost | None = None,
 ) -> dict:
-    """``catstream run`` on ``bundle_path``: the offers are published once it is ready."""
+    """``catstream run`` on ``bundle_path``: the offers are published once it is ready. With
+    ``host`` (the image host it fetches from), the host's CPU is reported beside the node's roles."""
+
+    def cpu_by_role() -> dict[str, float]:
+        return _cpu_by_role(node.pid, log_path) | ({"image host": cpu_seconds(host.pid)} if host else {})
+
     node = start_node(
         bundle_path,
         settings,
@@ -246,7 +219,7 @@ def pipeline(
     )
     try:
         wait_ready(log_path)
-        before, ready_at = _cpu_by_role(node.pid, log_path), time.monotonic()
+        before, ready_at = cpu_by_role(), time.monotonic()
         ready_ms = time.time() * 1000.0
         publish_offers(offers, settings, progress=False)
         after: dict[str, float] = {}
@@ -254,7 +227,7 @@ def pipeline(
 
         def until(messages) -> bool:
             if last_key(messages):
-                after.update(_cpu_by_role(node.pid, log_path))  # at the last prediction
+                after.update(cpu_by_role())  # at the last prediction
                 after["_at"] = time.monotonic()
                 return True
             return False
@@ -263,10 +236,7 @@ def pipeline(
         # What each role spends with nothing to do (polling loops, librdkafka's threads), per second:
         # subtracted, so that the per-offer cost is what an offer adds.
         time.sleep(_IDLE_S)
-        idle = {
-            role: (seconds - after.get(role, 0.0)) / _IDLE_S
-            for role, seconds in _cpu_by_role(node.pid, log_path).items()
-        }
+        idle = {role: (seconds - after.get(role, 0.0)) / _IDLE_S for role, seconds in cpu_by_role().items()}
     finally:
         stop_node(node)
     busy_s = after.pop("_at") - ready_at
@@ -388,6 +358,7 @@ def main() -> int:
     host = None
     if args.images == "http":
         host = SlowImageHost([local_path(offer.image_url or "") for offer in offers], args.http_delay_ms / 1000.0)
+        atexit.register(host.close)
     node_env = {"CATSTREAM_IMAGE_ALLOW_PRIVATE_HOSTS": "true"} if host else {}
     offers = with_images(offers, args.images, host)
 
@@ -418,6 +389,7 @@ def main() -> int:
                     args.max_wait_ms,
                     args.intra_op_threads,
                     node_env,
+                    host,
                 )
     ratios = {}
     if "pipeline" in results and "naive" in results:
@@ -442,8 +414,6 @@ def main() -> int:
         },
         args.out,
     )
-    if host:
-        host.close()
     size = bundle.config.model.image_size
     print(f"\nmodel {size}px, {len(offers)} offers, images: {args.images}, {os.cpu_count()} CPUs")
     print(f"{'variant':<10} {'offers/s':>10}  CPU µs per offer (from ready to the last prediction)")
