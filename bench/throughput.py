@@ -312,7 +312,7 @@ def main() -> int:
     parser.add_argument("--offers", type=int, default=600, help="offers streamed through each variant (default 600)")
     parser.add_argument("--image-size", type=int, default=224, help="image size of the trained model (default 224)")
     parser.add_argument("--preprocess-workers", type=int, default=1, help="pipeline preprocess processes (default 1)")
-    parser.add_argument("--max-batch-size", type=int, default=32, help="pipeline batch size (default 32)")
+    parser.add_argument("--max-batch-size", type=int, default=16, help="pipeline batch size (default 16, the node's)")
     parser.add_argument("--max-wait-ms", type=float, default=10.0, help="pipeline batch wait (default 10)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="PyTorch threads of the naive loop")
     parser.add_argument(

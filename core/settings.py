@@ -87,7 +87,12 @@ class Settings(BaseSettings):
     )
 
     # --- Batching and inference ---------------------------------------------------------------
-    max_batch_size: int = Field(32, ge=1, description="Flush a batch when it holds this many offers.")
+    max_batch_size: int = Field(
+        16,
+        ge=1,
+        description="Flush a batch when it holds this many offers. 16 suits the CPU (measured in bench/README.md); "
+        "an accelerator wants larger batches (helm/catstream/ci/gpu-values.yaml).",
+    )
     max_wait_ms: float = Field(
         10.0, ge=0, description="Flush a batch this long after its first offer arrived, even if not full."
     )
