@@ -275,9 +275,10 @@ class OnnxClassifier:
         the sizes run. With :attr:`io_binding`, once under each of the ``bound`` keys, which sets
         up their bindings."""
         sizes = list(self.pad_to) or [len(next(iter(example.values())))]
+        keys = list(bound) if self.io_binding and self.pad_to and bound else [None]  # None: a plain run
         for size in sizes:
             rows = {name: np.repeat(array[:1], size, axis=0) for name, array in example.items()}
-            for key in bound if self.io_binding and self.pad_to else [None]:
+            for key in keys:
                 self.score(rows, bound=key)
         return sizes
 
