@@ -127,7 +127,7 @@ def ort_model_alone(sizes, batches, device: str, seconds: float) -> tuple[list[d
     """The exported network in ONNX Runtime; ``(rows, providers)``: which providers each session used."""
     import onnxruntime as ort
 
-    from core.scoring import ACCELERATORS, BoundBatch, choose_providers, provider_options
+    from core.scoring import BoundBatch, binding_device, choose_providers, provider_options
     from training.export import export_onnx, input_names
     from training.half_precision import to_half_precision
 
@@ -153,11 +153,10 @@ def ort_model_alone(sizes, batches, device: str, seconds: float) -> tuple[list[d
                 options = provider_options(providers, fp16=precision == "fp16")
                 session = ort.InferenceSession(str(graph), providers=options)
                 used[f"{size}px"] = session.get_providers()
-                memory = "cuda" if session.get_providers()[0] in ACCELERATORS else "cpu"
                 for batch in batches:
                     feeds = {name: t.numpy() for name, t in zip(names, inputs(size, batch, "cpu"), strict=True)}
                     # plain runs against the serving loop's I/O binding (device buffers refilled in place)
-                    binding = BoundBatch(session, feeds, ["logits"], device=memory)
+                    binding = BoundBatch(session, feeds, ["logits"], device=binding_device(session))
                     for io, run in (
                         ("plain", lambda session=session, feeds=feeds: session.run(["logits"], feeds)),
                         ("bound", lambda binding=binding, feeds=feeds: binding.run(feeds)),

@@ -28,6 +28,7 @@ __all__ = [
     "OfferEmbedder",
     "OnnxClassifier",
     "Precision",
+    "binding_device",
     "check_bundle",
     "choose_providers",
     "pad_rows",
@@ -169,6 +170,12 @@ class BoundBatch:
         array = np.ascontiguousarray(array)
         self._binding.bind_input(name, "cpu", 0, array.dtype, array.shape, array.ctypes.data)
         self._held[name] = array
+
+
+def binding_device(session: ort.InferenceSession) -> str:
+    """Where a :class:`BoundBatch` of ``session`` keeps its inputs: ``"cuda"`` when the session runs
+    on an accelerator (TensorRT's memory is CUDA's), else ``"cpu"``."""
+    return "cuda" if any(name in ACCELERATORS for name in session.get_providers()) else "cpu"
 
 
 def padded_sizes(max_batch_size: int) -> tuple[int, ...]:
@@ -313,8 +320,8 @@ class OnnxClassifier:
         rows = len(next(iter(feeds.values())))
         binding = self._bound.get((key, rows))
         if binding is None:
-            device = "cuda" if self.accelerated else "cpu"  # TensorRT's memory is CUDA's
-            binding = self._bound[key, rows] = BoundBatch(self.session, feeds, self._outputs, device=device)
+            binding = BoundBatch(self.session, feeds, self._outputs, device=binding_device(self.session))
+            self._bound[key, rows] = binding
         return binding
 
     def _with_lexical(self, logits: np.ndarray, inputs: dict[str, np.ndarray]) -> np.ndarray:
