@@ -3,6 +3,7 @@ port is, an open-loop producer, and the memory of a process tree."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import threading
@@ -93,12 +94,28 @@ def every_key(expected: set[str]):
 class OpenLoopProducer:
     """Publishes offers at a fixed rate on a thread, whatever the node does (open loop): each offer
     is sent at its scheduled time, and how late the sender itself fell is recorded, so that a slow
-    benchmark machine is not mistaken for a slow node."""
+    benchmark machine is not mistaken for a slow node.
 
-    def __init__(self, offers: Sequence[Offer], settings: Settings, *, rate: float, duration_s: float):
+    ``linger_ms`` is how long librdkafka gathers offers into one batch before sending it. On the
+    embedded broker it decides how long a run stays fair: Tansu 0.6.0 keeps every batch as an
+    object in memory and lists all of a partition's objects on every fetch, so its cost per fetch
+    grows with the number of batches it holds, not with the offers. At 2 ms and a few hundred
+    offers a second nearly every offer is a batch of its own."""
+
+    def __init__(
+        self,
+        offers: Sequence[Offer],
+        settings: Settings,
+        *,
+        rate: float,
+        duration_s: float,
+        linger_ms: float = 2.0,
+    ):
         self.offers = offers
         self.settings = settings
         self.rate = rate
+        self.linger_ms = linger_ms
+        self.batch_sizes: list[float] = []  # librdkafka's mean offers per batch, one per statistics window
         self.total = int(rate * duration_s)
         self.sent = 0
         self.max_send_delay_s = 0.0
@@ -111,7 +128,13 @@ class OpenLoopProducer:
         return self
 
     def _run(self) -> None:
-        producer = Producer(producer_config(self.settings, **{"client.id": "bench-producer", "linger.ms": 2}))
+        producer = Producer(
+            producer_config(
+                self.settings,
+                **{"client.id": "bench-producer", "linger.ms": self.linger_ms, "statistics.interval.ms": 5000},
+            ),
+            stats_cb=self._statistics,
+        )
         self.started_at = time.monotonic()
         for number in range(self.total):
             due = self.started_at + number / self.rate
@@ -140,6 +163,16 @@ class OpenLoopProducer:
             self.sent += 1
             self.sent_ids.append(offer_id)
         producer.flush(60)
+
+    def _statistics(self, text: str) -> None:
+        batches = json.loads(text).get("topics", {}).get(self.settings.offers_topic, {}).get("batchcnt", {})
+        if batches.get("cnt"):
+            self.batch_sizes.append(batches["avg"])
+
+    @property
+    def mean_batch_size(self) -> float:
+        """Offers per batch sent, averaged over the run (nan before the first statistics)."""
+        return sum(self.batch_sizes) / len(self.batch_sizes) if self.batch_sizes else float("nan")
 
     def join(self, timeout: float | None = None) -> None:
         self._thread.join(timeout)

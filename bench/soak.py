@@ -13,11 +13,20 @@ At the end: offers lost (published, never predicted), duplicates, and the verdic
 RSS flat after warm-up (within 5%), in-node p99 within ``--p99-target-ms``, end-to-end p99 not
 growing minute over minute. JSON and a plot go to bench/results/.
 
+The producer gathers offers for ``--linger-ms`` (500 ms by default: 44 offers per partition's
+batch at 350/s on 4 partitions) before it sends them. That is for the embedded broker: Tansu 0.6.0
+keeps every batch as an object in memory and lists all of a partition's objects on every fetch,
+so at a few milliseconds, one batch per offer, its cost per fetch outgrows a core within minutes
+and the run measures the broker, not the node (``--broker-only --linger-ms 2,100,500`` shows it
+without a node). The linger counts in the end-to-end figure (an offer's create time is when it was
+handed to the producer), not in the in-node one.
+
 ``--find-capacity`` instead runs short steady steps at rising rates and reports the highest rate
 the node keeps up with: its lag does not grow over the step and end-to-end p99 stays bounded.
 
     .venv/bin/python bench/soak.py --model MODEL --data ../shared/datasets/myntra-fashion/offers.csv --find-capacity
     .venv/bin/python bench/soak.py --model MODEL --data ... --rate 300 --minutes 60
+    .venv/bin/python bench/soak.py --broker-only --rate 350 --minutes 5 --linger-ms 2,100,500
 """
 
 from __future__ import annotations
@@ -128,6 +137,7 @@ def run_steady(
     sample_s: float,
     env: dict[str, str],
     broker_pid: int | None = None,
+    linger_ms: float = 500.0,
 ) -> dict:
     """One steady run: publish at ``rate`` for ``seconds`` into a fresh node; everything measured."""
     settings = fresh_settings(bootstrap)
@@ -135,7 +145,7 @@ def run_steady(
     node = start_node(bundle, settings, log_path=log_path, workers=workers, extra_env=env)
     base = wait_ready(log_path)  # the model loaded, the workers polling
     sampler = Sampler(node.pid, log_path, base, sample_s, broker_pid=broker_pid).start()
-    producer = OpenLoopProducer(offers, settings, rate=rate, duration_s=seconds).start()
+    producer = OpenLoopProducer(offers, settings, rate=rate, duration_s=seconds, linger_ms=linger_ms).start()
     producer.join()
     published_at = time.monotonic()
     expected = set(producer.sent_ids)
@@ -182,6 +192,8 @@ def run_steady(
         "workers": workers,
         "published": producer.sent,
         "producer_max_send_delay_s": round(producer.max_send_delay_s, 3),
+        "producer_linger_ms": linger_ms,
+        "producer_offers_per_batch": round(producer.mean_batch_size, 1),
         "predicted": len(first),
         "lost": len(expected - set(first)),
         "duplicates": len(predictions) - len(first),
@@ -196,7 +208,9 @@ def run_steady(
     }
 
 
-def run_broker_only(offers, bootstrap: str, *, rate: float, seconds: float, broker_pid: int | None) -> dict:
+def run_broker_only(
+    offers, bootstrap: str, *, rate: float, seconds: float, broker_pid: int | None, linger_ms: float
+) -> dict:
     """The control: the same open-loop stream read back by a bare consumer, no node. Its latency
     (a message's create time to its arrival at the consumer) and the broker's CPU per minute are
     what the broker alone adds to the node's end-to-end figure."""
@@ -224,7 +238,7 @@ def run_broker_only(offers, bootstrap: str, *, rate: float, seconds: float, brok
     reader.start()
     started = time.monotonic()
     broker_cpu = [(0.0, cpu_seconds(broker_pid) if broker_pid else 0.0)]  # (s since the start, CPU s), each minute
-    producer = OpenLoopProducer(offers, settings, rate=rate, duration_s=seconds).start()
+    producer = OpenLoopProducer(offers, settings, rate=rate, duration_s=seconds, linger_ms=linger_ms).start()
     while producer.running:
         producer.join(max(0.0, started + 60 * len(broker_cpu) - time.monotonic()))
         broker_cpu.append((time.monotonic() - started, cpu_seconds(broker_pid) if broker_pid else 0.0))
@@ -251,6 +265,8 @@ def run_broker_only(offers, bootstrap: str, *, rate: float, seconds: float, brok
         "published": producer.sent,
         "received": len(set(number.tolist())),
         "producer_max_send_delay_s": round(producer.max_send_delay_s, 3),
+        "producer_linger_ms": linger_ms,
+        "producer_offers_per_batch": round(producer.mean_batch_size, 1),
         "wait_ms": _percentiles(wait),
         "per_minute": per_minute,
         "broker_core_share_by_minute": core_share,
@@ -313,6 +329,7 @@ def find_capacity(
     workers: int,
     work: Path,
     env: dict[str, str],
+    linger_ms: float = 500.0,
     max_e2e_p99_ms: float = 1000.0,
 ) -> dict:
     """Steady steps at rising rates. A rate is kept up with when nothing is lost, the offers of the
@@ -321,7 +338,16 @@ def find_capacity(
     steps = []
     for rate in rates:
         run = run_steady(
-            bundle, offers, bootstrap, rate=rate, seconds=step_s, workers=workers, work=work, sample_s=2.0, env=env
+            bundle,
+            offers,
+            bootstrap,
+            rate=rate,
+            seconds=step_s,
+            workers=workers,
+            work=work,
+            sample_s=2.0,
+            env=env,
+            linger_ms=linger_ms,
         )
         lags = [
             (s["t"], s["metrics"].get("catstream_consumer_lag", 0.0))
@@ -397,6 +423,44 @@ def plot(run: dict, path: Path) -> None:
     plt.close(figure)
 
 
+def broker_only(args: argparse.Namespace, offers, lingers: list[float], work: Path) -> int:
+    """The control for each linger, each on a fresh broker, side by side."""
+    controls = []
+    for linger in lingers:
+        with EmbeddedBroker(log_path=work / f"broker-linger-{linger:g}.log") as broker:
+            wait_for_broker(Settings(bootstrap_servers=broker.bootstrap_servers))
+            control = run_broker_only(
+                offers,
+                broker.bootstrap_servers,
+                rate=args.rate,
+                seconds=60 * args.minutes,
+                broker_pid=broker.pid,
+                linger_ms=linger,
+            )
+            control["broker_rss_mib_at_end"] = round((rss_bytes(broker.pid) or 0) / 2**20, 1)
+        controls.append(control)
+        print(
+            f"broker only, linger {linger:g} ms ({control['producer_offers_per_batch']:g} offers per batch): "
+            f"{control['published']} offers at {args.rate:g}/s, {control['received']} received; create → arrival "
+            f"p50 {control['wait_ms']['p50']:.0f} ms, p99 {control['wait_ms']['p99']:.0f} ms; "
+            f"broker RSS {control['broker_rss_mib_at_end']:,.0f} MiB at the end",
+            flush=True,
+        )
+    header = "".join(f" {'p99 @' + format(c['producer_linger_ms'], 'g'):>9} {'CPU':>5}" for c in controls)
+    print(f"{'minute':>6}{header}   (create → arrival ms; broker % of a core; by linger.ms)")
+    for minute in range(max(len(c["per_minute"]) for c in controls)):
+        cells = []
+        for control in controls:
+            rows = [m for m in control["per_minute"] if m["minute"] == minute]
+            p99 = rows[0]["wait_ms"]["p99"] if rows else float("nan")
+            share = control["broker_core_share_by_minute"].get(minute, float("nan"))
+            cells.append(f" {p99:9.0f} {100 * share:4.0f}%")
+        print(f"{minute:6d}{''.join(cells)}")
+    path = record("soak-broker-only", {"data": str(args.data), "controls": controls}, args.out)
+    print(f"wrote {path}")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, help="model bundle to serve (not needed with --broker-only)")
@@ -420,15 +484,29 @@ def main() -> int:
     )
     parser.add_argument("--step-s", type=float, default=60.0, help="length of each capacity step (default %(default)s)")
     parser.add_argument("--offers", type=int, default=5000, help="distinct offers cycled through (default %(default)s)")
+    parser.add_argument(
+        "--linger-ms",
+        default="500",
+        help="the load producer's linger.ms, how long it gathers offers into one batch (default %(default)s; "
+        "see the module's docstring). --broker-only takes a list and runs each value on a fresh broker",
+    )
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results", help="JSON and plot directory")
     args = parser.parse_args()
     if args.model is None and not args.broker_only:
         parser.error("--model is required (except with --broker-only)")
+    try:
+        lingers = [float(value) for value in args.linger_ms.split(",") if value.strip()]
+    except ValueError:
+        parser.error(f"--linger-ms takes numbers separated by commas, not {args.linger_ms!r}")
+    if not lingers or (len(lingers) > 1 and not args.broker_only):
+        parser.error("--linger-ms takes one value (a list only with --broker-only)")
 
     inline = ImageInliner(max_bytes=int(0.7 * Settings().max_message_bytes))
     offers = [inline(o) for o in offers_from_frame(read_offer_file(args.data).head(args.offers))]
     work = Path(tempfile.mkdtemp(prefix="catstream-soak-"))
     env = {"CATSTREAM_MODEL_POLL_S": "0"}
+    if args.broker_only:
+        return broker_only(args, offers, lingers, work)
     with EmbeddedBroker(log_path=work / "broker.log") as broker:
         wait_for_broker(Settings(bootstrap_servers=broker.bootstrap_servers))
         if args.find_capacity:
@@ -443,29 +521,12 @@ def main() -> int:
                 workers=args.workers,
                 work=work,
                 env=env,
+                linger_ms=lingers[0],
             )
             print(f"capacity: {result['capacity_offers_per_second']:g} offers/s")
             path = record(
                 "soak-capacity", {"model": str(args.model.resolve()), "data": str(args.data)} | result, args.out
             )
-            print(f"wrote {path}")
-            return 0
-        if args.broker_only:
-            control = run_broker_only(
-                offers, broker.bootstrap_servers, rate=args.rate, seconds=60 * args.minutes, broker_pid=broker.pid
-            )
-            print(
-                f"broker only: {control['published']} offers at {args.rate:g}/s, {control['received']} received; "
-                f"create → arrival p50 {control['wait_ms']['p50']:.0f} ms, p99 {control['wait_ms']['p99']:.0f} ms"
-            )
-            share = control["broker_core_share_by_minute"]
-            print(f"{'minute':>6} {'offers':>7} {'wait p50':>9} {'wait p99':>9} {'broker CPU':>11}")
-            for m in control["per_minute"]:
-                print(
-                    f"{m['minute']:6d} {m['offers']:7d} {m['wait_ms']['p50']:9.0f} {m['wait_ms']['p99']:9.0f} "
-                    f"{100 * share.get(m['minute'], float('nan')):10.0f}%"
-                )
-            path = record("soak-broker-only", {"data": str(args.data)} | control, args.out)
             print(f"wrote {path}")
             return 0
         run = run_steady(
@@ -479,11 +540,13 @@ def main() -> int:
             sample_s=args.sample_s,
             env=env,
             broker_pid=broker.pid,
+            linger_ms=lingers[0],
         )
     judged = verdict(run, p99_target_ms=args.p99_target_ms, warmup_minutes=args.warmup_minutes)
     print(
         f"{run['published']} offers at {args.rate:g}/s for {args.minutes:g} min: {run['predicted']} predicted, "
-        f"{run['lost']} lost, {run['duplicates']} duplicates, node exit {run['node_exit_code']}"
+        f"{run['lost']} lost, {run['duplicates']} duplicates, node exit {run['node_exit_code']}; "
+        f"{run['producer_offers_per_batch']:g} offers per batch sent (linger {lingers[0]:g} ms)"
     )
     print(f"{'minute':>6} {'offers':>7} {'e2e p50':>9} {'e2e p99':>9} {'node p50':>9} {'node p99':>9}  (ms)")
     for m in run["per_minute"]:
