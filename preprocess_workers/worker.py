@@ -124,7 +124,7 @@ class PreprocessWorker:
         )
         self.fetching: dict[tuple[str, int, int], _Fetching] = {}  # (topic, partition, offset) -> offer
         self.fetched: deque[tuple[_Fetching, bytes | ImageUnavailableError]] = deque()  # waiting for a slot
-        self.backlog: deque[Message] = deque()
+        self.backlog: deque[tuple[Message, float]] = deque()  # with the perf_counter it was taken at
         self.backlog_bytes = 0
         self.gate = BufferGate(settings.max_buffered_messages, settings.max_buffered_bytes)
         self.tracker = OffsetTracker()
@@ -209,8 +209,11 @@ class PreprocessWorker:
                 messages = self.consumer.consume(num_messages=_CONSUME_BATCH, timeout=timeout)
                 if messages:
                     self.board.set_worker_stat(self.index, "progress_ns", time.time_ns())
+                # An offer's time in the node starts here, not when its turn comes: the ones taken
+                # with it, and the backlog, are the node's to answer for.
+                taken = time.perf_counter()
                 for message in messages:
-                    self._accept(message)
+                    self._accept(message, taken)
                 self.producer.poll(0)
                 if time.monotonic() - self._last_commit >= self.settings.commit_interval_s:
                     self._commit(None, asynchronous=True)
@@ -302,7 +305,7 @@ class PreprocessWorker:
             self.retiring[-1].generation,
         )
 
-    def _accept(self, message: Message) -> None:
+    def _accept(self, message: Message, taken: float) -> None:
         if message.error() is not None:
             if message.error().code() != KafkaError._PARTITION_EOF:
                 self._log_limited("consume", logging.WARNING, "%s consume error: %s", self.name, message.error())
@@ -310,20 +313,20 @@ class PreprocessWorker:
         self.tracker.started((message.topic(), message.partition()), message.offset())
         self.board.count(self.index, "consumed")
         if self._room() and not self.backlog:
-            self._process(message)
+            self._process(message, taken)
         else:
-            self.backlog.append(message)
+            self.backlog.append((message, taken))
             self.backlog_bytes += len(message.value() or b"")
 
     def _place_backlog(self) -> None:
         while self.backlog and self._room():
-            message = self.backlog.popleft()
+            message, taken = self.backlog.popleft()
             self.backlog_bytes -= len(message.value() or b"")
-            self._process(message)
+            self._process(message, taken)
 
     def _drop_backlog(self, keep=lambda message: False) -> None:
-        self.backlog = deque(m for m in self.backlog if keep(m))
-        self.backlog_bytes = sum(len(m.value() or b"") for m in self.backlog)
+        self.backlog = deque(item for item in self.backlog if keep(item[0]))
+        self.backlog_bytes = sum(len(message.value() or b"") for message, _ in self.backlog)
 
     def _apply_backpressure(self) -> None:
         """Pause all partitions while the buffer is full; poll() keeps running meanwhile."""
@@ -336,7 +339,7 @@ class PreprocessWorker:
             self.consumer.resume(self.consumer.assignment())
             self.paused = False
 
-    def _process(self, message: Message) -> None:
+    def _process(self, message: Message, taken: float) -> None:
         """Parse, featurise and enqueue one offer, or dead-letter it with the reason: nothing a
         message holds may end the worker. The supervisor sees which offer the worker is on, and
         kills a worker that stays on one past ``worker_stuck_s``."""
@@ -350,12 +353,12 @@ class PreprocessWorker:
             return
         self.board.busy(self.index, message.partition(), message.offset())
         try:
-            self._featurize_and_enqueue(message)
+            self._featurize_and_enqueue(message, taken)
         finally:
             self.board.idle(self.index)
 
-    def _featurize_and_enqueue(self, message: Message) -> None:
-        started = time.perf_counter()
+    def _featurize_and_enqueue(self, message: Message, started: float) -> None:
+        """``started``: when the consumer handed the offer over (the start of its preprocess time)."""
         parsed = parse_offer(message.value(), max_bytes=self.settings.max_message_bytes)
         if isinstance(parsed, Rejection):
             self._dead_letter(message, parsed, stage="parse")
