@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 from confluent_kafka import Producer
 
 from core.kafka import ensure_topics, producer_config
@@ -121,6 +122,9 @@ class OpenLoopProducer:
         self.max_send_delay_s = 0.0
         self.started_at = 0.0
         self.sent_ids: list[str] = []
+        # ms from each offer's create time to the broker's acknowledgement of its batch (as seen by
+        # the producer's next poll), by running number: the linger and the produce hop
+        self.acked_after_ms = np.full(self.total, np.nan, dtype=np.float32)
         self._thread = threading.Thread(target=self._run, name="open-loop-producer", daemon=True)
 
     def start(self) -> OpenLoopProducer:
@@ -155,7 +159,12 @@ class OpenLoopProducer:
             )
             while True:
                 try:
-                    producer.produce(self.settings.offers_topic, key=offer_id.encode(), value=offer.to_bytes())
+                    producer.produce(
+                        self.settings.offers_topic,
+                        key=offer_id.encode(),
+                        value=offer.to_bytes(),
+                        on_delivery=self._delivered,
+                    )
                     break
                 except BufferError:
                     producer.poll(0.01)
@@ -163,6 +172,11 @@ class OpenLoopProducer:
             self.sent += 1
             self.sent_ids.append(offer_id)
         producer.flush(60)
+
+    def _delivered(self, error, message) -> None:
+        if error is None:
+            number = int(message.key().decode().rsplit("-", 1)[1])
+            self.acked_after_ms[number] = time.time() * 1000.0 - message.timestamp()[1]
 
     def _statistics(self, text: str) -> None:
         batches = json.loads(text).get("topics", {}).get(self.settings.offers_topic, {}).get("batchcnt", {})

@@ -4,8 +4,10 @@ A burst says how fast a node empties a backlog; a steady stream says whether it 
 publishes offers at a fixed rate (open loop: each at its scheduled time, whatever the node does)
 into ``catstream run`` on the embedded broker and records, per minute:
 
-- end-to-end latency (the prediction's time minus the offer's create time) and in-node latency
-  (preprocess + queue + model), p50 / p99;
+- end-to-end latency (the prediction's time minus the offer's create time); the same from the
+  broker's acknowledgement of the offer (less the producer's linger and produce hop: the
+  consumer's fetch and the node); and in-node latency (from the worker's consumer handing the
+  offer over: preprocess + queue + model), p50 / p99;
 - the resident memory of every process of the node;
 - the consumer lag and the counters of ``/metrics``, sampled every ``--sample-s`` seconds.
 
@@ -172,6 +174,9 @@ def run_steady(
     )
     # minute of each prediction by the order it was published in (the offer id's running number)
     number = np.array([int(offer_id.rsplit("-", 1)[1]) for offer_id in first])
+    # from the broker's acknowledgement of the offer to its prediction: the end-to-end time less the
+    # producer's linger and produce hop, so the consumer's fetch and all of the node's own time
+    from_broker = produced_ms - producer.acked_after_ms[number]
     minute = (number / rate // 60).astype(int)
     per_minute = []
     for m in range(int(minute.max()) + 1 if len(minute) else 0):
@@ -184,6 +189,7 @@ def run_steady(
                 "offers": int(mask.sum()),
                 "end_to_end_ms": _percentiles(produced_ms[mask]),
                 "in_node_ms": _percentiles(in_node[mask]),
+                "from_broker_ms": _percentiles(from_broker[mask]),
             }
         )
     return {
@@ -201,6 +207,7 @@ def run_steady(
         "node_exit_code": code,
         "end_to_end_ms": _percentiles(produced_ms),
         "in_node_ms": _percentiles(in_node),
+        "from_broker_ms": _percentiles(from_broker),
         # the offers published in the second half: past the start, where a backlog shows as it grows
         "second_half_end_to_end_ms": _percentiles(produced_ms[number >= producer.sent / 2]),
         "per_minute": per_minute,
@@ -274,6 +281,8 @@ def run_broker_only(
 
 
 def _percentiles(values: np.ndarray) -> dict[str, float]:
+    values = np.asarray(values, dtype=float)
+    values = values[~np.isnan(values)]
     if not len(values):
         return {"p50": float("nan"), "p99": float("nan")}
     return {"p50": round(float(np.percentile(values, 50)), 1), "p99": round(float(np.percentile(values, 99)), 1)}
@@ -548,10 +557,14 @@ def main() -> int:
         f"{run['lost']} lost, {run['duplicates']} duplicates, node exit {run['node_exit_code']}; "
         f"{run['producer_offers_per_batch']:g} offers per batch sent (linger {lingers[0]:g} ms)"
     )
-    print(f"{'minute':>6} {'offers':>7} {'e2e p50':>9} {'e2e p99':>9} {'node p50':>9} {'node p99':>9}  (ms)")
+    print(
+        f"{'minute':>6} {'offers':>7} {'e2e p50':>9} {'e2e p99':>9} {'acked p50':>10} {'acked p99':>10} "
+        f"{'node p50':>9} {'node p99':>9}  (ms; acked: from the broker's acknowledgement)"
+    )
     for m in run["per_minute"]:
         print(
             f"{m['minute']:6d} {m['offers']:7d} {m['end_to_end_ms']['p50']:9.0f} {m['end_to_end_ms']['p99']:9.0f} "
+            f"{m['from_broker_ms']['p50']:10.0f} {m['from_broker_ms']['p99']:10.0f} "
             f"{m['in_node_ms']['p50']:9.0f} {m['in_node_ms']['p99']:9.0f}"
         )
     samples = run["samples"]
