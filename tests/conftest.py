@@ -136,12 +136,17 @@ def start_node(bundle, stream_settings, tmp_path):
             node.process.wait()
 
 
-def read_predictions(settings: Settings, expected_ids: set[str], *, timeout_s: float = 120.0) -> list[dict]:
-    """Every prediction message until each expected offer_id has one (or the timeout)."""
-    messages = read_topic(
+def read_prediction_messages(settings: Settings, expected_ids: set[str], *, timeout_s: float = 120.0) -> list:
+    """Every prediction message (with its Kafka timestamp and partition) until each expected
+    offer_id has one (or the timeout)."""
+    return read_topic(
         settings,
         settings.categorized_topic,
         timeout_s=timeout_s,
         until=lambda ms: expected_ids <= {m.key().decode() for m in ms},
     )
-    return [json.loads(m.value()) for m in messages]
+
+
+def read_predictions(settings: Settings, expected_ids: set[str], *, timeout_s: float = 120.0) -> list[dict]:
+    """Every prediction until each expected offer_id has one (or the timeout)."""
+    return [json.loads(m.value()) for m in read_prediction_messages(settings, expected_ids, timeout_s=timeout_s)]

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 
 from core.bundle import PARITY_FILE, BundleConfig
-from core.kafka import read_topic
 from core.offer_files import offers_from_frame, read_offer_file
 from producers.publish import publish_offers
+from tests.conftest import read_prediction_messages
 
 pytestmark = pytest.mark.integration
 
@@ -65,12 +65,7 @@ def test_a_new_bundle_is_served_without_a_gap_and_a_broken_one_is_refused(
     point(current, second)
     publisher.join()
     expected = {offer.offer_id for offer in offers}
-    messages = read_topic(
-        stream_settings,
-        stream_settings.categorized_topic,
-        timeout_s=120,
-        until=lambda ms: expected <= {m.key().decode() for m in ms},
-    )
+    messages = read_prediction_messages(stream_settings, expected)
     log = node.log()
     assert node.stop() == 0, log[-3000:]
 

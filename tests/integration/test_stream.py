@@ -21,7 +21,7 @@ from core.offer_files import offers_from_frame, read_offer_file
 from core.schemas import SCHEMA_VERSION, UNCERTAIN, Offer
 from core.scoring import served_probabilities
 from producers.publish import publish_offers, publish_raw
-from tests.conftest import read_predictions
+from tests.conftest import read_prediction_messages, read_predictions
 
 pytestmark = pytest.mark.integration
 
@@ -99,6 +99,29 @@ def test_n_offers_in_n_distinct_offer_ids_out(marketplace, bundle, stream_settin
     assert any(expected)
     # Every offset was committed past.
     assert sum(committed_offsets(stream_settings).values()) == len(offers)
+
+
+def test_an_offers_time_in_the_node_counts_its_wait_behind_the_offers_taken_with_it(
+    marketplace, stream_settings, start_node
+):
+    """A backlog published before the node starts reaches one worker in batches of up to 64: each
+    offer's preprocess time runs from its batch being taken, so it includes featurising the ones
+    before it. Counted from its own turn, one worker's preprocess times could add up to no more
+    than the time it was busy, from the first offer taken to the last prediction."""
+    offers = stream_offers(marketplace, 200)
+    publish_offers(offers, stream_settings, progress=False)
+    node = start_node(workers=1)
+    ids = {o.offer_id for o in offers}
+    messages = read_prediction_messages(stream_settings, ids)
+    assert node.stop() == 0
+    first = {}
+    for message in messages:
+        first.setdefault(message.key().decode(), (message.timestamp()[1], json.loads(message.value())["timings_ms"]))
+    assert set(first) == ids
+    taken_ms = min(at - t["preprocess"] - t["queue_wait"] - t["inference"] for at, t in first.values())
+    busy_ms = max(at for at, _ in first.values()) - taken_ms
+    waited_ms = sum(t["preprocess"] for _, t in first.values())
+    assert waited_ms > 2 * busy_ms, (waited_ms, busy_ms)
 
 
 def test_malformed_messages_are_dead_lettered_while_good_ones_flow(marketplace, stream_settings, start_node):
