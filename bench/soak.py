@@ -16,8 +16,8 @@ RSS flat after warm-up (within 5%), in-node p99 within ``--p99-target-ms``, end-
 growing minute over minute. JSON and a plot go to bench/results/.
 
 The producer gathers offers for ``--linger-ms`` (100 ms by default) before it sends them, and the
-offers topic has one partition per preprocess worker (``--partitions``): 49 offers a batch at
-490/s. That is for the embedded broker: Tansu 0.6.0 keeps every batch as an object in memory and
+offers topic has one partition per preprocess worker (``--partitions``): 53 offers a batch at
+525/s. That is for the embedded broker: Tansu 0.6.0 keeps every batch as an object in memory and
 lists all of a partition's objects on every fetch, so at a few milliseconds, one batch per
 offer, its cost per fetch outgrows a core within minutes and the run measures the broker, not
 the node (``--broker-only --linger-ms 2,100,500`` shows it without a node). Fewer, larger
