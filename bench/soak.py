@@ -27,7 +27,8 @@ it was handed to the producer), not in the figure from the broker's acknowledgem
 in-node one.
 
 ``--find-capacity`` instead runs short steady steps at rising rates and reports the highest rate
-the node keeps up with: its lag does not grow over the step and end-to-end p99 stays bounded.
+the node keeps up with: nothing is lost and the p99 from the broker's acknowledgement stays
+bounded over the step's second half.
 
     .venv/bin/python bench/soak.py --model MODEL --data ../shared/datasets/myntra-fashion/offers.csv --find-capacity
     .venv/bin/python bench/soak.py --model MODEL --data ... --rate 300 --minutes 60
