@@ -73,10 +73,11 @@ class Settings(BaseSettings):
         64, ge=1, description="Shared-memory queue slots owned by each preprocess worker (queue depth)."
     )
     max_buffered_messages: int = Field(
-        512,
+        4096,
         ge=1,
         description="Consumed offers a worker may hold while its slots are full; then it pauses "
-        "its partitions, and resumes at half.",
+        "its partitions, and resumes at half. Keep it above about two seconds of a worker's "
+        "offers: a paused partition's prefetched offers are dropped and fetched again.",
     )
     max_buffered_bytes: int = Field(64_000_000, ge=1024, description="The same bound in bytes of message values.")
     queue_dir: str = Field("/dev/shm", description="Directory of the shared-memory queue file.")

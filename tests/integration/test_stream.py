@@ -162,7 +162,7 @@ def test_malformed_messages_are_dead_lettered_while_good_ones_flow(marketplace, 
 
 def test_sigkill_of_a_preprocess_worker_loses_no_offer(marketplace, stream_settings, start_node):
     offers = stream_offers(marketplace, 1500)
-    node = start_node(workers=2, env={"CATSTREAM_SLOTS_PER_WORKER": "16"})
+    node = start_node(workers=2, env={"CATSTREAM_SLOTS_PER_WORKER": "16", "CATSTREAM_MAX_BUFFERED_MESSAGES": "256"})
     victim = node.worker_pids()[0]
     publish_offers(offers, stream_settings, progress=False)
     read_topic(stream_settings, stream_settings.categorized_topic, until=lambda ms: len(ms) >= 150, timeout_s=90)
@@ -175,7 +175,8 @@ def test_sigkill_of_a_preprocess_worker_loses_no_offer(marketplace, stream_setti
     assert "died (exit -9); restarting" in node.log()
     assert node.stop() == 0
     assert sum(committed_offsets(stream_settings).values()) == len(offers)
-    # 16 slots per worker against a 1500-offer backlog: the workers must have paused, not blocked.
+    # 16 slots and 256 buffered per worker against a 1500-offer backlog: the workers must have
+    # paused, not blocked.
     assert any(int(n) > 0 for n in re.findall(r"'pauses': (\d+)", node.log()))
     print(f"duplicates after SIGKILL: {len(predictions) - len(distinct)}")
 
